@@ -1,0 +1,346 @@
+"""The store's manifest: format version, provenance, and the list of committed shards.
+
+``manifest.json`` is the commit point of a store. A shard that is not listed in it does not exist for
+readers; the file is replaced atomically after every committed shard and marked ``complete`` at the end.
+
+A manifest from another team is untrusted input, so :meth:`Manifest.from_dict` checks every field a reader
+relies on (types, ranges, dtypes, and that every path stays inside the store) before anything is read.
+Provenance sections (teacher, tokenizer, dataset, config, versions) are free-form JSON objects, kept as
+written and never interpreted beyond the few keys named here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from data.errors import ManifestError, UnsupportedFormatError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ID_DTYPES",
+    "METHODS",
+    "TASKS",
+    "VALUE_DTYPES",
+    "FileRecord",
+    "Manifest",
+    "ShardRecord",
+    "TargetSpec",
+    "id_dtype_for",
+]
+
+FORMAT_NAME = "kd-soft-labels"
+FORMAT_VERSION = 1
+
+# task -> granularity of the stored distributions
+TASKS: dict[str, str] = {"causal-lm": "token", "masked-lm": "token", "seq-cls": "example"}
+METHODS = ("topk",)
+# float16 keeps log-probs ~16x more precisely than bfloat16 for the same 2 bytes; float32 is exact.
+VALUE_DTYPES = ("float16", "float32")
+ID_DTYPES = ("uint16", "uint32")
+BACKENDS = ("zarr", "arrow")
+
+# Bounds that no honest store reaches; they stop a hostile manifest from causing huge allocations.
+_MAX_COUNT = 1 << 40
+_MAX_K = 1 << 20
+_MAX_VOCAB = 1 << 32
+_MAX_FILES_PER_SHARD = 256
+_SHARD_PATH = re.compile(r"^shards/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FILE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def id_dtype_for(vocab_size: int) -> str:
+    """The narrowest unsigned integer dtype that holds every id below ``vocab_size``.
+
+    uint16 below 65,536 ids, else uint32; there is no cap below 2**32.
+    """
+    if vocab_size <= 0 or vocab_size > _MAX_VOCAB:
+        raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ManifestError(f"manifest: {where} must be a JSON object, got {type(d).__name__}")
+    if key not in d:
+        raise ManifestError(f"manifest: {where} has no '{key}'")
+    value = d[key]
+    # bool is an int subclass; a count of `true` is never valid
+    if isinstance(value, bool) and kind is not bool:
+        raise ManifestError(f"manifest: {where}.{key} must be {kind}, got a boolean")
+    if not isinstance(value, kind):
+        raise ManifestError(f"manifest: {where}.{key} has type {type(value).__name__}, expected {kind}")
+    return value
+
+
+def _count(d: dict[str, Any], key: str, where: str, upper: int = _MAX_COUNT) -> int:
+    value: int = _get(d, key, int, where)
+    if not 0 <= value <= upper:
+        raise ManifestError(f"manifest: {where}.{key}={value} is outside [0, {upper}]")
+    return value
+
+
+def _choice(d: dict[str, Any], key: str, where: str, allowed: tuple[str, ...]) -> str:
+    value: str = _get(d, key, str, where)
+    if value not in allowed:
+        raise ManifestError(f"manifest: {where}.{key}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the stored distributions are.
+
+    Attributes:
+        method: "topk": the k most probable ids per position.
+        k: ids kept per position.
+        temperature: the labeling temperature T; log-probs are log softmax(logits / T) over the full vocabulary.
+        num_classes: size of the distribution's support: the teacher's logit width (vocabulary including padded
+            embedding rows) for LMs, the number of classes for classification. Every stored id is below it.
+        value_dtype: dtype of the stored log-probabilities.
+        id_dtype: dtype of the stored ids (and of the input ids), the narrowest that holds them.
+    """
+
+    method: str
+    k: int
+    temperature: float
+    num_classes: int
+    value_dtype: str = "float16"
+    id_dtype: str = "uint16"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TargetSpec:
+        w = "targets"
+        spec = cls(
+            method=_choice(d, "method", w, METHODS),
+            k=_count(d, "k", w, _MAX_K),
+            temperature=float(_get(d, "temperature", (int, float), w)),
+            num_classes=_count(d, "num_classes", w, _MAX_VOCAB),
+            value_dtype=_choice(d, "value_dtype", w, VALUE_DTYPES),
+            id_dtype=_choice(d, "id_dtype", w, ID_DTYPES),
+        )
+        if spec.k < 1 or spec.k > spec.num_classes:
+            raise ManifestError(f"manifest: targets.k={spec.k} must be in [1, num_classes={spec.num_classes}]")
+        if not spec.temperature > 0:
+            raise ManifestError(f"manifest: targets.temperature={spec.temperature} must be > 0")
+        if spec.id_dtype == "uint16" and spec.num_classes > 1 << 16:
+            raise ManifestError(f"manifest: uint16 ids cannot hold num_classes={spec.num_classes}")
+        return spec
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a shard: its size in bytes and its SHA-256."""
+
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> FileRecord:
+        digest = _get(d, "sha256", str, where)
+        if not _SHA256.match(digest):
+            raise ManifestError(f"manifest: {where}.sha256 is not a hex SHA-256")
+        return cls(bytes=_count(d, "bytes", where), sha256=digest)
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A committed shard.
+
+    Attributes:
+        name: shard name, unique in the store (zero-padded work-unit index, e.g. ``shard-000012``).
+        path: the shard's location relative to the store root, always ``shards/<name>[.arrow]``.
+        unit: index of the work unit (a fixed range of input examples) the shard holds; used to resume.
+        rows: examples in the shard.
+        tokens: input tokens in the shard.
+        positions: labelled positions (rows for per-example stores).
+        files: every file of the shard, relative to ``path`` (for a single-file shard: its own name).
+        stats: sums the labeler measured on exact values (e.g. ``entropy_sum``, ``kept_mass_sum``).
+    """
+
+    name: str
+    path: str
+    unit: int
+    rows: int
+    tokens: int
+    positions: int
+    files: dict[str, FileRecord]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], i: int) -> ShardRecord:
+        w = f"shards[{i}]"
+        path = _get(d, "path", str, w)
+        if not _SHARD_PATH.match(path):
+            raise ManifestError(
+                f"manifest: {w}.path={path!r} is not a plain 'shards/<name>' path inside the store; refusing it"
+            )
+        files_raw = _get(d, "files", dict, w)
+        if not 0 < len(files_raw) <= _MAX_FILES_PER_SHARD:
+            raise ManifestError(f"manifest: {w} lists {len(files_raw)} files, expected 1..{_MAX_FILES_PER_SHARD}")
+        files = {}
+        for rel, rec in files_raw.items():
+            parts = rel.split("/")
+            if len(parts) > 8 or not all(_FILE_PART.match(p) and p not in (".", "..") for p in parts):
+                raise ManifestError(f"manifest: {w} file path {rel!r} leaves the shard or is not plain; refusing it")
+            files[rel] = FileRecord.from_dict(rec, f"{w}.files[{rel!r}]")
+        stats_raw = d.get("stats", {})
+        if not isinstance(stats_raw, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in stats_raw.values()
+        ):
+            raise ManifestError(f"manifest: {w}.stats must map names to numbers")
+        return cls(
+            name=_get(d, "name", str, w),
+            path=path,
+            unit=_count(d, "unit", w),
+            rows=_count(d, "rows", w),
+            tokens=_count(d, "tokens", w),
+            positions=_count(d, "positions", w),
+            files=files,
+            stats={str(k): float(v) for k, v in stats_raw.items()},
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole manifest. Frozen: a writer derives a new one per commit with :meth:`with_shard`.
+
+    Attributes:
+        backend: "zarr" (one Zarr v3 group per shard) or "arrow" (one Arrow IPC file per shard).
+        task: "causal-lm", "masked-lm" or "seq-cls".
+        targets: what the stored distributions are.
+        vocab_size: input ids are below this (the tokenizer's size including padded embedding rows).
+        teacher: provenance: name_or_path, revision, weights_digest, dtype, gguf_file.
+        tokenizer: provenance: digest, vocab_size, pad/eos ids.
+        dataset: provenance: source, fingerprint, fields, max_length, packing.
+        config: the resolved labeling configuration.
+        versions: library versions of the labeling run.
+        created: ISO-8601 UTC time the store was started.
+        complete: True once the labeling run finished; readers refuse incomplete stores unless asked.
+        shards: committed shards, in unit order.
+    """
+
+    backend: str
+    task: str
+    targets: TargetSpec
+    vocab_size: int
+    teacher: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    complete: bool = False
+    shards: tuple[ShardRecord, ...] = ()
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def granularity(self) -> str:
+        """ "token" (one distribution per position of a sequence) or "example" (one per example)."""
+        return TASKS[self.task]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def positions(self) -> int:
+        return sum(s.positions for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for s in self.shards for f in s.files.values())
+
+    def with_shard(self, shard: ShardRecord) -> Manifest:
+        """A new manifest with ``shard`` added (replacing a shard of the same name), kept in unit order."""
+        kept = [s for s in self.shards if s.name != shard.name]
+        return replace(self, shards=tuple(sorted([*kept, shard], key=lambda s: (s.unit, s.name))))
+
+    def provenance_key(self) -> dict[str, Any]:
+        """The fields that must match for a run to resume into (or merge with) this store."""
+        return {
+            "backend": self.backend,
+            "task": self.task,
+            "targets": self.targets.to_dict(),
+            "vocab_size": self.vocab_size,
+            "teacher": self.teacher,
+            "tokenizer": self.tokenizer,
+            "dataset": self.dataset,
+            "config": self.config,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "complete": self.complete,
+            "backend": self.backend,
+            "task": self.task,
+            "granularity": self.granularity,
+            "targets": self.targets.to_dict(),
+            "vocab_size": self.vocab_size,
+            "teacher": self.teacher,
+            "tokenizer": self.tokenizer,
+            "dataset": self.dataset,
+            "config": self.config,
+            "versions": self.versions,
+            "created": self.created,
+            "totals": {
+                "rows": self.rows,
+                "tokens": self.tokens,
+                "positions": self.positions,
+                "bytes": self.bytes,
+            },
+            "shards": [s.to_dict() for s in self.shards],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        """Parse and check an untrusted manifest; raises ManifestError / UnsupportedFormatError."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise ManifestError(f"manifest: not a {FORMAT_NAME} manifest (its 'format' field is missing or wrong)")
+        version = _get(d, "format_version", int, "manifest")
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"store format version {version} is not supported (this code reads version {FORMAT_VERSION}); "
+                "upgrade kd-pipeline, or re-label the data with this version"
+            )
+        task = _choice(d, "task", "manifest", tuple(TASKS))
+        targets = TargetSpec.from_dict(_get(d, "targets", dict, "manifest"))
+        vocab_size = _count(d, "vocab_size", "manifest", _MAX_VOCAB)
+        if vocab_size < 1 or (targets.id_dtype == "uint16" and vocab_size > 1 << 16):
+            raise ManifestError(f"manifest: vocab_size={vocab_size} does not fit id dtype {targets.id_dtype}")
+        shards_raw = _get(d, "shards", list, "manifest")
+        shards = tuple(ShardRecord.from_dict(s, i) for i, s in enumerate(shards_raw))
+        names = [s.name for s in shards]
+        paths = [s.path for s in shards]
+        if len(set(names)) != len(names) or len(set(paths)) != len(paths):
+            raise ManifestError("manifest: two shards share a name or a path")
+        return cls(
+            backend=_choice(d, "backend", "manifest", BACKENDS),
+            task=task,
+            targets=targets,
+            vocab_size=vocab_size,
+            teacher=_get(d, "teacher", dict, "manifest"),
+            tokenizer=_get(d, "tokenizer", dict, "manifest"),
+            dataset=_get(d, "dataset", dict, "manifest"),
+            config=_get(d, "config", dict, "manifest"),
+            versions=_get(d, "versions", dict, "manifest"),
+            created=_get(d, "created", str, "manifest"),
+            complete=_get(d, "complete", bool, "manifest"),
+            shards=shards,
+            format_version=version,
+        )

@@ -1,0 +1,267 @@
+"""One shard's content as flat (ragged) numpy arrays, the same for every backend.
+
+A shard holds R examples. Their tokens are concatenated into one axis of length T and their labelled positions
+into one axis of length P; ``token_offsets`` and ``position_offsets`` (R + 1 each) say where each example
+starts. Flat arrays let a reader slice an example with two offsets and no Python loop, and let a backend
+compress each column with filters that suit it.
+
+Per-token alignment (causal-lm): an example of L input tokens has L - 1 positions; position i holds the
+teacher's distribution for the *next* token, p(x[i+1] | x[0..i]), so its hard label is ``input_ids[i + 1]``.
+masked-lm: one position per masked token; ``positions`` gives its index in the example, ``labels`` the original
+token. seq-cls: one position per example; ``labels`` holds the class (or is absent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from data.errors import CorruptShardError
+from data.manifest import TargetSpec
+
+__all__ = ["ShardBuilder", "ShardData", "example_key"]
+
+NDArray = npt.NDArray[Any]
+
+# Column name -> axis it runs along ("rows", "rows+1", "tokens", "positions").
+COLUMNS: dict[str, str] = {
+    "input_ids": "tokens",
+    "token_offsets": "rows+1",
+    "position_offsets": "rows+1",
+    "target_ids": "positions",
+    "target_logprobs": "positions",
+    "tail_mass": "positions",
+    "keys": "rows",
+    "labels": "labels",  # rows (seq-cls) or positions (masked-lm)
+    "positions": "positions",  # masked-lm only
+}
+
+
+def example_key(input_ids: npt.ArrayLike) -> bytes:
+    """The stable content key of an example: BLAKE2b-128 of its input ids as little-endian uint32."""
+    return hashlib.blake2b(np.asarray(input_ids, dtype="<u4").tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class ShardData:
+    """A shard's arrays. Shapes: R rows, T tokens, P positions, K kept ids per position.
+
+    Attributes:
+        input_ids: (T,) id dtype: every example's input tokens, concatenated.
+        token_offsets: (R + 1,) int64: example r's tokens are ``input_ids[token_offsets[r]:token_offsets[r+1]]``.
+        position_offsets: (R + 1,) int64: the same for the position axis.
+        target_ids: (P, K) id dtype: kept ids, most probable first.
+        target_logprobs: (P, K) value dtype: log softmax(logits / T) over the full vocabulary at those ids.
+        tail_mass: (P,) float32: 1 - sum of the kept probabilities, from the unquantised values.
+        keys: (R, 16) uint8: content key of each example (:func:`example_key`).
+        labels: (R,) int64 for seq-cls, (P,) id dtype for masked-lm, None where the task stores none.
+        positions: (P,) int32 for masked-lm: index of each position within its example; None otherwise.
+    """
+
+    input_ids: NDArray
+    token_offsets: NDArray
+    position_offsets: NDArray
+    target_ids: NDArray
+    target_logprobs: NDArray
+    tail_mass: NDArray
+    keys: NDArray
+    labels: NDArray | None = None
+    positions: NDArray | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.tail_mass.shape[0])
+
+    def columns(self) -> dict[str, NDArray]:
+        """The arrays that exist, by column name."""
+        out = {name: getattr(self, name) for name in COLUMNS}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def example(self, r: int, task: str) -> dict[str, NDArray]:
+        """Example ``r`` as the public dict of numpy arrays (views, no copies)."""
+        t0, t1 = int(self.token_offsets[r]), int(self.token_offsets[r + 1])
+        p0, p1 = int(self.position_offsets[r]), int(self.position_offsets[r + 1])
+        ex: dict[str, NDArray] = {
+            "input_ids": self.input_ids[t0:t1],
+            "target_ids": self.target_ids[p0:p1],
+            "target_logprobs": self.target_logprobs[p0:p1],
+            "tail_mass": self.tail_mass[p0:p1],
+            "key": self.keys[r],
+        }
+        if task == "causal-lm":
+            ex["label"] = self.input_ids[t0 + 1 : t1]
+        elif task == "masked-lm":
+            assert self.labels is not None and self.positions is not None
+            ex["label"] = self.labels[p0:p1]
+            ex["positions"] = self.positions[p0:p1]
+        elif self.labels is not None:
+            ex["label"] = self.labels[r : r + 1]
+        return ex
+
+    def validate(self, task: str, targets: TargetSpec, vocab_size: int, where: str) -> None:
+        """Check shapes, dtypes and offsets against the task and target spec; raise CorruptShardError.
+
+        Called on every shard a reader opens and every shard a writer commits, so that a malformed shard from
+        another team is refused before any example is served.
+        """
+
+        def bad(msg: str) -> CorruptShardError:
+            return CorruptShardError(f"{where}: {msg}")
+
+        R, T, P, K = self.rows, self.tokens, self.num_positions, targets.k
+        expect: dict[str, tuple[tuple[int, ...], str]] = {
+            "input_ids": ((T,), targets.id_dtype),
+            "token_offsets": ((R + 1,), "int64"),
+            "position_offsets": ((R + 1,), "int64"),
+            "target_ids": ((P, K), targets.id_dtype),
+            "target_logprobs": ((P, K), targets.value_dtype),
+            "tail_mass": ((P,), "float32"),
+            "keys": ((R, 16), "uint8"),
+        }
+        if task == "masked-lm":
+            expect["labels"] = ((P,), targets.id_dtype)
+            expect["positions"] = ((P,), "int32")
+        elif task == "seq-cls" and self.labels is not None:
+            expect["labels"] = ((R,), "int64")
+        for name, (shape, dtype) in expect.items():
+            arr = getattr(self, name)
+            if arr is None:
+                raise bad(f"column '{name}' is missing")
+            if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
+                raise bad(f"column '{name}' is {arr.dtype}{tuple(arr.shape)}, expected {dtype}{shape}")
+        for name, total in (("token_offsets", T), ("position_offsets", P)):
+            off = getattr(self, name)
+            if off[0] != 0 or off[-1] != total or np.any(np.diff(off) < 0):
+                raise bad(f"'{name}' is not a non-decreasing run from 0 to {total}")
+        per_row = np.diff(self.position_offsets)
+        if task == "seq-cls" and np.any(per_row != 1):
+            raise bad("a per-example store must have exactly one position per row")
+        if task == "causal-lm" and np.any(per_row != np.maximum(np.diff(self.token_offsets) - 1, 0)):
+            raise bad("a causal-lm example of L tokens must have L - 1 positions")
+        if T and int(self.input_ids.max()) >= vocab_size:
+            raise bad(f"an input id is >= vocab_size {vocab_size}")
+        if P and int(self.target_ids.max()) >= targets.num_classes:
+            raise bad(f"a target id is >= num_classes {targets.num_classes}")
+        if task == "seq-cls" and self.labels is not None and R:
+            lab = self.labels
+            if int(lab.min()) < -1 or int(lab.max()) >= targets.num_classes:
+                raise bad(f"a label is outside [-1, {targets.num_classes})")
+        if task == "masked-lm" and P:
+            assert self.positions is not None
+            lengths = np.repeat(np.diff(self.token_offsets), per_row)
+            if np.any(self.positions < 0) or np.any(self.positions >= lengths):
+                raise bad("a masked position is outside its example")
+
+
+class ShardBuilder:
+    """Accumulates labelled examples and produces a :class:`ShardData` in one go.
+
+    Args:
+        task: the store's task.
+        targets: the store's target spec (fixes K and the dtypes).
+    """
+
+    def __init__(self, task: str, targets: TargetSpec) -> None:
+        self.task = task
+        self.targets = targets
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parts: dict[str, list[NDArray]] = {name: [] for name in COLUMNS}
+        self._rows = 0
+        self._tokens = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    def add(
+        self,
+        input_ids: npt.ArrayLike,
+        target_ids: npt.ArrayLike,
+        target_logprobs: npt.ArrayLike,
+        tail_mass: npt.ArrayLike,
+        label: npt.ArrayLike | None = None,
+        positions: npt.ArrayLike | None = None,
+    ) -> None:
+        """Add one example. ``target_*`` are (P, K); ``tail_mass`` is (P,). Values are cast to the store dtypes."""
+        t = self.targets
+        ids = np.asarray(input_ids).astype(t.id_dtype, copy=False).reshape(-1)
+        tid = np.asarray(target_ids).astype(t.id_dtype, copy=False).reshape(-1, t.k)
+        tlp = np.asarray(target_logprobs).astype(t.value_dtype, copy=False).reshape(-1, t.k)
+        tail = np.asarray(tail_mass).astype(np.float32, copy=False).reshape(-1)
+        self._parts["input_ids"].append(ids)
+        self._parts["target_ids"].append(tid)
+        self._parts["target_logprobs"].append(tlp)
+        self._parts["tail_mass"].append(tail)
+        self._parts["keys"].append(np.frombuffer(example_key(ids), dtype=np.uint8))
+        if label is not None:
+            dtype = "int64" if self.task == "seq-cls" else t.id_dtype
+            self._parts["labels"].append(np.asarray(label).astype(dtype).reshape(-1))
+        if positions is not None:
+            self._parts["positions"].append(np.asarray(positions).astype(np.int32).reshape(-1))
+        self._parts["token_offsets"].append(np.array([ids.shape[0]], dtype=np.int64))
+        self._parts["position_offsets"].append(np.array([tail.shape[0]], dtype=np.int64))
+        self._rows += 1
+        self._tokens += ids.shape[0]
+
+    def build(self) -> ShardData:
+        """Concatenate everything added so far into a ShardData and reset the builder."""
+        t = self.targets
+        p = self._parts
+
+        def cat(name: str, dtype: str, tail_shape: tuple[int, ...] = ()) -> NDArray:
+            if not p[name]:
+                return np.zeros((0, *tail_shape), dtype=dtype)
+            return np.concatenate(p[name]).astype(dtype, copy=False)
+
+        has_labels = bool(p["labels"]) or self.task == "masked-lm"
+
+        def offsets(name: str) -> NDArray:
+            return np.concatenate([[0], np.cumsum(cat(name, "int64"))]).astype(np.int64)
+
+        data = ShardData(
+            input_ids=cat("input_ids", t.id_dtype),
+            token_offsets=offsets("token_offsets"),
+            position_offsets=offsets("position_offsets"),
+            target_ids=cat("target_ids", t.id_dtype, (t.k,)),
+            target_logprobs=cat("target_logprobs", t.value_dtype, (t.k,)),
+            tail_mass=cat("tail_mass", "float32"),
+            keys=cat("keys", "uint8").reshape(-1, 16),
+            labels=cat("labels", "int64" if self.task == "seq-cls" else t.id_dtype) if has_labels else None,
+            positions=cat("positions", "int32") if self.task == "masked-lm" else None,
+        )
+        self._reset()
+        return data
+
+
+def shard_from_examples(task: str, targets: TargetSpec, examples: Iterable[Mapping[str, Any]]) -> ShardData:
+    """Build a shard from public example dicts (as a reader returns them); used by merge and tests."""
+    b = ShardBuilder(task, targets)
+    for ex in examples:
+        label = ex.get("label") if task != "causal-lm" else None
+        b.add(
+            ex["input_ids"],
+            ex["target_ids"],
+            ex["target_logprobs"],
+            ex["tail_mass"],
+            label,
+            ex.get("positions"),
+        )
+    return b.build()

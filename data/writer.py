@@ -1,0 +1,214 @@
+"""Writing a store: one shard per work unit, each committed by rewriting the manifest.
+
+    with StoreWriter(path, manifest_template) as w:
+        for unit in range(n_units):
+            if unit in w.committed_units:   # resume: done by an earlier run
+                continue
+            w.write_shard(unit, shard_data, stats)
+        w.finish()                          # marks the manifest complete
+
+Commit protocol: the shard is written in full into a staging path, checksummed, moved to its final name,
+and only then listed in ``manifest.json``, which is replaced atomically. A crash at any point leaves the
+previous manifest valid and every listed shard intact; an unlisted leftover shard is overwritten on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from data.backends import shard_relpath, write_shard
+from data.errors import NotAStoreError, StoreExistsError, StoreLockedError
+from data.location import Location, sha256_file
+from data.manifest import FileRecord, Manifest, ShardRecord
+from data.reader import read_manifest
+from data.shard import ShardData
+
+__all__ = ["StoreWriter", "shard_name"]
+
+# Entries a store directory may hold besides its shards and manifest (ours, so an --overwrite may remove them).
+_OWN_ENTRIES = {"manifest.json", "shards", ".staging", ".lock"}
+
+
+def shard_name(unit: int) -> str:
+    """Zero-padded, so that names sort in unit order: ``shard-000012``."""
+    return f"shard-{unit:06d}"
+
+
+class StoreWriter:
+    """Creates a store, or resumes one written with the same configuration.
+
+    Args:
+        path_or_url: where the store lives.
+        template: the manifest to start from (provenance filled, no shards). Its ``provenance_key`` must equal
+            that of an existing store to resume it.
+        overwrite: delete an existing *store* at the path and start over. Never deletes something that is not
+            a store.
+        storage_options: fsspec options for URLs.
+
+    Raises:
+        StoreExistsError: the path holds something that is not a store, or a store of another configuration.
+        StoreLockedError: another process is writing this store.
+    """
+
+    def __init__(
+        self,
+        path_or_url: str | os.PathLike[str],
+        template: Manifest,
+        *,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.location = Location(path_or_url, storage_options)
+        self._lock_fd: int | None = None
+        try:
+            self.manifest = self._open(template, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ setup
+
+    def _open(self, template: Manifest, overwrite: bool) -> Manifest:
+        loc = self.location
+        entries = loc.root_entries()
+        if loc.root_exists() and not loc.is_dir_root():
+            raise StoreExistsError(f"{loc} exists and is a file, not a store; choose another output path")
+        if entries and "manifest.json" not in entries:
+            if set(entries) <= {".staging", ".lock", "shards"} and not loc.list_shard_entries():
+                entries = []  # an interrupted create of our own, before its first manifest
+            else:
+                raise StoreExistsError(
+                    f"{loc} exists and is not a store (no manifest.json; it holds {', '.join(entries[:5])}); "
+                    "choose an empty or new output path"
+                )
+        loc.makedirs()
+        self._acquire_lock()
+        if entries:
+            try:
+                existing = read_manifest(loc)
+            except NotAStoreError as e:
+                if not overwrite:
+                    raise StoreExistsError(f"{e}; pass --overwrite to replace it") from e
+                existing = None
+            if overwrite:
+                for name in sorted(set(entries) & _OWN_ENTRIES - {".lock"}):
+                    loc.remove(name)
+                loc.makedirs()
+            elif existing is not None:
+                diff = _differences(existing.provenance_key(), template.provenance_key())
+                if diff:
+                    raise StoreExistsError(
+                        f"{loc} already holds a store labelled with a different configuration "
+                        f"(differs in: {', '.join(diff)}); re-run with the same settings to resume it, "
+                        "pass --overwrite to start over, or choose another output path"
+                    )
+                return existing
+        manifest = replace(template, shards=(), complete=False)
+        self._write_manifest(manifest)
+        return manifest
+
+    def _acquire_lock(self) -> None:
+        """One writing process per store (ranks of one job write their own stores and are merged)."""
+        if not self.location.is_local:
+            return
+        import fcntl
+
+        fd = os.open(self.location.local(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"{self.location} is being written by another process; wait for it to finish or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ commits
+
+    @property
+    def committed_units(self) -> set[int]:
+        return {s.unit for s in self.manifest.shards}
+
+    def write_shard(self, unit: int, data: ShardData, stats: dict[str, float] | None = None) -> ShardRecord:
+        """Write and commit one shard. Returns its manifest record."""
+        m = self.manifest
+        name = shard_name(unit)
+        data.validate(m.task, m.targets, m.vocab_size, name)
+        rel = shard_relpath(m.backend, name)
+        staging_root = self.location.local(".staging") if self.location.is_local else None
+        if staging_root is not None:
+            staging_root.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging_root, prefix=f"{name}-") as tmp:
+            staged = Path(tmp) / rel.rsplit("/", 1)[-1]
+            write_shard(m.backend, staged, data, {"format": "kd-soft-labels", "shard": name, "unit": unit})
+            files = _file_records(staged)
+            self.location.publish(staged, rel)
+        record = ShardRecord(
+            name=name,
+            path=rel,
+            unit=unit,
+            rows=data.rows,
+            tokens=data.tokens,
+            positions=data.num_positions,
+            files=files,
+            stats=dict(stats or {}),
+        )
+        self.manifest = m.with_shard(record)
+        self._write_manifest(self.manifest)
+        return record
+
+    def finish(self) -> Manifest:
+        """Mark the store complete. Readers refuse an incomplete store unless asked to read one."""
+        self.manifest = replace(self.manifest, complete=True)
+        self._write_manifest(self.manifest)
+        if self.location.is_local:
+            self.location.remove(".staging")
+        return self.manifest
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        text = json.dumps(manifest.to_dict(), indent=1, sort_keys=False) + "\n"
+        self.location.write_atomic("manifest.json", text.encode())
+
+
+def _file_records(staged: Path) -> dict[str, FileRecord]:
+    """Size and SHA-256 of every file of a staged shard, keyed by path relative to the shard."""
+    if staged.is_file():
+        return {staged.name: _record(staged)}
+    return {p.relative_to(staged).as_posix(): _record(p) for p in sorted(staged.rglob("*")) if p.is_file()}
+
+
+def _record(path: Path) -> FileRecord:
+    return FileRecord(bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two nested dicts differ."""
+    out: list[str] = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

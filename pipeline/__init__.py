@@ -1,0 +1,1 @@
+"""The ``pipeline`` command line: a thin click adapter over ``stages`` and ``data``."""

@@ -1,0 +1,133 @@
+"""``pipeline``: label once with a teacher, train many students from the cached soft labels.
+
+    pipeline label --teacher PATH --data FILE --out STORE      # stage one (teacher -> store)
+    pipeline train --store STORE --student PATH --out RUN      # stage two (store -> student)
+    pipeline inspect STORE [--json]                            # provenance, size, kept mass
+    pipeline verify STORE                                      # checksums and counts
+
+The CLI is a thin adapter: misuse is a usage error (exit 2), an expected failure (bad store, bad data,
+missing teacher) a one-line error (exit 1), never a traceback. Heavy imports (torch, transformers) happen
+inside the commands so that ``pipeline --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+__all__ = ["main"]
+
+
+@contextmanager
+def _expected_errors() -> Iterator[None]:
+    """Turn the project's typed errors into a one-line ClickException (exit 1)."""
+    from data.errors import StoreError
+
+    try:
+        yield
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted; committed shards are kept, re-run the same command to resume", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="kd-pipeline")
+def cli() -> None:
+    """Offline knowledge distillation with cached, verifiable soft-label stores."""
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def verify(store: str, as_json: bool) -> None:
+    """Recompute every checksum and count of STORE; exit 1 naming each bad shard."""
+    from data.verify import verify_store
+
+    with _expected_errors():
+        report = verify_store(store)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        for problem in report.problems:
+            click.echo(f"BAD  {problem}", err=True)
+        state = "intact" if report.ok else f"{len(report.problems)} problem(s)"
+        click.echo(
+            f"{store}: {report.shards_checked} shards, {report.files_checked} files, "
+            f"{report.bytes_checked:,} bytes checked: {state}"
+        )
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option(
+    "--max-shards",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Read at most N shards for the distributions.",
+)
+def inspect(store: str, as_json: bool, max_shards: int | None) -> None:
+    """Provenance, counts, bytes per token, and kept mass / entropy of STORE."""
+    from data.inspect import summarize
+    from data.reader import open_store
+
+    with _expected_errors():
+        summary = summarize(open_store(store, allow_incomplete=True), max_shards=max_shards)
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    _print_summary(summary, click.echo)
+
+
+def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
+    t = s["targets"]
+    unit = "token" if s["granularity"] == "token" else "example"
+
+    def fmt(x: float | None, spec: str = ".3f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    teacher = s["teacher"]
+    echo(
+        f"store        {s['store']}  (format v{s['format_version']}, {s['backend']}, "
+        f"{'complete' if s['complete'] else 'INCOMPLETE'})"
+    )
+    echo(f"task         {s['task']} ({unit}-level)")
+    echo(
+        f"teacher      {teacher.get('name_or_path', '?')}  {teacher.get('gguf_file') or ''}  "
+        f"weights {str(teacher.get('weights_digest', '?'))[:16]}  dtype {teacher.get('dtype', '?')}"
+    )
+    echo(f"tokenizer    digest {str(s['tokenizer'].get('digest', '?'))[:16]}  vocab {s['vocab_size']}")
+    echo(
+        f"targets      {t['method']} k={t['k']} T={t['temperature']} over {t['num_classes']} ids, "
+        f"values {t['value_dtype']}, ids {t['id_dtype']}"
+    )
+    ds = s["dataset"]
+    echo(f"dataset      {ds.get('source', '?')}  fingerprint {str(ds.get('fingerprint', '?'))[:16]}")
+    echo(
+        f"counts       {s['shards']} shards, {s['rows']:,} examples, {s['tokens']:,} tokens, "
+        f"{s['positions']:,} positions"
+    )
+    echo(f"size         {s['bytes']:,} bytes = {fmt(s[f'bytes_per_{unit}'], '.1f')} bytes/{unit}")
+    km, be = s["kept_mass"], s["bin_entropy"]
+    echo(f"kept mass    mean {fmt(km['mean'])}  p5 {fmt(km['p5'])}  p50 {fmt(km['p50'])}  (top-{t['k']} coverage)")
+    echo(
+        f"entropy      teacher mean {fmt(s['teacher_entropy_mean'])} nats; over k+1 bins mean {fmt(be['mean'])} "
+        f"p5 {fmt(be['p5'])} p95 {fmt(be['p95'])}"
+    )
+
+
+def main() -> None:
+    cli(prog_name="pipeline")
+
+
+if __name__ == "__main__":
+    main()

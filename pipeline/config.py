@@ -1,0 +1,65 @@
+"""Config files: TOML whose keys are the fields of a stage's config dataclass.
+
+Precedence, lowest first: the dataclass defaults, the ``--config`` file, options given on the command line.
+Unknown keys are an error that lists the valid ones (a typo never silently falls back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from click.core import ParameterSource
+
+__all__ = ["resolve_config"]
+
+T = TypeVar("T")
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise click.BadParameter(f"no such file: {path}", param_hint="--config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise click.BadParameter(f"{path} is not valid TOML: {e}", param_hint="--config") from None
+    # a [label] / [train] table is accepted as well as top-level keys
+    return raw
+
+
+def resolve_config(cls: type[T], ctx: click.Context, section: str) -> T:
+    """Build ``cls`` from its defaults, the ``--config`` file and the explicitly given CLI options."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    config_path = ctx.params.get("config")
+    if config_path:
+        raw = _load_toml(config_path)
+        table = raw.get(section, raw) if isinstance(raw.get(section), dict) else raw
+        unknown = sorted(set(table) - names)
+        if unknown:
+            raise click.BadParameter(
+                f"{config_path}: unknown keys {', '.join(unknown)}; valid keys are {', '.join(sorted(names))}",
+                param_hint="--config",
+            )
+        values.update(table)
+    for name, value in ctx.params.items():
+        if name in names and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
+            values[name] = value
+    for key, value in list(values.items()):
+        if isinstance(value, Path):
+            values[key] = str(value)
+    return cls(**values)
+
+
+def default_of(cls: type[Any], name: str) -> Any:
+    """A dataclass field's default, so click options show the one default that the config owns."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None

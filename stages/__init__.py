@@ -1,0 +1,1 @@
+"""The two stages: ``label`` (teacher -> store) and ``train`` (store -> student), and the distillation losses."""
