@@ -22,6 +22,10 @@ import click
 
 __all__ = ["main"]
 
+# Expected failures raised by the stages (bad config, bad data, a model that cannot load, an incompatible store):
+# matched by name so that this module does not import the stages (and torch) before a command runs.
+_EXPECTED_NAMES = {"LabelConfigError", "TrainConfigError", "DataError", "ModelLoadError", "DefaultTeacherError"}
+
 
 @contextmanager
 def _expected_errors() -> Iterator[None]:
@@ -32,6 +36,10 @@ def _expected_errors() -> Iterator[None]:
         yield
     except StoreError as e:
         raise click.ClickException(str(e)) from None
+    except Exception as e:
+        if type(e).__name__ in _EXPECTED_NAMES:
+            raise click.ClickException(str(e)) from None
+        raise
     except KeyboardInterrupt:
         click.echo("interrupted; committed shards are kept, re-run the same command to resume", err=True)
         sys.exit(130)
@@ -123,6 +131,71 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
         f"entropy      teacher mean {fmt(s['teacher_entropy_mean'])} nats; over k+1 bins mean {fmt(be['mean'])} "
         f"p5 {fmt(be['p5'])} p95 {fmt(be['p95'])}"
     )
+
+
+def _opt(cls: type[Any], name: str, *flags: str, **kw: Any) -> Callable[[Any], Any]:
+    """A click option whose default and help come from the stage's config dataclass field."""
+    from pipeline.config import default_of, field_help
+
+    flag = "--" + name.replace("_", "-")
+    default = default_of(cls, name)
+    if kw.get("is_flag"):
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=default, help=field_help(cls, name), **kw)
+    return click.option(
+        flag, *flags, name, default=default, show_default=default not in (None, ""), help=field_help(cls, name), **kw
+    )
+
+
+def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from stages.label import LabelConfig as C
+
+    options = [
+        _opt(C, "teacher", type=str),
+        _opt(C, "data", type=str),
+        _opt(C, "out", type=str),
+        _opt(C, "task", type=click.Choice(["causal-lm", "masked-lm", "seq-cls"])),
+        _opt(C, "top_k", type=int),
+        _opt(C, "temperature", type=float),
+        _opt(C, "max_length", type=int),
+        _opt(C, "text_field", type=str),
+        _opt(C, "label_field", type=str),
+        _opt(C, "pack", is_flag=True),
+        _opt(C, "batch_size", type=int),
+        _opt(C, "batch_tokens", type=int),
+        _opt(C, "format", type=click.Choice(["zarr", "arrow"])),
+        _opt(C, "gguf_file", type=str),
+        _opt(C, "revision", type=str),
+        _opt(C, "trust_remote_code", is_flag=True),
+        _opt(C, "device", type=str),
+        _opt(C, "dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
+        _opt(C, "value_dtype", type=click.Choice(["float16", "float32"])),
+        _opt(C, "shard_size", type=int),
+        _opt(C, "chunk_positions", type=int),
+        _opt(C, "mlm_probability", type=float),
+        _opt(C, "seed", type=int),
+        _opt(C, "limit", type=int),
+        _opt(C, "overwrite", is_flag=True),
+        _opt(C, "progress", is_flag=True),
+        click.option("--config", type=click.Path(dir_okay=False), help="TOML file with any of these options."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@_label_options
+@click.pass_context
+def label(ctx: click.Context, /, **_: Any) -> None:
+    """Stage one: run a teacher once and cache its top-k soft labels in a store."""
+    from pipeline.config import resolve_config
+    from stages.label import LabelConfig
+
+    cfg = resolve_config(LabelConfig, ctx, "label")
+    with _expected_errors():
+        from stages.label import run
+
+        run(cfg)
 
 
 def main() -> None:

@@ -6,7 +6,12 @@ Unknown keys are an error that lists the valid ones (a typo never silently falls
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import itertools
+import textwrap
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,3 +68,26 @@ def default_of(cls: type[Any], name: str) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return None
+
+
+@functools.cache
+def _field_docs(cls: Any) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (``x: int = 1`` then ``\"\"\"doc\"\"\"``)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_help(cls: Any, name: str) -> str:
+    """Help text of a config field, taken from the docstring written under it in the dataclass."""
+    return _field_docs(cls).get(name, "")

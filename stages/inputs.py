@@ -1,0 +1,212 @@
+"""Labeling inputs: read records from local files, tokenise them, pack or truncate, mask for MLM.
+
+Accepted data: a JSONL, Parquet, CSV or plain-text file; a directory of such files (read in name order);
+or a folder written by ``datasets.Dataset.save_to_disk`` (its ``data-*.arrow`` files). Each record has a
+text field (``--text-field``) or pre-tokenised ids (``input_ids``), and for classification a label field.
+A plain-text file is one document per blank-line-separated paragraph block.
+
+The result is a list of examples in a fixed order (the order of the records), so that work unit ``u`` is
+always the same examples: that is what makes a resumed or multi-process run equal a single uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DataError", "Example", "load_records", "prepare_examples"]
+
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+
+
+class DataError(ValueError):
+    """The input data is missing, empty, or lacks a field; the message says what was expected."""
+
+
+@dataclass
+class Example:
+    """One example to label.
+
+    Attributes:
+        input_ids: (L,) int64 ids fed to the teacher (masked for masked-lm).
+        label: class index (seq-cls), or None.
+        positions: (P,) masked positions (masked-lm), or None.
+        mlm_labels: (P,) original ids at the masked positions (masked-lm), or None.
+    """
+
+    input_ids: np.ndarray[Any, Any]
+    label: int | None = None
+    positions: np.ndarray[Any, Any] | None = None
+    mlm_labels: np.ndarray[Any, Any] | None = None
+
+
+def _files(path: Path) -> list[tuple[Path, str]]:
+    if path.is_file():
+        kind = _SUFFIXES.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(_SUFFIXES)}")
+        return [(path, kind)]
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        arrows = sorted(path.glob("*.arrow"))
+        if not arrows:
+            raise DataError(f"{path} looks like a saved `datasets` folder but has no .arrow files")
+        return [(p, "arrow") for p in arrows]
+    found = [(p, _SUFFIXES[p.suffix.lower()]) for p in sorted(path.iterdir()) if p.suffix.lower() in _SUFFIXES]
+    if not found:
+        raise DataError(f"{path} holds no data files ({', '.join(_SUFFIXES)})")
+    return found
+
+
+def _read(path: Path, kind: str) -> list[dict[str, Any]]:
+    import pyarrow as pa
+
+    if kind == "jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: not a JSON object per line ({e.msg})") from None
+        return rows
+    if kind == "text":
+        text = path.read_text(encoding="utf-8")
+        return [{"text": block.strip()} for block in text.split("\n\n") if block.strip()]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_table(path).to_pylist())
+    if kind == "csv":
+        import pyarrow.csv as pcsv
+
+        return list(pcsv.read_csv(path).to_pylist())
+    with pa.memory_map(str(path)) as source:  # datasets' save_to_disk writes Arrow streams
+        try:
+            table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(source).read_all()
+    return list(table.to_pylist())
+
+
+def load_records(data: str) -> tuple[list[dict[str, Any]], str]:
+    """All records of the data path, and a fingerprint (SHA-256 of the files' names and bytes)."""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"--data {data} does not exist; pass a JSONL/Parquet/CSV/text file or a folder of them")
+    h = hashlib.sha256()
+    records: list[dict[str, Any]] = []
+    for f, kind in _files(path):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+        try:
+            records.extend(_read(f, kind))
+        except DataError:
+            raise
+        except Exception as e:  # pyarrow / decoding failures on user files
+            raise DataError(f"{f}: cannot be read as {kind} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not records:
+        raise DataError(f"--data {data} holds no records; nothing to label")
+    return records, h.hexdigest()
+
+
+def _field(records: list[dict[str, Any]], name: str, what: str) -> list[Any]:
+    missing = next((i for i, r in enumerate(records) if name not in r or r[name] is None), None)
+    if missing is not None:
+        fields = ", ".join(sorted(records[missing])) or "none"
+        raise DataError(f"record {missing} has no {what} field {name!r} (its fields: {fields}); pass --{what}-field")
+    return [r[name] for r in records]
+
+
+def prepare_examples(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    task: str,
+    text_field: str,
+    label_field: str | None,
+    max_length: int,
+    pack: bool,
+    label2id: dict[str, int] | None = None,
+    num_labels: int | None = None,
+    mlm_probability: float = 0.15,
+    seed: int = 0,
+) -> list[Example]:
+    """Tokenise (or take pre-tokenised ``input_ids``), then pack or truncate; labels and MLM masks."""
+    if all("input_ids" in r for r in records) and not any(text_field in r for r in records):
+        ids = [np.asarray(r["input_ids"], dtype=np.int64) for r in records]
+    else:
+        texts = [str(t) for t in _field(records, text_field, "text")]
+        encoded = tokenizer(texts, add_special_tokens=not pack, truncation=False)["input_ids"]
+        ids = [np.asarray(e, dtype=np.int64) for e in encoded]
+    labels: list[int | None] = [None] * len(ids)
+    if task == "seq-cls" and label_field:
+        labels = [_label(v, label2id, num_labels, i) for i, v in enumerate(_field(records, label_field, "label"))]
+    if pack:
+        if task != "causal-lm":
+            raise DataError("--pack applies to causal-lm only (it joins documents into fixed-length sequences)")
+        eos = tokenizer.eos_token_id
+        sep = [np.array([eos], dtype=np.int64)] if eos is not None else []
+        stream = np.concatenate([part for doc in ids for part in ([doc, *sep])]) if ids else np.zeros(0, np.int64)
+        ids = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
+        labels = [None] * len(ids)
+    else:
+        ids = [x[:max_length] for x in ids]
+    keep = [i for i, x in enumerate(ids) if len(x) >= (2 if task == "causal-lm" else 1)]
+    examples = [Example(ids[i], labels[i]) for i in keep]
+    if task == "masked-lm":
+        _mask(examples, tokenizer, mlm_probability, seed)
+    return examples
+
+
+def _label(value: Any, label2id: dict[str, int] | None, num_labels: int | None, i: int) -> int:
+    if isinstance(value, str) and label2id and value in label2id:
+        return int(label2id[value])
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        known = ", ".join(sorted(label2id)) if label2id else f"0..{(num_labels or 1) - 1}"
+        raise DataError(f"record {i}: label {value!r} is not one of the teacher's classes ({known})") from None
+    if num_labels is not None and not 0 <= label < num_labels:
+        raise DataError(
+            f"record {i}: label {label} is outside the teacher's {num_labels} classes (0..{num_labels - 1})"
+        )
+    return label
+
+
+def _mask(examples: list[Example], tokenizer: Any, probability: float, seed: int) -> None:
+    """Choose masked positions per example, seeded by (seed, content), and replace them with the mask token.
+
+    Every chosen position becomes the mask token (no 80/10/10 split: the teacher's distribution at a
+    [MASK] is what the student is taught). Special tokens are never masked; at least one position is.
+    """
+    mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        raise DataError("masked-lm needs a tokenizer with a mask token; this teacher's tokenizer has none")
+    special = set(tokenizer.all_special_ids)
+    for ex in examples:
+        content = hashlib.blake2b(ex.input_ids.astype("<u4").tobytes(), digest_size=8).digest()
+        rng = np.random.default_rng([seed, int.from_bytes(content, "little")])
+        candidates = np.array([i for i, t in enumerate(ex.input_ids.tolist()) if t not in special], dtype=np.int64)
+        if not len(candidates):
+            candidates = np.arange(len(ex.input_ids))
+        n = max(1, round(probability * len(candidates)))
+        positions = np.sort(rng.choice(candidates, size=n, replace=False))
+        ex.mlm_labels = ex.input_ids[positions].copy()
+        ex.positions = positions
+        ex.input_ids = ex.input_ids.copy()
+        ex.input_ids[positions] = mask_id

@@ -1,0 +1,522 @@
+"""Stage one: run a teacher once over a dataset and cache its soft labels in a store.
+
+    pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--top-k 32] ...
+
+Reads top to bottom: setup (config, teacher, tokenizer, data) -> the store (created, or resumed) -> the loop
+(one work unit of ``shard_size`` examples at a time: bucket by length, forward, top-k + exact tail in float32,
+hand the unit to the writer thread) -> summary.
+
+Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions``
+positions: a (chunk, V) float32 block is the largest thing that exists at once, never (batch, seq, V).
+Only the kept ids and values (and a few scalars) leave the device. Writing a unit overlaps computing the
+next one (a bounded queue of 2 units to one writer thread).
+
+Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units
+are fixed ranges of the input examples, so the store is identical whether it was written in one go or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import data
+from stages.inputs import DataError, Example
+
+if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
+    import torch
+
+__all__ = ["LabelConfig", "LabelConfigError", "LabelResult", "run"]
+
+
+class LabelConfigError(ValueError):
+    """One or more configuration problems, all listed."""
+
+
+@dataclass
+class LabelConfig:
+    """Everything ``pipeline label`` needs. Defaults live here and nowhere else."""
+
+    teacher: str = ""
+    """Teacher: a local transformers folder, a hub id, or a folder holding ``gguf_file``."""
+    data: str = ""
+    """Input data: a JSONL/Parquet/CSV/text file, a folder of them, or a saved `datasets` folder."""
+    out: str = ""
+    """Output store: a new or empty directory, an existing store to resume, or an fsspec URL."""
+    task: str = "causal-lm"
+    """causal-lm (per token), masked-lm (per masked token), or seq-cls (per example)."""
+    top_k: int = 32
+    """Ids kept per position (the rest of the mass goes into the exact tail bin)."""
+    temperature: float = 1.0
+    """Labeling temperature T: stored values are log softmax(logits / T) over the full vocabulary."""
+    max_length: int = 512
+    """Longest sequence in tokens; longer documents are truncated (or cut into pieces with --pack)."""
+    text_field: str = "text"
+    """Record field holding the text (ignored for records with pre-tokenised `input_ids`)."""
+    label_field: str | None = None
+    """Record field holding the class label (seq-cls): an index or one of the teacher's label names."""
+    pack: bool = False
+    """causal-lm: join documents (EOS between them) into sequences of exactly max_length tokens."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    batch_tokens: int = 0
+    """If > 0, a token budget per forward pass (padded batch size x length) instead of batch_size."""
+    format: str = "zarr"
+    """Store backend: zarr (default) or arrow."""
+    gguf_file: str | None = None
+    """A GGUF file inside the teacher folder, de-quantised by transformers."""
+    revision: str | None = None
+    """Hub revision of the teacher."""
+    trust_remote_code: bool = False
+    """Allow the teacher's own modelling code to run (off unless asked)."""
+    device: str = "auto"
+    """auto (CUDA if available), cpu, cuda, cuda:N."""
+    dtype: str = "auto"
+    """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
+    value_dtype: str = "float16"
+    """Stored log-prob dtype: float16 (default; ~16x finer than bfloat16) or float32 (exact)."""
+    shard_size: int = 256
+    """Examples per work unit; one unit is one shard and one commit."""
+    chunk_positions: int = 1024
+    """Positions per float32 log-softmax/top-k block on the device."""
+    mlm_probability: float = 0.15
+    """masked-lm: fraction of tokens masked (fixed per example content and seed, stored)."""
+    seed: int = 0
+    """Seed of the MLM masking."""
+    limit: int | None = None
+    """Label only the first N examples (after tokenisation and packing)."""
+    overwrite: bool = False
+    """Delete an existing store at --out and start over."""
+    progress: bool | None = None
+    """Show a progress bar (default: when stderr is a terminal)."""
+
+    # fields that do not change what is written, so they may differ between a run and its resume
+    RUN_ONLY = ("out", "overwrite", "progress")
+
+    def validate(self) -> None:
+        """Collect every problem into one error."""
+        problems = []
+        if not self.data:
+            problems.append("--data is required")
+        if not self.out:
+            problems.append("--out is required")
+        if not self.teacher:
+            problems.append("--teacher is required")
+        if self.task not in data.manifest.TASKS:
+            problems.append(f"--task {self.task!r} is not one of {', '.join(data.manifest.TASKS)}")
+        if self.top_k < 1:
+            problems.append(f"--top-k must be >= 1, got {self.top_k}")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            problems.append(f"--temperature must be a finite number > 0, got {self.temperature}")
+        if self.max_length < 2:
+            problems.append(f"--max-length must be >= 2, got {self.max_length}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.batch_tokens < 0:
+            problems.append(f"--batch-tokens must be >= 0, got {self.batch_tokens}")
+        if self.format not in ("zarr", "arrow"):
+            problems.append(f"--format {self.format!r} is not one of zarr, arrow")
+        if self.value_dtype not in data.manifest.VALUE_DTYPES:
+            problems.append(f"--value-dtype {self.value_dtype!r} is not one of {', '.join(data.manifest.VALUE_DTYPES)}")
+        if self.shard_size < 1 or self.chunk_positions < 1:
+            problems.append("--shard-size and --chunk-positions must be >= 1")
+        if not 0 < self.mlm_probability < 1:
+            problems.append(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
+        if self.pack and self.task != "causal-lm":
+            problems.append("--pack applies to causal-lm only")
+        if self.task == "seq-cls" and self.pack:
+            problems.append("seq-cls examples cannot be packed")
+        if problems:
+            raise LabelConfigError("; ".join(problems))
+
+    def content_dict(self) -> dict[str, Any]:
+        """The resolved configuration that determines the store's content (saved in its manifest)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
+
+
+@dataclass
+class LabelResult:
+    store: str
+    examples: int
+    tokens: int
+    positions: int
+    seconds: float
+    bytes: int
+    kept_mass_mean: float | None
+    resumed_units: int
+    labelled_units: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
+    """Label ``cfg.data`` with ``cfg.teacher`` into the store ``cfg.out``."""
+    from stages.inputs import load_records, prepare_examples
+    from stages.models import load_model, load_tokenizer, output_width, resolve_device, resolve_dtype
+
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    cfg.validate()
+    # ---- setup: device, teacher, tokenizer, data (all checked before the store is touched)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    records, fingerprint = load_records(cfg.data)
+    tokenizer = load_tokenizer(
+        cfg.teacher, gguf_file=cfg.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    say(f"loading teacher {cfg.teacher}{' / ' + cfg.gguf_file if cfg.gguf_file else ''} on {device} ({dtype})")
+    teacher = load_model(
+        cfg.teacher,
+        cfg.task,
+        device=device,
+        dtype=dtype,
+        gguf_file=cfg.gguf_file,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    width = output_width(teacher)
+    if cfg.task == "seq-cls" and cfg.top_k > width:
+        say(f"keeping all {width} classes (--top-k {cfg.top_k} exceeds the number of classes)")
+        cfg = dataclasses.replace(cfg, top_k=width)
+    if cfg.top_k > width:
+        raise LabelConfigError(
+            f"--top-k {cfg.top_k} is larger than the teacher's {width} output ids; use --top-k <= {width}"
+        )
+    label2id = {str(k): int(v) for k, v in (getattr(teacher.config, "label2id", None) or {}).items()}
+    examples = prepare_examples(
+        records,
+        tokenizer,
+        task=cfg.task,
+        text_field=cfg.text_field,
+        label_field=cfg.label_field,
+        max_length=cfg.max_length,
+        pack=cfg.pack,
+        label2id=label2id,
+        num_labels=width if cfg.task == "seq-cls" else None,
+        mlm_probability=cfg.mlm_probability,
+        seed=cfg.seed,
+    )
+    if cfg.limit is not None:
+        examples = examples[: cfg.limit]
+    if not examples:
+        raise DataError(f"--data {cfg.data} gives no example of at least 2 tokens after tokenisation; nothing to label")
+    vocab_rows = max(len(tokenizer), int(teacher.get_input_embeddings().weight.shape[0]))
+    # ---- the store: created, or resumed when the configuration matches
+    template = _manifest_template(
+        cfg, teacher, tokenizer, width, vocab_rows, fingerprint, str(dtype).removeprefix("torch.")
+    )
+    units = [examples[i : i + cfg.shard_size] for i in range(0, len(examples), cfg.shard_size)]
+    start = time.perf_counter()
+    with data.StoreWriter(cfg.out, template, overwrite=cfg.overwrite) as writer:
+        done = writer.committed_units
+        todo = [u for u in range(len(units)) if u not in done]
+        if done:
+            say(f"resuming {cfg.out}: {len(done)} of {len(units)} shards already committed")
+        head = _OutputHead(teacher, cfg)
+        progress = _progress(
+            cfg, sum(len(units[u]) for u in todo), sum(len(x.input_ids) for u in todo for x in units[u])
+        )
+        with _WriterThread(writer) as out:
+            for u in todo:
+                out.put(u, _label_unit(units[u], cfg, head, tokenizer.pad_token_id, device, progress))
+        progress.close()
+        manifest = writer.finish()
+    seconds = time.perf_counter() - start
+    stats = [s.stats for s in manifest.shards]
+    kept = sum(s.get("kept_mass_sum", 0.0) for s in stats) / max(1, sum(s.get("count", 0.0) for s in stats))
+    result = LabelResult(
+        store=cfg.out,
+        examples=manifest.rows,
+        tokens=manifest.tokens,
+        positions=manifest.positions,
+        seconds=seconds,
+        bytes=manifest.bytes,
+        kept_mass_mean=kept,
+        resumed_units=len(done),
+        labelled_units=len(todo),
+    )
+    per = "token" if cfg.task != "seq-cls" else "example"
+    new_tokens = sum(len(x.input_ids) for u in todo for x in units[u])
+    rate = new_tokens / max(seconds, 1e-9)
+    say(
+        f"labelled {len(todo)} shards ({new_tokens:,} tokens) in {seconds:.1f}s = {rate:,.0f} tokens/s; "
+        f"store {manifest.rows:,} examples, {manifest.positions:,} positions, {manifest.bytes:,} bytes = "
+        f"{manifest.bytes / max(1, manifest.positions):.1f} bytes/{per}; "
+        f"mean kept mass {kept:.3f} (top-{cfg.top_k}, T={cfg.temperature})"
+    )
+    return result
+
+
+def _manifest_template(
+    cfg: LabelConfig, teacher: Any, tokenizer: Any, width: int, vocab_rows: int, fingerprint: str, dtype: str
+) -> data.Manifest:
+    import importlib.metadata as md
+
+    from stages.models import tokenizer_digest, weights_digest
+
+    id_bound = max(width, vocab_rows) if cfg.task != "seq-cls" else vocab_rows
+    id_dtype = data.id_dtype_for(max(id_bound, width))
+    versions: dict[str, str | None] = {}
+    for pkg in ("kd-pipeline", "torch", "transformers", "zarr", "numcodecs", "pyarrow", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return data.Manifest(
+        backend=cfg.format,
+        task=cfg.task,
+        targets=data.TargetSpec("topk", cfg.top_k, float(cfg.temperature), width, cfg.value_dtype, id_dtype),
+        vocab_size=id_bound,
+        teacher={
+            "name_or_path": cfg.teacher,
+            "gguf_file": cfg.gguf_file,
+            "revision": cfg.revision,
+            "weights_digest": weights_digest(cfg.teacher, cfg.gguf_file),
+            "architecture": type(teacher).__name__,
+            "dtype": dtype,
+            "num_labels": width if cfg.task == "seq-cls" else None,
+            "id2label": {str(k): v for k, v in (getattr(teacher.config, "id2label", None) or {}).items()}
+            if cfg.task == "seq-cls"
+            else None,
+        },
+        tokenizer={
+            "digest": tokenizer_digest(tokenizer),
+            "vocab_size": vocab_rows,
+            "tokenizer_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "mask_token_id": getattr(tokenizer, "mask_token_id", None),
+        },
+        dataset={
+            "source": cfg.data,
+            "fingerprint": fingerprint,
+            "text_field": cfg.text_field,
+            "label_field": cfg.label_field,
+            "max_length": cfg.max_length,
+            "packing": cfg.pack,
+        },
+        config=cfg.content_dict(),
+        versions=versions,
+        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+class _OutputHead:
+    """Teacher logits for selected positions, in chunks: hidden (N, H) -> logits (chunk, V) float32.
+
+    Causal LMs run their backbone once and apply the output head only to real (non-padding) positions, a chunk
+    at a time, so the (batch, seq, V) logits tensor is never built. Models without a separable linear head
+    (masked-lm heads with transforms, classifiers) run their full forward; their logits are small or only a
+    few positions are read.
+    """
+
+    def __init__(self, model: Any, cfg: LabelConfig) -> None:
+        import torch
+
+        self.model = model
+        self.cfg = cfg
+        head = model.get_output_embeddings() if cfg.task == "causal-lm" else None
+        backbone = getattr(model, "base_model", None) if head is not None else None
+        self.split = isinstance(head, torch.nn.Linear) and backbone is not None and backbone is not model
+        self.head: Any = head
+        self.backbone: Any = backbone
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.scale = getattr(model.config, "logit_scale", None)
+
+    def hidden_or_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) hidden states when the head is split off, else (B, L, V) / (B, C) logits."""
+        if self.split:
+            hidden: torch.Tensor = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
+            return hidden
+        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, H) hidden or (N, V) logits -> (N, V) float32 logits."""
+        if not self.split:
+            return rows.float()
+        import torch
+
+        z: torch.Tensor = self.head(rows).float()
+        if self.scale:
+            z = z * float(self.scale)
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def _topk_chunked(
+    rows: torch.Tensor, head: _OutputHead, k: int, temperature: float, chunk: int
+) -> dict[str, torch.Tensor]:
+    """Top-k of log softmax(z / T) over the full vocabulary, with the exact tail, for N rows.
+
+    Returns CPU tensors: ids (N, k) int64, logprobs (N, k) float32, tail (N,) float32, entropy (N,) float32.
+    The tail is exp(logsumexp of the non-kept log-probs), not 1 - sum(kept): the subtraction would lose all
+    precision when the kept mass is close to 1.
+    """
+    import torch
+
+    ids, lps, tails, ents = [], [], [], []
+    for i in range(0, rows.shape[0], chunk):
+        z = head.logits(rows[i : i + chunk]) / temperature  # (c, V) float32
+        lp = torch.log_softmax(z, dim=-1)
+        top_lp, top_id = torch.topk(lp, k, dim=-1)  # (c, k), most probable first
+        entropy = -(lp.exp() * lp).sum(-1)
+        rest = lp.scatter(-1, top_id, float("-inf"))
+        tail = torch.logsumexp(rest, dim=-1).exp() if k < lp.shape[-1] else torch.zeros_like(entropy)
+        ids.append(top_id.cpu())
+        lps.append(top_lp.cpu())
+        tails.append(tail.cpu())
+        ents.append(entropy.cpu())
+    return {"ids": torch.cat(ids), "logprobs": torch.cat(lps), "tail": torch.cat(tails), "entropy": torch.cat(ents)}
+
+
+def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
+    """Indices of the unit's examples grouped by similar length (longest first), so padding stays small."""
+    order = sorted(range(len(unit)), key=lambda i: (-len(unit[i].input_ids), i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = len(unit[current[0]].input_ids) if current else len(unit[i].input_ids)
+        full = (len(current) + 1) * longest > cfg.batch_tokens if cfg.batch_tokens else len(current) >= cfg.batch_size
+        if current and full:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _label_unit(
+    unit: list[Example], cfg: LabelConfig, head: _OutputHead, pad_id: int | None, device: torch.device, progress: Any
+) -> tuple[_RowsToShard, dict[str, float]]:
+    """Label one work unit; returns its rows (examples in input order) and summed statistics."""
+    import torch
+
+    with torch.inference_mode():
+        return _label_unit_inner(unit, cfg, head, pad_id, device, progress)
+
+
+def _label_unit_inner(
+    unit: list[Example], cfg: LabelConfig, head: _OutputHead, pad_id: int | None, device: torch.device, progress: Any
+) -> tuple[_RowsToShard, dict[str, float]]:
+    import torch
+
+    results: list[dict[str, Any] | None] = [None] * len(unit)
+    kept_sum = ent_sum = count = 0.0
+    for batch in _batches(unit, cfg):
+        L = max(len(unit[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), L), pad_id if pad_id is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(unit[i].input_ids)
+            ids[row, :n] = torch.from_numpy(unit[i].input_ids)
+            mask[row, :n] = 1
+        out = head.hidden_or_logits(ids.to(device), mask.to(device))  # (B, L, H|V) or (B, C)
+        # the rows whose distributions are stored; padding positions are never selected
+        if cfg.task == "causal-lm":
+            select = [(row, torch.arange(len(unit[i].input_ids) - 1)) for row, i in enumerate(batch)]
+        elif cfg.task == "masked-lm":
+            select = [(row, torch.from_numpy(np.asarray(unit[i].positions))) for row, i in enumerate(batch)]
+        else:
+            select = []
+        # (N, H|V) for per-token tasks, (B, C) for classification
+        rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
+        top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions)
+        kept_sum += float((1 - top["tail"].double()).sum())
+        ent_sum += float(top["entropy"].double().sum())
+        count += top["tail"].shape[0]
+        counts = [len(p) for _, p in select] if select else [1] * len(batch)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        for row, i in enumerate(batch):
+            a, b = offsets[row], offsets[row + 1]
+            results[i] = {key: t[a:b].numpy() for key, t in top.items()}
+        progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
+    rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]
+    return _RowsToShard(rows_out), {"kept_mass_sum": kept_sum, "entropy_sum": ent_sum, "count": count}
+
+
+class _RowsToShard:
+    """Labelled rows of a unit; the writer thread turns them into a ShardData with the store's exact spec."""
+
+    def __init__(self, rows: list[tuple[Example, dict[str, Any]]]) -> None:
+        self.rows = rows
+
+    def build(self, task: str, targets: data.TargetSpec) -> data.ShardData:
+        b = data.ShardBuilder(task, targets)
+        for ex, res in self.rows:
+            label = ex.mlm_labels if task == "masked-lm" else ex.label
+            b.add(ex.input_ids, res["ids"], res["logprobs"], res["tail"], label, ex.positions)
+        return b.build()
+
+
+class _WriterThread:
+    """Commits units on a background thread; at most 2 units wait, so memory stays bounded."""
+
+    def __init__(self, writer: data.StoreWriter) -> None:
+        self.writer = writer
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="store-writer", daemon=True)
+
+    def __enter__(self) -> _WriterThread:
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        m = self.writer.manifest
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            unit, (rows, stats) = item
+            try:
+                self.writer.write_shard(unit, rows.build(m.task, m.targets), stats)
+            except BaseException as e:  # surfaced in the main thread at the next put / exit
+                self.error = e
+
+    def put(self, unit: int, labelled: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((unit, labelled))
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and exc is None:
+            raise self.error
+
+
+class _Progress:
+    def __init__(self, bar: Any, tokens: int) -> None:
+        self.bar = bar
+        self.tokens_total = tokens
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def update(self, examples: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            self.bar.update(examples)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(cfg: LabelConfig, examples: int, tokens: int) -> _Progress:
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    if not show:
+        return _Progress(None, tokens)
+    from tqdm import tqdm
+
+    return _Progress(tqdm(total=examples, unit="ex", desc="label", dynamic_ncols=True), tokens)

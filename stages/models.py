@@ -1,0 +1,150 @@
+"""Loading Hugging Face models and tokenizers for the stages, and the digests that identify them.
+
+A store records which teacher and which tokenizer produced it: the weights digest is the SHA-256 of the
+weight files on disk (safetensors / bin / gguf, in name order), the tokenizer digest the SHA-256 of its
+vocabulary (token -> id, sorted). Two tokenizers with equal digests map every id to the same token, which is
+what a student needs to share a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AUTO_CLASSES",
+    "ModelLoadError",
+    "load_model",
+    "load_tokenizer",
+    "output_width",
+    "resolve_device",
+    "resolve_dtype",
+    "tokenizer_digest",
+    "weights_digest",
+]
+
+# task -> transformers auto class name
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says what to pass instead."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"--device {device!r} is not a torch device (expected auto, cpu, cuda, cuda:0)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for CUDA but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """ "auto": bfloat16 on GPU (tensor cores, no overflow), float32 on CPU (bf16 matmuls are slow there)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ModelLoadError(f"--dtype {dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
+def _check_source(name: str, what: str, gguf_file: str | None) -> None:
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.exists():
+        raise ModelLoadError(f"{what} path {name} does not exist; pass a model folder, a hub id, or --gguf-file")
+    if gguf_file and path.is_dir() and not (path / gguf_file).is_file():
+        raise ModelLoadError(f"--gguf-file {gguf_file} is not in {name}")
+
+
+def load_tokenizer(
+    name: str, *, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """The tokenizer of a model folder, hub id or GGUF file."""
+    from transformers import AutoTokenizer
+
+    _check_source(name, "tokenizer", gguf_file)
+    try:
+        return AutoTokenizer.from_pretrained(
+            name, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {name}: {str(e).splitlines()[0]}") from e
+
+
+def load_model(
+    name: str,
+    task: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """A model for ``task`` in eval mode on ``device``. Raises ModelLoadError with what to do."""
+    import transformers
+
+    _check_source(name, "model", gguf_file)
+    cls = getattr(transformers, AUTO_CLASSES[task])
+    try:
+        model = cls.from_pretrained(
+            name, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load a {task} model from {name}: {str(e).splitlines()[0]}") from e
+    return model.to(device).eval()
+
+
+def output_width(model: Any) -> int:
+    """Width of the model's output distribution: LM-head rows (vocabulary incl. padding) or number of classes."""
+    if hasattr(model.config, "num_labels") and type(model).__name__.endswith("ForSequenceClassification"):
+        return int(model.config.num_labels)
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """SHA-256 of the vocabulary (token -> id, sorted by id)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def weights_digest(name: str, gguf_file: str | None = None) -> str | None:
+    """SHA-256 over the model's weight files (name order); None for a hub id not present locally."""
+    root = Path(name).expanduser()
+    if not root.exists():
+        return None
+    if gguf_file:
+        files = [root / gguf_file]
+    elif root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
