@@ -198,6 +198,61 @@ def label(ctx: click.Context, /, **_: Any) -> None:
         run(cfg)
 
 
+def _train_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from stages.train import LOSSES
+    from stages.train import TrainConfig as C
+
+    options = [
+        _opt(C, "store", type=str),
+        _opt(C, "student", type=str),
+        _opt(C, "out", type=str),
+        _opt(C, "loss", type=click.Choice(LOSSES)),
+        _opt(C, "beta", type=float),
+        _opt(C, "alpha", type=float),
+        _opt(C, "temperature", type=float),
+        _opt(C, "tail", type=click.Choice(["bin", "renormalise"])),
+        _opt(C, "steps", type=int),
+        _opt(C, "epochs", type=float),
+        _opt(C, "batch_size", type=int),
+        _opt(C, "grad_accum", type=int),
+        _opt(C, "lr", type=float),
+        _opt(C, "weight_decay", type=float),
+        _opt(C, "warmup", type=int),
+        _opt(C, "max_grad_norm", type=float),
+        _opt(C, "eval_store", type=str),
+        _opt(C, "eval_fraction", type=float),
+        _opt(C, "eval_every", type=int),
+        _opt(C, "eval_batches", type=int),
+        _opt(C, "save_every", type=int),
+        _opt(C, "log_every", type=int),
+        _opt(C, "seed", type=int),
+        _opt(C, "device", type=str),
+        _opt(C, "workers", type=int),
+        _opt(C, "resume", is_flag=True),
+        _opt(C, "verify", is_flag=True),
+        _opt(C, "progress", is_flag=True),
+        click.option("--config", type=click.Path(dir_okay=False), help="TOML file with any of these options."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@_train_options
+@click.pass_context
+def train(ctx: click.Context, /, **_: Any) -> None:
+    """Stage two: train a student from a store's cached soft labels (no teacher needed)."""
+    from pipeline.config import resolve_config
+    from stages.train import TrainConfig
+
+    cfg = resolve_config(TrainConfig, ctx, "train")
+    with _expected_errors():
+        from stages.train import run
+
+        run(cfg)
+
+
 def main() -> None:
     cli(prog_name="pipeline")
 

@@ -353,20 +353,30 @@ class _OutputHead:
 
 
 def _topk_chunked(
-    rows: torch.Tensor, head: _OutputHead, k: int, temperature: float, chunk: int
+    rows: torch.Tensor, head: _OutputHead, k: int, temperature: float, chunk: int, labels: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """Top-k of log softmax(z / T) over the full vocabulary, with the exact tail, for N rows.
 
-    Returns CPU tensors: ids (N, k) int64, logprobs (N, k) float32, tail (N,) float32, entropy (N,) float32.
-    The tail is exp(logsumexp of the non-kept log-probs), not 1 - sum(kept): the subtraction would lose all
-    precision when the kept mass is close to 1.
+    Args:
+        rows: (N, H) hidden states or (N, V) logits.
+        labels: (N,) int64 hard labels (-1 = none), for the teacher's own cross-entropy at T=1, or None.
+
+    Returns CPU tensors: ids (N, k) int64, logprobs (N, k) float32, tail (N,) float32, entropy (N,) float32
+    (at T), and nll (N,) float32 (at T=1; 0 where there is no label). The tail is exp(logsumexp of the non-kept
+    log-probs), not 1 - sum(kept): the subtraction would lose all precision when the kept mass is close to 1.
     """
     import torch
 
-    ids, lps, tails, ents = [], [], [], []
+    ids, lps, tails, ents, nlls = [], [], [], [], []
     for i in range(0, rows.shape[0], chunk):
-        z = head.logits(rows[i : i + chunk]) / temperature  # (c, V) float32
+        raw = head.logits(rows[i : i + chunk])  # (c, V) float32
+        z = raw / temperature
         lp = torch.log_softmax(z, dim=-1)
+        if labels is not None:
+            lab = labels[i : i + chunk].to(raw.device)
+            lp1 = lp if temperature == 1.0 else torch.log_softmax(raw, dim=-1)
+            nll = -lp1.gather(-1, lab.clamp_min(0)[:, None])[:, 0] * (lab >= 0)
+            nlls.append(nll.cpu())
         top_lp, top_id = torch.topk(lp, k, dim=-1)  # (c, k), most probable first
         entropy = -(lp.exp() * lp).sum(-1)
         rest = lp.scatter(-1, top_id, float("-inf"))
@@ -375,7 +385,10 @@ def _topk_chunked(
         lps.append(top_lp.cpu())
         tails.append(tail.cpu())
         ents.append(entropy.cpu())
-    return {"ids": torch.cat(ids), "logprobs": torch.cat(lps), "tail": torch.cat(tails), "entropy": torch.cat(ents)}
+    out = {"ids": torch.cat(ids), "logprobs": torch.cat(lps), "tail": torch.cat(tails), "entropy": torch.cat(ents)}
+    if nlls:
+        out["nll"] = torch.cat(nlls)
+    return out
 
 
 def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
@@ -411,7 +424,7 @@ def _label_unit_inner(
     import torch
 
     results: list[dict[str, Any] | None] = [None] * len(unit)
-    kept_sum = ent_sum = count = 0.0
+    kept_sum = ent_sum = nll_sum = count = 0.0
     for batch in _batches(unit, cfg):
         L = max(len(unit[i].input_ids) for i in batch)
         ids = torch.full((len(batch), L), pad_id if pad_id is not None else 0, dtype=torch.long)
@@ -430,9 +443,11 @@ def _label_unit_inner(
             select = []
         # (N, H|V) for per-token tasks, (B, C) for classification
         rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
-        top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions)
+        top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, _labels(unit, batch, cfg))
         kept_sum += float((1 - top["tail"].double()).sum())
         ent_sum += float(top["entropy"].double().sum())
+        if "nll" in top:
+            nll_sum += float(top.pop("nll").double().sum())
         count += top["tail"].shape[0]
         counts = [len(p) for _, p in select] if select else [1] * len(batch)
         offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -441,7 +456,21 @@ def _label_unit_inner(
             results[i] = {key: t[a:b].numpy() for key, t in top.items()}
         progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
     rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]
-    return _RowsToShard(rows_out), {"kept_mass_sum": kept_sum, "entropy_sum": ent_sum, "count": count}
+    stats = {"kept_mass_sum": kept_sum, "entropy_sum": ent_sum, "teacher_nll_sum": nll_sum, "count": count}
+    return _RowsToShard(rows_out), stats
+
+
+def _labels(unit: list[Example], batch: list[int], cfg: LabelConfig) -> torch.Tensor | None:
+    """(N,) hard labels of the batch's stored rows, in row order (-1 where an example has none)."""
+    import torch
+
+    if cfg.task == "causal-lm":
+        parts = [unit[i].input_ids[1:] for i in batch]
+    elif cfg.task == "masked-lm":
+        parts = [np.asarray(unit[i].mlm_labels) for i in batch]
+    else:
+        parts = [np.array([-1 if unit[i].label is None else unit[i].label]) for i in batch]
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
 
 class _RowsToShard:

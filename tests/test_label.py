@@ -64,6 +64,7 @@ def test_causal_lm_targets_equal_the_teachers_own_topk(tiny: dict[str, Any], tmp
     assert m.targets.num_classes == tiny["vocab"] + 3  # padded embedding rows count
     assert len(store) == len(SENTENCES) * 3 and m.complete
     teacher = tiny["causal-lm"].eval()
+    nll = 0.0
     for ex in store:
         ids = ex["input_ids"].astype(np.int64)
         lp = _teacher_logprobs(teacher, ids, 2.0)  # (L, V), alone: no padding anywhere
@@ -75,6 +76,10 @@ def test_causal_lm_targets_equal_the_teachers_own_topk(tiny: dict[str, Any], tmp
         exact_tail = 1.0 - top_lp.double().exp().sum(-1)
         np.testing.assert_allclose(ex["tail_mass"], exact_tail.numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_array_equal(ex["label"], ids[1:])
+        lp1 = _teacher_logprobs(teacher, ids, 1.0)
+        nll -= float(lp1[torch.arange(len(ids) - 1), torch.as_tensor(ids[1:])].double().sum())
+    # the teacher's own cross-entropy (T=1) on the stored tokens, for perplexity comparisons
+    assert sum(s.stats["teacher_nll_sum"] for s in m.shards) == pytest.approx(nll, rel=1e-5)
     assert data.verify_store(tmp_path / "s").ok
 
 
