@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,7 +177,8 @@ class StoreReader:
             dest = root / rel
             if dest.is_file() and dest.stat().st_size == rec.bytes and _cached_ok(dest, rec.sha256):
                 continue
-            tmp = dest.with_name(dest.name + ".part")
+            # unique per process: DataLoader workers may fetch the same shard at once
+            tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
             self.location.download(rel, tmp)
             if tmp.stat().st_size != rec.bytes or sha256_file(tmp) != rec.sha256:
                 tmp.unlink()

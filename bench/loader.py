@@ -1,0 +1,191 @@
+"""Loader throughput: collated batches per second from a local store, on one core, k=32, causal-lm.
+
+    .venv/bin/python bench/loader.py                      # ~1M tokens, zarr and arrow; writes bench/results/loader.json
+    .venv/bin/python bench/loader.py --tokens 262144 --epochs 2
+
+It writes a synthetic but realistic store per backend through the real writer (sequences of 512 tokens;
+ids drawn log-uniformly from a 49,152-id vocabulary, so small ids are frequent, as with BPE; per position 32
+distinct ids with log-probabilities sorted in descending order, a kept mass around 0.83 and its exact tail),
+then times ``StoreDataset`` for whole epochs in the main process, pinned to one core with
+``torch.set_num_threads(1)``. An epoch decodes every shard once (decompression and checks) and collates every
+batch; the time is split into those two parts as well, to show where it goes.
+Target (DESIGN.md): >= 1,000,000 tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data import Manifest, ShardData, StoreWriter, TargetSpec, example_key, open_store
+from data.dataset import StoreDataset, collate
+from data.shard import NDArray
+
+TARGET_TOKENS_PER_S = 1_000_000
+
+
+def log_uniform_ids(rng: np.random.Generator, shape: tuple[int, ...], vocab: int) -> NDArray:
+    """Ids with p(id) ~ 1 / (id + 1): the heavy head of small ids a BPE vocabulary has."""
+    ids: NDArray = (np.exp(rng.random(shape) * np.log(vocab)) - 1).astype(np.int64)
+    return ids.clip(0, vocab - 1)
+
+
+def synthetic_shard(rng: np.random.Generator, rows: int, seq_len: int, k: int, vocab: int) -> ShardData:
+    """One causal-lm shard of ``rows`` sequences: (rows * seq_len,) input ids, (rows * (seq_len - 1), k) targets."""
+    P = rows * (seq_len - 1)
+    input_ids = log_uniform_ids(rng, (rows, seq_len), vocab).astype(np.uint16)
+    # k distinct ids per position: draw, sort, redraw duplicates uniformly, then put them in a random order
+    ids = np.sort(log_uniform_ids(rng, (P, k), vocab), axis=1)
+    dup = np.zeros_like(ids, dtype=bool)
+    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    ids[dup] = rng.integers(0, vocab, int(dup.sum()))
+    ids = np.take_along_axis(ids, np.argsort(rng.random((P, k)), axis=1), axis=1)
+    # log-probs over the full vocabulary, most probable first: a peaked, noisy decay, scaled to the kept mass
+    sharp = rng.lognormal(0.0, 0.5, (P, 1))
+    z = -sharp * np.log1p(np.arange(k)) * 2.0 + rng.gumbel(size=(P, k)) * 0.3
+    z = -np.sort(-z, axis=1)
+    kept = rng.beta(6.0, 1.2, (P, 1))
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True)) + np.log(kept)
+    offsets = np.arange(rows + 1, dtype=np.int64)
+    keys = np.stack([np.frombuffer(example_key(x), dtype=np.uint8) for x in input_ids])
+    return ShardData(
+        input_ids=input_ids.reshape(-1),
+        token_offsets=offsets * seq_len,
+        position_offsets=offsets * (seq_len - 1),
+        target_ids=ids.astype(np.uint16),
+        target_logprobs=logp.astype(np.float16),
+        tail_mass=(1.0 - kept[:, 0]).astype(np.float32),
+        keys=keys,
+    )
+
+
+def write_store(path: Path, backend: str, args: argparse.Namespace) -> None:
+    spec = TargetSpec(method="topk", k=args.k, temperature=1.0, num_classes=args.vocab)
+    manifest = Manifest(
+        backend=backend,
+        task="causal-lm",
+        targets=spec,
+        vocab_size=args.vocab,
+        teacher={"name_or_path": "synthetic"},
+        tokenizer={"vocab_size": args.vocab},
+        dataset={"source": "bench/loader.py synthetic", "max_length": args.seq_len},
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+    rng = np.random.default_rng(0)
+    examples = max(args.tokens // args.seq_len, 1)
+    with StoreWriter(path, manifest) as w:
+        for unit, start in enumerate(range(0, examples, args.shard_size)):
+            rows = min(args.shard_size, examples - start)
+            w.write_shard(unit, synthetic_shard(rng, rows, args.seq_len, args.k, args.vocab))
+        w.finish()
+
+
+def time_backend(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    reader = open_store(path)
+    m = reader.manifest
+    ds = StoreDataset(reader, batch_size=args.batch_size, seed=0, block_shards=args.block_shards)
+    epochs = []
+    for epoch in range(args.epochs):
+        ds.set_epoch(epoch)
+        t0 = time.perf_counter()
+        tokens = sum(int(b["attention_mask"].sum()) for b in ds)
+        epochs.append(time.perf_counter() - t0)
+    assert tokens == m.tokens, (tokens, m.tokens)
+    # where the time goes: decoding every shard once (decompression + checks), then collating from memory
+    t0 = time.perf_counter()
+    shards = [reader.load_shard(s, verify=False) for s in m.shards]
+    decode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for sh in shards:
+        for r0 in range(0, sh.rows, args.batch_size):
+            collate([sh.example(r, m.task) for r in range(r0, min(r0 + args.batch_size, sh.rows))], m.task)
+    collate_s = time.perf_counter() - t0
+    best = min(epochs)
+    return {
+        "tokens": m.tokens,
+        "examples": m.rows,
+        "shards": len(m.shards),
+        "store_bytes": m.bytes,
+        "bytes_per_token": m.bytes / m.tokens,
+        "epoch_seconds": epochs,
+        "tokens_per_s": m.tokens / best,
+        "tokens_per_s_median": m.tokens / float(np.median(epochs)),
+        "decode_tokens_per_s": m.tokens / decode_s,
+        "collate_tokens_per_s": m.tokens / collate_s,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=1 << 20, help="tokens in the synthetic store")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--shard-size", type=int, default=256, help="examples per shard (pipeline label's default)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-shards", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs; the best and the median are reported")
+    p.add_argument("--backends", nargs="+", default=["zarr", "arrow"], choices=["zarr", "arrow"])
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loader.json")
+    args = p.parse_args()
+
+    # one core, honestly: every thread (torch, blosc, zarr's event loop) is pinned to the same CPU
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="kd-bench-loader-") as tmp:
+        for backend in args.backends:
+            path = Path(tmp) / backend
+            write_store(path, backend, args)
+            results[backend] = time_backend(path, args)
+
+    print(f"{'backend':8} {'tokens/s':>12} {'median':>12} {'decode/s':>12} {'collate/s':>12} {'bytes/token':>11}")
+    for backend, r in results.items():
+        print(
+            f"{backend:8} {r['tokens_per_s']:12,.0f} {r['tokens_per_s_median']:12,.0f} "
+            f"{r['decode_tokens_per_s']:12,.0f} {r['collate_tokens_per_s']:12,.0f} {r['bytes_per_token']:11.1f}"
+        )
+    report = {
+        "benchmark": "loader",
+        "what": "collated causal-lm batches from a local store, one core, StoreDataset in the main process",
+        "target_tokens_per_s": TARGET_TOKENS_PER_S,
+        "device": "cpu",
+        "cpu": _cpu_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_name(args.out.name + ".tmp")
+    tmp_out.write_text(json.dumps(report, indent=1) + "\n")
+    tmp_out.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

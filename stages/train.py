@@ -1,0 +1,687 @@
+"""Stage two: train a student from a store of cached soft labels. No teacher is imported, loaded or needed.
+
+    pipeline train --store STORE --student PATH_OR_CONFIG --out RUN_DIR [--loss forward-kl] [--alpha 0.5] ...
+    torchrun --nproc-per-node 2 -m pipeline train ...     # DDP (gloo on CPU, nccl on GPU)
+
+Reads top to bottom: setup (config, distributed, store checks) -> model (student, compatibility with the
+store) -> data (streaming loaders, resumable) -> loop (AdamW, warmup + cosine, accumulation, clipping, bf16
+autocast on GPU, periodic evaluation and checkpoints) -> save (``RUN_DIR/final`` via ``save_pretrained``).
+
+Run directory::
+
+    RUN_DIR/config.json                      the resolved TrainConfig
+    RUN_DIR/metrics.jsonl                    one JSON object per logged step and per evaluation
+    RUN_DIR/loss_curve.png                   training and evaluation loss against step
+    RUN_DIR/checkpoints/step-000100/         model.safetensors, optimizer.safetensors, state.json
+    RUN_DIR/final/                           the student, loadable with AutoModelFor...from_pretrained
+
+Checkpoints hold no pickle: tensors in safetensors, everything else (optimizer hyper-parameters, scheduler
+position, data position, RNG state as a tensor) in JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import data
+
+if TYPE_CHECKING:  # torch loads inside run(), so that `pipeline --help` stays instant
+    import torch
+
+__all__ = ["TrainConfig", "TrainConfigError", "TrainResult", "run"]
+
+LOSSES = ("forward-kl", "reverse-kl", "jsd", "skew-kl", "skew-rkl", "tvd")
+
+
+class TrainConfigError(ValueError):
+    """One or more configuration problems, all listed."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``pipeline train`` needs. Defaults live here and nowhere else."""
+
+    store: str = ""
+    """The soft-label store to train from (path or fsspec URL)."""
+    student: str = ""
+    """Student: a model folder (weights: fine-tune) or a config.json / folder with only a config (fresh model)."""
+    out: str = ""
+    """Run directory for checkpoints, metrics and the final model."""
+    loss: str = "forward-kl"
+    """Soft loss over the k+1 bins: forward-kl, reverse-kl, jsd, skew-kl, skew-rkl, tvd."""
+    beta: float = 0.5
+    """jsd: mixture weight in (0, 1); skew-kl / skew-rkl: skew in [0, 1)."""
+    alpha: float = 0.5
+    """Weight of the soft (distillation) term; 1 - alpha weighs the hard-label cross-entropy."""
+    temperature: float | None = None
+    """Must equal the store's labeling temperature (default: take it from the store)."""
+    tail: str = "bin"
+    """bin: the unbiased k+1-bin loss; renormalise: the usual biased top-k loss, for comparison only."""
+    steps: int | None = None
+    """Optimizer steps (default: derived from --epochs)."""
+    epochs: float = 1.0
+    """Passes over the training examples, used when --steps is not given."""
+    batch_size: int = 8
+    """Examples per micro-batch (per rank)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup: int = 10
+    """Linear warm-up steps, then cosine decay to 10% of the peak."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    eval_store: str | None = None
+    """A separate store for evaluation (default: hold out the last shards of --store)."""
+    eval_fraction: float = 0.1
+    """Fraction of --store's shards held out for evaluation when there is no --eval-store (0 disables)."""
+    eval_every: int = 50
+    """Evaluate every N optimizer steps (and at the end)."""
+    eval_batches: int = 50
+    """At most N batches per evaluation."""
+    save_every: int = 100
+    """Write a checkpoint every N optimizer steps (and at the end)."""
+    log_every: int = 10
+    """Log training metrics every N optimizer steps."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and dropout."""
+    device: str = "auto"
+    """auto (CUDA if available), cpu, cuda, cuda:N."""
+    workers: int = 0
+    """DataLoader worker processes per rank."""
+    resume: bool = False
+    """Continue from the latest checkpoint in --out."""
+    verify: bool = True
+    """Verify the store's checksums before training."""
+    progress: bool | None = None
+    """Show a progress bar (default: when stderr is a terminal)."""
+
+    def validate(self) -> None:
+        """Collect every problem into one error."""
+        p = []
+        for name in ("store", "student", "out"):
+            if not getattr(self, name):
+                p.append(f"--{name} is required")
+        if self.loss not in LOSSES:
+            p.append(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.loss == "jsd" and not 0 < self.beta < 1:
+            p.append(f"--beta must be in (0, 1) for jsd, got {self.beta}")
+        if self.loss.startswith("skew") and not 0 <= self.beta < 1:
+            p.append(f"--beta must be in [0, 1) for {self.loss}, got {self.beta}")
+        if not 0 <= self.alpha <= 1:
+            p.append(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature is not None and not self.temperature > 0:
+            p.append(f"--temperature must be > 0, got {self.temperature}")
+        if self.tail not in ("bin", "renormalise"):
+            p.append(f"--tail must be bin or renormalise, got {self.tail!r}")
+        if self.steps is not None and self.steps < 1:
+            p.append(f"--steps must be >= 1, got {self.steps}")
+        if self.steps is None and not self.epochs > 0:
+            p.append(f"--epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            p.append(f"--lr must be > 0, got {self.lr}")
+        if self.warmup < 0 or self.workers < 0:
+            p.append("--warmup and --workers must be >= 0")
+        if not 0 <= self.eval_fraction < 1:
+            p.append(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if p:
+            raise TrainConfigError("; ".join(p))
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    final_loss: float
+    eval: dict[str, float]
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
+    """Train ``cfg.student`` on ``cfg.store`` into ``cfg.out``."""
+    import torch
+
+    from data.dataset import StoreDataset
+    from stages.models import resolve_device
+
+    cfg.validate()
+    rank, world, device = _setup_distributed(resolve_device(cfg.device))
+    main = rank == 0
+    say = (log or (lambda msg: print(msg, file=sys.stderr))) if main else (lambda msg: None)
+    out = Path(cfg.out)
+    _check_run_dir(out, cfg.resume)
+    store = data.open_store(cfg.store)
+    if cfg.verify:
+        report = data.verify_store(cfg.store)
+        if not report.ok:
+            raise data.CorruptShardError(f"{cfg.store} fails verification: {'; '.join(report.problems)}")
+    m = store.manifest
+    if m.positions == 0:
+        raise TrainConfigError(f"{cfg.store} holds no labelled positions; nothing to train on")
+    temperature = cfg.temperature if cfg.temperature is not None else m.targets.temperature
+    torch.manual_seed(cfg.seed)
+
+    # ---- model
+    student_task = _declared_task(cfg.student)
+    data.check_compatible(m, vocab_size=1 << 32, task=student_task, temperature=temperature)  # before any loading
+    model, tokenizer_dir = _load_student(cfg.student, m)
+    width = _output_width(model, m.task)
+    digest = _student_tokenizer_digest(tokenizer_dir)
+    data.check_compatible(m, vocab_size=width, tokenizer_digest=digest, task=student_task, temperature=temperature)
+    in_rows = int(model.get_input_embeddings().weight.shape[0])
+    if in_rows < m.vocab_size:
+        raise data.IncompatibleStoreError(
+            f"the student's input embeddings have {in_rows} rows but the store's input ids go up to "
+            f"{m.vocab_size - 1}; use a student with at least {m.vocab_size} embedding rows"
+        )
+    model.to(device)
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    # ---- data
+    train_shards, eval_source = _split(cfg, store)
+
+    def train_set(epoch: int, samples_seen: int) -> StoreDataset:
+        return StoreDataset(
+            store,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            epoch=epoch,
+            samples_seen=samples_seen,
+            rank=rank,
+            world_size=world,
+            shards=train_shards,
+        )
+
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    n_train = train_set(0, 0).num_examples
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
+    say(
+        f"student {cfg.student}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
+        f"store {cfg.store}: {n_train:,} training examples, {m.task}, top-{m.targets.k} at T={temperature}; "
+        f"{total_steps} steps of {per_step} examples"
+    )
+
+    # ---- optimizer, schedule, resume
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        foreach=False,  # identical update order on every run: resume must reproduce the same weights
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, total_steps))
+    step, position = 0, {"epoch": 0, "samples_seen": 0}
+    if cfg.resume:
+        ckpt = _latest_checkpoint(out)
+        if ckpt is not None:
+            step, position = _load_checkpoint(ckpt, model, optimizer, scheduler)
+            say(f"resumed from {ckpt} at step {step}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+
+    # ---- loop
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    metrics = _Metrics(out / "metrics.jsonl", main)
+    batches = _batch_stream(train_set, cfg, world, position)
+    bar = _progress(cfg, total_steps, step, main)
+    start = time.perf_counter()
+    last_loss = float("nan")
+    eval_result: dict[str, float] = {}
+    model.train()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        parts_sum: dict[str, float] = {}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch, position = next(batches)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            ctx = ddp_model.no_sync() if (world > 1 and not sync) else _nullcontext()
+            with ctx, autocast:
+                loss, parts = _loss(ddp_model, batch, m.task, cfg, temperature)
+            (loss / cfg.grad_accum).backward()
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value / cfg.grad_accum
+            tokens += int(batch["position_mask"].sum())
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm else 0.0
+        )
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        last_loss = parts_sum.get("loss", float("nan"))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            metrics.write(
+                {
+                    "step": step,
+                    "split": "train",
+                    **parts_sum,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens": tokens * world,
+                    "step_seconds": time.perf_counter() - t0,
+                    **position,
+                }
+            )
+        if eval_source is not None and (step % cfg.eval_every == 0 or step == total_steps):
+            eval_result = evaluate(model, eval_source, cfg, m.task, temperature, device, rank, world)
+            metrics.write({"step": step, "split": "eval", **eval_result})
+            say(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in eval_result.items()))
+            model.train()
+        if main and (step % cfg.save_every == 0 or step == total_steps):
+            _save_checkpoint(out, step, model, optimizer, scheduler, position)
+    bar.close()
+
+    # ---- save
+    seconds = time.perf_counter() - start
+    if main:
+        final = out / "final"
+        model.save_pretrained(final)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(tokenizer_dir, final)
+        _plot(out)
+        say(f"trained {step} steps in {seconds:.1f}s; final loss {last_loss:.4f}; student saved to {final}")
+    if world > 1:
+        torch.distributed.barrier()
+    return TrainResult(out=str(out), steps=step, final_loss=last_loss, eval=eval_result, seconds=seconds)
+
+
+def _setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; initialises torch.distributed when launched by torchrun."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"--out {out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        if (out / "config.json").is_file():
+            raise TrainConfigError(
+                f"--out {out} already holds a run; pass --resume to continue it or choose a new --out"
+            )
+        raise TrainConfigError(f"--out {out} exists and is not empty; choose a new or empty directory")
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def _load_student(student: str, manifest: data.Manifest) -> tuple[Any, Path | None]:
+    """The student model (pretrained weights, or fresh from a config) and the folder of its tokenizer, if any."""
+    import transformers
+
+    from stages.models import AUTO_CLASSES, ModelLoadError
+
+    path = Path(student).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"--student {student} does not exist; pass a model folder or a config.json")
+    cls = getattr(transformers, AUTO_CLASSES[manifest.task])
+    folder = path if path.is_dir() else path.parent
+    has_weights = path.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in path.iterdir())
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    try:
+        if has_weights:
+            model = cls.from_pretrained(path, dtype="float32")
+        else:
+            config_file = path / "config.json" if path.is_dir() else path
+            raw = json.loads(config_file.read_text())
+            config = transformers.AutoConfig.for_model(**raw)
+            if manifest.task == "seq-cls":
+                config.num_labels = manifest.targets.num_classes
+            model = cls.from_config(config)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot load a {manifest.task} student from {student}: {str(e).splitlines()[0]}") from e
+    return model, (folder if has_tokenizer else None)
+
+
+_ARCH_SUFFIXES = {"ForCausalLM": "causal-lm", "ForMaskedLM": "masked-lm", "ForSequenceClassification": "seq-cls"}
+
+
+def _declared_task(student: str) -> str | None:
+    """The task a student's config declares through its ``architectures`` (None when it declares none)."""
+    path = Path(student).expanduser()
+    config = path / "config.json" if path.is_dir() else path
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    tasks = {task for arch in archs for suffix, task in _ARCH_SUFFIXES.items() if str(arch).endswith(suffix)}
+    return tasks.pop() if len(tasks) == 1 else None
+
+
+def _output_width(model: Any, task: str) -> int:
+    from stages.models import output_width
+
+    return output_width(model)
+
+
+def _student_tokenizer_digest(folder: Path | None) -> str | None:
+    if folder is None:
+        return None
+    from stages.models import load_tokenizer, tokenizer_digest
+
+    return tokenizer_digest(load_tokenizer(str(folder)))
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    from stages.models import load_tokenizer
+
+    load_tokenizer(str(src)).save_pretrained(dst)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _split(cfg: TrainConfig, store: data.StoreReader) -> tuple[list[int] | None, Any]:
+    """Training shards of --store, and the evaluation source (a store and its shards), or None."""
+    if cfg.eval_store:
+        ev = data.open_store(cfg.eval_store)
+        if ev.manifest.task != store.manifest.task:
+            raise TrainConfigError(f"--eval-store holds {ev.manifest.task} targets, --store {store.manifest.task}")
+        return None, (ev, None)
+    if cfg.eval_fraction == 0:
+        return None, None
+    n = store.num_shards
+    held = max(1, round(cfg.eval_fraction * n))
+    if n < 2:
+        raise TrainConfigError(
+            f"--store has {n} shard; holding out {cfg.eval_fraction:.0%} of its shards for evaluation needs at least 2: "
+            "pass --eval-store, --eval-fraction 0, or label with a smaller --shard-size"
+        )
+    return list(range(n - held)), (store, list(range(n - held, n)))
+
+
+def _batch_stream(make_dataset: Any, cfg: TrainConfig, world: int, position: dict[str, int]) -> Any:
+    """Endless (batch, position-after-it) pairs across epochs, starting at ``position`` (exact resume).
+
+    Every rank consumes one batch of ``batch_size`` per micro-step, and global example i belongs to rank
+    i % world, so after b batches of an epoch exactly b * batch_size * world global examples are consumed, the
+    same on every rank. The count overshoots only on an epoch's last, partial batch, and the epoch ends there.
+    """
+    import torch
+
+    epoch, seen = position["epoch"], position["samples_seen"]
+    while True:
+        loader = torch.utils.data.DataLoader(make_dataset(epoch, seen), batch_size=None, num_workers=cfg.workers)
+        for batch in loader:
+            seen += cfg.batch_size * world
+            yield batch, {"epoch": epoch, "samples_seen": seen}
+        epoch, seen = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def _loss(
+    model: Any, batch: dict[str, torch.Tensor], task: str, cfg: TrainConfig, temperature: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The distillation loss of one collated batch; returns the loss and its parts for logging."""
+    from stages.losses import hard_ce, kd_loss
+
+    logits, mask = _student_positions(model, batch, task)  # (N, V), (N,) bool
+    mask = mask & (batch["example_weight"] > 0).reshape(-1, *([1] * (batch["position_mask"].dim() - 1))).expand_as(
+        batch["position_mask"]
+    ).reshape(-1)
+    k = batch["target_ids"].shape[-1]
+    tid = batch["target_ids"].reshape(-1, k)[mask]
+    tlp = batch["target_logprobs"].reshape(-1, k)[mask]
+    tail = batch["tail_mass"].reshape(-1)[mask]
+    labels = batch["labels"].reshape(-1)[mask]
+    z = logits[mask].float()
+    if z.shape[0] == 0:  # a rank's padding-only batch: contribute zero, keep DDP in step
+        zero = logits.sum() * 0.0
+        return zero, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+    kd = kd_loss(z, tid, tlp, tail, kind=cfg.loss, temperature=temperature, beta=cfg.beta, tail=cfg.tail)
+    has_labels = labels >= 0
+    ce = hard_ce(z[has_labels], labels[has_labels]) if bool(has_labels.any()) else z.sum() * 0.0
+    loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
+    return loss, {"loss": float(loss.detach()), "kd": float(kd.detach()), "ce": float(ce.detach())}
+
+
+def _student_positions(model: Any, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student logits at the stored positions, flattened: (N, V) and the (N,) mask of real positions.
+
+    causal-lm: logits[:, i] predicts token i+1, the same alignment as the store's position i.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if task == "causal-lm":
+        logits = out[:, :-1]  # (B, L-1, V)
+    elif task == "masked-lm":
+        idx = batch["positions"].unsqueeze(-1).expand(-1, -1, out.shape[-1])
+        logits = out.gather(1, idx)  # (B, P, V)
+    else:
+        logits = out  # (B, C)
+    return logits.reshape(-1, logits.shape[-1]), batch["position_mask"].reshape(-1)
+
+
+def evaluate(
+    model: Any,
+    source: Any,
+    cfg: TrainConfig,
+    task: str,
+    temperature: float,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """Held-out metrics: hard-label loss (and perplexity for LMs, accuracy for classification) and the KD loss."""
+    import torch
+
+    from data.dataset import StoreDataset
+    from stages.losses import kd_loss
+
+    store, shards = source
+    dataset = StoreDataset(store, batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world, shards=shards)
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce_sum, kd_sum, correct, count
+    with torch.no_grad():
+        for i, batch in enumerate(dataset):
+            if i >= cfg.eval_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits, mask = _student_positions(model, batch, task)
+            mask = mask & (batch["labels"].reshape(-1) >= 0)
+            if not bool(mask.any()):
+                continue
+            z = logits[mask].float()
+            labels = batch["labels"].reshape(-1)[mask]
+            k = batch["target_ids"].shape[-1]
+            n = z.shape[0]
+            sums[0] += torch.nn.functional.cross_entropy(z, labels, reduction="sum").double()
+            kd = kd_loss(
+                z,
+                batch["target_ids"].reshape(-1, k)[mask],
+                batch["target_logprobs"].reshape(-1, k)[mask],
+                batch["tail_mass"].reshape(-1)[mask],
+                kind=cfg.loss,
+                temperature=temperature,
+                beta=cfg.beta,
+            )
+            sums[1] += kd.double() * n
+            sums[2] += (z.argmax(-1) == labels).sum().double()
+            sums[3] += n
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    ce_sum, kd_sum, correct, count = (float(x) for x in sums)
+    count = max(count, 1.0)
+    result = {"ce": ce_sum / count, "kd": kd_sum / count, "positions": count}
+    if task == "seq-cls":
+        result["accuracy"] = correct / count
+    else:
+        result["perplexity"] = math.exp(min(ce_sum / count, 50.0))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- schedule, checkpoints
+
+
+def _warmup_cosine(warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _save_checkpoint(
+    out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, position: dict[str, int]
+) -> Path:
+    """Write a checkpoint atomically (temp folder + rename). Safetensors and JSON only: no pickle."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"{pid}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    state = {
+        "step": step,
+        "data_position": position,
+        "param_groups": opt["param_groups"],
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict[str, int]]:
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    state = json.loads((ckpt / "state.json").read_text())
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        opt_state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), dict(state["data_position"])
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+
+
+class _Metrics:
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def _progress(cfg: TrainConfig, total: int, initial: int, main: bool) -> Any:
+    show = main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _plot(out: Path) -> None:
+    """loss_curve.png from metrics.jsonl (skipped, with a note, if matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no loss_curve.png (pip install 'kd-pipeline[plot]')", file=sys.stderr)
+        return
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, key, style in (
+        ("train", "loss", "-"),
+        ("train", "kd", ":"),
+        ("eval", "ce", "o-"),
+        ("eval", "kd", "s--"),
+    ):
+        pts = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=f"{split} {key}", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(out.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,182 @@
+"""Stage two end to end with tiny real models: files written, loss falls, exact resume, no teacher, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import data
+from pipeline.cli import cli
+from stages.label import LabelConfig
+from stages.label import run as label
+from stages.train import TrainConfig, TrainConfigError
+from stages.train import run as train
+from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _student_config(folder: Path, vocab: int, task: str = "causal-lm", layers: int = 1) -> Path:
+    """A fresh student: a folder with only a config.json (and the teacher's tokenizer)."""
+    from transformers import LlamaConfig
+
+    make_tokenizer(folder)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=32, max_position_embeddings=128)
+    cfg.architectures = ["LlamaForSequenceClassification" if task == "seq-cls" else "LlamaForCausalLM"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(cfg.to_json_string())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A teacher, its stores (causal-lm and seq-cls) and a student config, shared by the tests here."""
+    root = tmp_path_factory.mktemp("train")
+    vocab = len(make_tokenizer(root / "tok"))
+    docs = [{"text": s, "label": i % 3} for i, s in enumerate(SENTENCES * 4)]
+    write_jsonl(root / "docs.jsonl", docs)
+    out: dict[str, Any] = {"root": root, "vocab": vocab}
+    for task in ("causal-lm", "seq-cls", "masked-lm"):
+        make_model(root / f"teacher-{task}", task, vocab_size=vocab)
+        label(LabelConfig(teacher=str(root / f"teacher-{task}"), data=str(root / "docs.jsonl"), out=str(root / task),
+                          task=task, top_k=8, temperature=2.0, shard_size=8, label_field="label", mlm_probability=0.3),
+              log=_quiet)
+    out["student"] = _student_config(root / "student", vocab)
+    return out
+
+
+def _cfg(world: dict[str, Any], out: Path, task: str = "causal-lm", **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = {"store": str(world["root"] / task), "student": str(world["student"]), "out": str(out),
+                            "steps": 12, "batch_size": 4, "lr": 3e-3, "warmup": 2, "eval_every": 6,
+                            "save_every": 6, "log_every": 1, "alpha": 0.9}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_causal_lm_end_to_end(world: dict[str, Any], tmp_path: Path) -> None:
+    result = train(_cfg(world, tmp_path / "run", steps=30, save_every=10), log=_quiet)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "loss_curve.png", "checkpoints", "final"}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010", "step-000020", "step-000030"]
+    assert {p.name for p in (run / "checkpoints" / "step-000010").iterdir()} == {
+        "model.safetensors", "optimizer.safetensors", "state.json"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if r["split"] == "train"]
+    assert len(kd) == 30
+    assert sum(kd[-5:]) / 5 < 0.8 * sum(kd[:5]) / 5  # the distillation loss falls
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12, 18, 24, 30] and all(r["perplexity"] > 1 for r in evals)
+    assert evals[-1]["kd"] < evals[0]["kd"]
+    assert result.steps == 30
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert student.config.num_hidden_layers == 1
+    assert len(AutoTokenizer.from_pretrained(run / "final")) == world["vocab"]
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_reaches_the_same_weights(world: dict[str, Any], tmp_path: Path) -> None:
+    """Stopping after a checkpoint and resuming gives bitwise the same weights as not stopping (CPU)."""
+    train(_cfg(world, tmp_path / "a"), log=_quiet)
+    # the state an interrupted run leaves after its step-6 checkpoint
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000012")
+    shutil.rmtree(tmp_path / "b" / "final")
+    logs: list[str] = []
+    train(_cfg(world, tmp_path / "b", resume=True), log=logs.append)
+    assert any("resumed from" in line and "step-000006" in line for line in logs)
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step-000012" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-000012" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_trains_with_the_teacher_deleted(world: dict[str, Any], tmp_path: Path) -> None:
+    teacher = world["root"] / "teacher-causal-lm"
+    moved = tmp_path / "elsewhere"
+    shutil.move(teacher, moved)
+    try:
+        train(_cfg(world, tmp_path / "run", steps=2, eval_every=100), log=_quiet)
+    finally:
+        shutil.move(moved, teacher)
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_seq_cls_and_masked_lm(world: dict[str, Any], tmp_path: Path) -> None:
+    student = _student_config(tmp_path / "cls-student", world["vocab"], task="seq-cls")
+    train(_cfg(world, tmp_path / "cls", task="seq-cls", student=str(student)), log=_quiet)
+    rows = [json.loads(line) for line in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= rows[-1]["accuracy"] <= 1 and "perplexity" not in rows[-1]
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls" / "final").config.num_labels == 3
+    bert = tmp_path / "bert-student"
+    make_model(bert, "masked-lm", vocab_size=world["vocab"], layers=1, hidden=16)
+    train(_cfg(world, tmp_path / "mlm", task="masked-lm", student=str(bert)), log=_quiet)
+    rows = [json.loads(line) for line in (tmp_path / "mlm" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["split"] == "eval" and rows[-1]["perplexity"] > 1
+
+
+def test_iterative_distillation(world: dict[str, Any], tmp_path: Path) -> None:
+    """The saved student teaches the next round."""
+    train(_cfg(world, tmp_path / "run", steps=3, eval_every=100), log=_quiet)
+    label(LabelConfig(teacher=str(tmp_path / "run" / "final"), data=str(world["root"] / "docs.jsonl"),
+                      out=str(tmp_path / "round2"), top_k=4, temperature=2.0), log=_quiet)
+    store = data.open_store(tmp_path / "round2")
+    assert store.manifest.teacher["name_or_path"] == str(tmp_path / "run" / "final")
+    assert data.verify_store(tmp_path / "round2").ok
+    train(_cfg(world, tmp_path / "run2", steps=3, eval_fraction=0.3, store=str(tmp_path / "round2")), log=_quiet)
+    assert (tmp_path / "run2" / "final").is_dir()
+
+
+def _invoke(args: list[str]) -> Any:
+    return CliRunner().invoke(cli, ["train", *args])
+
+
+def test_bad_inputs_give_one_line_errors(world: dict[str, Any], tmp_path: Path) -> None:
+    store = str(world["root"] / "causal-lm")
+    small = tmp_path / "small"
+    _student_config(small, world["vocab"] - 5)
+    shutil.copytree(world["root"] / "causal-lm", tmp_path / "corrupt")
+    victim = max((p for p in (tmp_path / "corrupt" / "shards").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(b"\x00" + victim.read_bytes()[1:])
+    cases = {
+        "labeling temperature 2.0": ["--store", store, "--temperature", "1.0"],
+        "vocabulary rows": ["--store", store, "--student", str(small)],
+        "fails verification": ["--store", str(tmp_path / "corrupt")],
+        "no such store": ["--store", str(tmp_path / "missing")],
+        "the student is causal-lm": ["--store", str(world["root"] / "seq-cls")],
+        "--alpha must be in [0, 1]": ["--store", store, "--alpha", "2"],
+    }
+    for i, (message, args) in enumerate(cases.items()):
+        if "--student" not in args:
+            args = [*args, "--student", str(world["student"])]
+        result = _invoke([*args, "--out", str(tmp_path / f"out{i}"), "--steps", "1"])
+        assert result.exit_code == 1, (message, result.output)
+        assert message in result.output, (message, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / f"out{i}" / "final").exists()
+
+
+def test_empty_store_and_existing_run_dir(world: dict[str, Any], tmp_path: Path) -> None:
+    m = data.open_store(world["root"] / "causal-lm").manifest
+    with data.StoreWriter(tmp_path / "empty", m) as w:
+        w.finish()
+    with pytest.raises(TrainConfigError, match="holds no labelled positions"):
+        train(_cfg(world, tmp_path / "run", store=str(tmp_path / "empty")), log=_quiet)
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "config.json").write_text("{}")
+    with pytest.raises(TrainConfigError, match="pass --resume"):
+        train(_cfg(world, tmp_path / "run2"), log=_quiet)
