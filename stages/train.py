@@ -21,6 +21,7 @@ position, data position, RNG state as a tensor) in JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -181,6 +182,8 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     student_task = _declared_task(cfg.student)
     data.check_compatible(m, vocab_size=1 << 32, task=student_task, temperature=temperature)  # before any loading
     model, tokenizer_dir = _load_student(cfg.student, m)
+    if model.config.pad_token_id is None:  # HF classifiers find each sequence's last token by the pad id
+        model.config.pad_token_id = m.tokenizer.get("pad_token_id") or 0
     width = _output_width(model, m.task)
     digest = _student_tokenizer_digest(tokenizer_dir)
     data.check_compatible(m, vocab_size=width, tokenizer_digest=digest, task=student_task, temperature=temperature)
@@ -261,10 +264,10 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             batch, position = next(batches)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = micro == cfg.grad_accum - 1 or world == 1
-            ctx = ddp_model.no_sync() if (world > 1 and not sync) else _nullcontext()
+            ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, autocast:
                 loss, parts = _loss(ddp_model, batch, m.task, cfg, temperature)
-            (loss / cfg.grad_accum).backward()
+            torch.autograd.backward(loss / cfg.grad_accum)
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / cfg.grad_accum
             tokens += int(batch["position_mask"].sum())
@@ -422,8 +425,8 @@ def _split(cfg: TrainConfig, store: data.StoreReader) -> tuple[list[int] | None,
     held = max(1, round(cfg.eval_fraction * n))
     if n < 2:
         raise TrainConfigError(
-            f"--store has {n} shard; holding out {cfg.eval_fraction:.0%} of its shards for evaluation needs at least 2: "
-            "pass --eval-store, --eval-fraction 0, or label with a smaller --shard-size"
+            f"--store has {n} shard; holding out {cfg.eval_fraction:.0%} of its shards for evaluation needs "
+            "at least 2: pass --eval-store, --eval-fraction 0, or label with a smaller --shard-size"
         )
     return list(range(n - held)), (store, list(range(n - held, n)))
 
@@ -480,7 +483,10 @@ def _student_positions(model: Any, batch: dict[str, torch.Tensor], task: str) ->
 
     causal-lm: logits[:, i] predicts token i+1, the same alignment as the store's position i.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    config = model.module.config if hasattr(model, "module") else model.config
+    # the loader pads with 0; the model must see its own pad id there (classifiers locate the last token by it)
+    input_ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, int(config.pad_token_id or 0))
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
     if task == "causal-lm":
         logits = out[:, :-1]  # (B, L-1, V)
     elif task == "masked-lm":
@@ -549,7 +555,7 @@ def evaluate(
     return result
 
 
-# ---------------------------------------------------------------------------------------------------- schedule, checkpoints
+# ---------------------------------------------------------------------------------------------------- checkpoints
 
 
 def _warmup_cosine(warmup: int, total: int) -> Any:
@@ -567,12 +573,12 @@ def _save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (temp folder + rename). Safetensors and JSON only: no pickle."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_model(model, str(tmp / "model.safetensors"))  # de-duplicates tied weights
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for pid, state in opt["state"].items():
@@ -584,7 +590,7 @@ def _save_checkpoint(
         "step": step,
         "data_position": position,
         "param_groups": opt["param_groups"],
-        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "scheduler": scheduler.state_dict(),  # LambdaLR keeps None for plain-function lambdas: JSON-able
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     if final.exists():
@@ -602,9 +608,9 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict[str, int]]:
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model
 
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    load_model(model, str(ckpt / "model.safetensors"))
     state = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.cpu"))
@@ -629,14 +635,6 @@ class _Metrics:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
 
 
 def _progress(cfg: TrainConfig, total: int, initial: int, main: bool) -> Any:

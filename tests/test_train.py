@@ -30,8 +30,15 @@ def _student_config(folder: Path, vocab: int, task: str = "causal-lm", layers: i
     from transformers import LlamaConfig
 
     make_tokenizer(folder)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=32, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
     cfg.architectures = ["LlamaForSequenceClassification" if task == "seq-cls" else "LlamaForCausalLM"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(cfg.to_json_string())
@@ -48,28 +55,52 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out: dict[str, Any] = {"root": root, "vocab": vocab}
     for task in ("causal-lm", "seq-cls", "masked-lm"):
         make_model(root / f"teacher-{task}", task, vocab_size=vocab)
-        label(LabelConfig(teacher=str(root / f"teacher-{task}"), data=str(root / "docs.jsonl"), out=str(root / task),
-                          task=task, top_k=8, temperature=2.0, shard_size=8, label_field="label", mlm_probability=0.3),
-              log=_quiet)
+        label(
+            LabelConfig(
+                teacher=str(root / f"teacher-{task}"),
+                data=str(root / "docs.jsonl"),
+                out=str(root / task),
+                task=task,
+                top_k=8,
+                temperature=2.0,
+                shard_size=8,
+                label_field="label",
+                mlm_probability=0.3,
+            ),
+            log=_quiet,
+        )
     out["student"] = _student_config(root / "student", vocab)
     return out
 
 
 def _cfg(world: dict[str, Any], out: Path, task: str = "causal-lm", **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = {"store": str(world["root"] / task), "student": str(world["student"]), "out": str(out),
-                            "steps": 12, "batch_size": 4, "lr": 3e-3, "warmup": 2, "eval_every": 6,
-                            "save_every": 6, "log_every": 1, "alpha": 0.9}
+    base: dict[str, Any] = {
+        "store": str(world["root"] / task),
+        "student": str(world["student"]),
+        "out": str(out),
+        "steps": 12,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "warmup": 2,
+        "eval_every": 6,
+        "save_every": 6,
+        "log_every": 1,
+        "alpha": 0.9,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_causal_lm_end_to_end(world: dict[str, Any], tmp_path: Path) -> None:
-    result = train(_cfg(world, tmp_path / "run", steps=30, save_every=10), log=_quiet)
+    result = train(_cfg(world, tmp_path / "run", steps=30, save_every=10, lr=1e-2), log=_quiet)
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "loss_curve.png", "checkpoints", "final"}
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010", "step-000020", "step-000030"]
     assert {p.name for p in (run / "checkpoints" / "step-000010").iterdir()} == {
-        "model.safetensors", "optimizer.safetensors", "state.json"}
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    }
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     kd = [r["kd"] for r in rows if r["split"] == "train"]
     assert len(kd) == 30
@@ -132,8 +163,17 @@ def test_seq_cls_and_masked_lm(world: dict[str, Any], tmp_path: Path) -> None:
 def test_iterative_distillation(world: dict[str, Any], tmp_path: Path) -> None:
     """The saved student teaches the next round."""
     train(_cfg(world, tmp_path / "run", steps=3, eval_every=100), log=_quiet)
-    label(LabelConfig(teacher=str(tmp_path / "run" / "final"), data=str(world["root"] / "docs.jsonl"),
-                      out=str(tmp_path / "round2"), top_k=4, temperature=2.0), log=_quiet)
+    label(
+        LabelConfig(
+            teacher=str(tmp_path / "run" / "final"),
+            data=str(world["root"] / "docs.jsonl"),
+            out=str(tmp_path / "round2"),
+            top_k=4,
+            temperature=2.0,
+            shard_size=8,
+        ),
+        log=_quiet,
+    )
     store = data.open_store(tmp_path / "round2")
     assert store.manifest.teacher["name_or_path"] == str(tmp_path / "run" / "final")
     assert data.verify_store(tmp_path / "round2").ok
@@ -150,7 +190,9 @@ def test_bad_inputs_give_one_line_errors(world: dict[str, Any], tmp_path: Path) 
     small = tmp_path / "small"
     _student_config(small, world["vocab"] - 5)
     shutil.copytree(world["root"] / "causal-lm", tmp_path / "corrupt")
-    victim = max((p for p in (tmp_path / "corrupt" / "shards").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim = max(
+        (p for p in (tmp_path / "corrupt" / "shards").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
     victim.write_bytes(b"\x00" + victim.read_bytes()[1:])
     cases = {
         "labeling temperature 2.0": ["--store", store, "--temperature", "1.0"],
