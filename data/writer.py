@@ -16,23 +16,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from data.backends import shard_relpath, write_shard
-from data.errors import NotAStoreError, StoreExistsError, StoreLockedError
+from data.backends import shard_files, shard_relpath, write_shard
+from data.errors import CorruptShardError, NotAStoreError, StoreExistsError, StoreLockedError
 from data.location import Location, sha256_file
 from data.manifest import FileRecord, Manifest, ShardRecord
 from data.reader import read_manifest
 from data.shard import ShardData
 
-__all__ = ["StoreWriter", "shard_name"]
+__all__ = ["StoreWriter", "differences", "shard_name"]
 
 # Entries a store directory may hold besides its shards and manifest (ours, so an --overwrite may remove them).
-_OWN_ENTRIES = {"manifest.json", "shards", ".staging", ".lock"}
+_OWN_ENTRIES = {"manifest.json", "shards", ".staging", ".lock", ".ranks"}
 
 
 def shard_name(unit: int) -> str:
@@ -80,7 +81,7 @@ class StoreWriter:
         if loc.root_exists() and not loc.is_dir_root():
             raise StoreExistsError(f"{loc} exists and is a file, not a store; choose another output path")
         if entries and "manifest.json" not in entries:
-            if set(entries) <= {".staging", ".lock", "shards"} and not loc.list_shard_entries():
+            if set(entries) <= {".staging", ".lock", "shards", ".ranks"} and not loc.list_shard_entries():
                 entries = []  # an interrupted create of our own, before its first manifest
             else:
                 raise StoreExistsError(
@@ -101,7 +102,7 @@ class StoreWriter:
                     loc.remove(name)
                 loc.makedirs()
             elif existing is not None:
-                diff = _differences(existing.provenance_key(), template.provenance_key())
+                diff = differences(existing.provenance_key(), template.provenance_key())
                 if diff:
                     raise StoreExistsError(
                         f"{loc} already holds a store labelled with a different configuration "
@@ -178,6 +179,35 @@ class StoreWriter:
         self._write_manifest(self.manifest)
         return record
 
+    def adopt_shard(self, source: Location, record: ShardRecord, *, move: bool = False) -> ShardRecord:
+        """Commit a shard of another store (already checked by the caller) under the same name and unit.
+
+        Local to local, the files are copied (or moved) into staging and published like a new shard; any other
+        combination downloads them through a local staging folder.
+        """
+        m = self.manifest
+        if record.path != shard_relpath(m.backend, record.name):
+            raise ValueError(f"{record.name}: path {record.path} does not follow the {m.backend} layout")
+        staging_root = self.location.local(".staging") if self.location.is_local else None
+        if staging_root is not None:
+            staging_root.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging_root, prefix=f"{record.name}-") as tmp:
+            staged = Path(tmp) / record.path.rsplit("/", 1)[-1]
+            if source.is_local and move:
+                os.replace(source.local(record.path), staged)
+            elif source.is_local:
+                src = source.local(record.path)
+                shutil.copytree(src, staged) if src.is_dir() else shutil.copy2(src, staged)
+            else:
+                for rel in shard_files(m.backend, record):
+                    source.download(rel, Path(tmp) / rel.removeprefix("shards/"))
+            if _file_records(staged) != record.files:
+                raise CorruptShardError(f"{record.name}: files changed while being merged")
+            self.location.publish(staged, record.path)
+        self.manifest = m.with_shard(record)
+        self._write_manifest(self.manifest)
+        return record
+
     def finish(self) -> Manifest:
         """Mark the store complete. Readers refuse an incomplete store unless asked to read one."""
         self.manifest = replace(self.manifest, complete=True)
@@ -202,13 +232,13 @@ def _record(path: Path) -> FileRecord:
     return FileRecord(bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted names of the fields where two nested dicts differ."""
     out: list[str] = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{key}.")
+            out += differences(va, vb, f"{prefix}{key}.")
         elif va != vb:
             out.append(f"{prefix}{key}")
     return out

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import data
+from data.location import Location
 from stages.inputs import DataError, Example
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
@@ -99,13 +100,18 @@ class LabelConfig:
     """Seed of the MLM masking."""
     limit: int | None = None
     """Label only the first N examples (after tokenisation and packing)."""
+    num_shards: int = 1
+    """Split the work units over N independent jobs (e.g. a cluster array job); merge with `pipeline merge`."""
+    shard_index: int = 0
+    """Which of the --num-shards parts this job labels (units u with u % num_shards == shard_index)."""
     overwrite: bool = False
     """Delete an existing store at --out and start over."""
     progress: bool | None = None
     """Show a progress bar (default: when stderr is a terminal)."""
 
     # fields that do not change what is written, so they may differ between a run and its resume
-    RUN_ONLY = ("out", "overwrite", "progress")
+    # (num_shards / shard_index choose which units a part holds; the part is recorded in the manifest's dataset)
+    RUN_ONLY = ("out", "overwrite", "progress", "num_shards", "shard_index")
 
     def validate(self) -> None:
         """Collect every problem into one error."""
@@ -134,6 +140,8 @@ class LabelConfig:
             problems.append("--shard-size and --chunk-positions must be >= 1")
         if not 0 < self.mlm_probability < 1:
             problems.append(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            problems.append(f"need 0 <= --shard-index < --num-shards, got {self.shard_index} and {self.num_shards}")
         if self.pack and self.task != "causal-lm":
             problems.append("--pack applies to causal-lm only")
         if self.task == "seq-cls" and self.pack:
@@ -218,12 +226,17 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         provenance, cfg, teacher, tokenizer, width, vocab_rows, fingerprint, str(dtype).removeprefix("torch.")
     )
     units = [examples[i : i + cfg.shard_size] for i in range(0, len(examples), cfg.shard_size)]
+    part, parts, torchrun = _part(cfg)
+    template = _with_part(template, len(examples), len(units), part, parts)
+    target = f"{cfg.out.rstrip('/')}/.ranks/rank-{part:05d}" if torchrun else cfg.out
+    merged = _already_merged(cfg.out, template) if torchrun else set()
+    lock = _job_lock(cfg.out) if torchrun else None
     start = time.perf_counter()
-    with data.StoreWriter(cfg.out, template, overwrite=cfg.overwrite) as writer:
-        done = writer.committed_units
-        todo = [u for u in range(len(units)) if u not in done]
+    with data.StoreWriter(target, template, overwrite=cfg.overwrite) as writer:
+        done = writer.committed_units | merged
+        todo = [u for u in range(len(units)) if u % parts == part and u not in done]
         if done:
-            say(f"resuming {cfg.out}: {len(done)} of {len(units)} shards already committed")
+            say(f"resuming {target}: {len(done)} of {len(units)} shards already committed")
         head = _OutputHead(teacher, cfg)
         progress = _progress(
             cfg, sum(len(units[u]) for u in todo), sum(len(x.input_ids) for u in todo for x in units[u])
@@ -233,6 +246,10 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
                 out.put(u, _label_unit(units[u], cfg, head, tokenizer.pad_token_id, device, progress))
         progress.close()
         manifest = writer.finish()
+    if lock is not None:
+        os.close(lock)  # rank 0 takes the store's exclusive lock to merge
+    if torchrun:
+        manifest = _merge_ranks(cfg.out, parts, part, say)
     seconds = time.perf_counter() - start
     stats = [s.stats for s in manifest.shards]
     kept = sum(s.get("kept_mass_sum", 0.0) for s in stats) / max(1, sum(s.get("count", 0.0) for s in stats))
@@ -257,6 +274,76 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         f"mean kept mass {kept:.3f} (top-{cfg.top_k}, T={cfg.temperature})"
     )
     return result
+
+
+def _part(cfg: LabelConfig) -> tuple[int, int, bool]:
+    """(part index, number of parts, launched by torchrun): torchrun ranks, or --shard-index of --num-shards."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if cfg.num_shards > 1:
+            raise LabelConfigError("use either torchrun or --num-shards/--shard-index, not both")
+        return int(os.environ["RANK"]), world, True
+    return cfg.shard_index, cfg.num_shards, False
+
+
+def _with_part(template: data.Manifest, examples: int, units: int, part: int, parts: int) -> data.Manifest:
+    """Record the dataset's size in units (for merging) and, for a part of a split run, which part it is."""
+    dataset = {**template.dataset, "examples": examples, "units": units}
+    if parts > 1:
+        dataset["part"] = {"index": part, "of": parts}
+    return dataclasses.replace(template, dataset=dataset)
+
+
+def _already_merged(out: str, template: data.Manifest) -> set[int]:
+    """Units already in the merged store of an earlier, interrupted torchrun job with the same configuration."""
+    from data.merge import without_part
+    from data.writer import differences
+
+    try:
+        existing = data.read_manifest(Location(out))
+    except data.StoreError:
+        return set()
+    if differences(existing.provenance_key(), without_part(template).provenance_key()):
+        return set()
+    return {s.unit for s in existing.shards}
+
+
+def _merge_ranks(out: str, world: int, rank: int, say: Any) -> data.Manifest:
+    """Wait for every rank, merge their stores into ``out`` on rank 0, and wait for the merge."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from data.merge import merge_stores
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo", timeout=timedelta(hours=24))  # ranks finish hours apart
+    dist.barrier()
+    ranks = [f"{out.rstrip('/')}/.ranks/rank-{r:05d}" for r in range(world)]
+    if rank == 0:
+        location = Location(out)
+        merge_stores(out, ranks, move=location.is_local, log=say)
+        location.remove(".ranks")
+        say(f"merged {world} ranks into {out}")
+    dist.barrier()
+    return data.read_manifest(Location(out))
+
+
+def _job_lock(out: str) -> int | None:
+    """Ranks of one torchrun job share the store's lock, so an unrelated writer of the same store is refused."""
+    import fcntl
+
+    location = Location(out)
+    if not location.is_local:
+        return None
+    location.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(location.local(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise data.StoreLockedError(f"{out} is being written by another process; wait for it or stop it") from None
+    return fd
 
 
 DEFAULT_CORPUS = "pydoc_data.topics (the Python documentation's topics, shipped with Python)"
