@@ -133,6 +133,20 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
     )
 
 
+@cli.command()
+@click.argument("out")
+@click.argument("parts", nargs=-1, required=True)
+@click.option("--allow-partial", is_flag=True, help="Leave OUT incomplete instead of failing when units are missing.")
+def merge(out: str, parts: tuple[str, ...], allow_partial: bool) -> None:
+    """Merge the stores of `label --num-shards N --shard-index I` jobs (PARTS) into one store OUT."""
+    from data.merge import merge_stores
+
+    with _expected_errors():
+        manifest = merge_stores(out, list(parts), allow_partial=allow_partial, log=click.echo)
+    state = "complete" if manifest.complete else "INCOMPLETE"
+    click.echo(f"{out}: {len(manifest.shards)} shards, {manifest.rows:,} examples, {state}")
+
+
 def _opt(cls: type[Any], name: str, *flags: str, **kw: Any) -> Callable[[Any], Any]:
     """A click option whose default and help come from the stage's config dataclass field."""
     from pipeline.config import default_of, field_help
@@ -174,6 +188,8 @@ def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
         _opt(C, "mlm_probability", type=float),
         _opt(C, "seed", type=int),
         _opt(C, "limit", type=int),
+        _opt(C, "num_shards", type=int),
+        _opt(C, "shard_index", type=int),
         _opt(C, "overwrite", is_flag=True),
         _opt(C, "progress", is_flag=True),
         click.option("--config", type=click.Path(dir_okay=False), help="TOML file with any of these options."),

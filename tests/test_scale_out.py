@@ -1,0 +1,98 @@
+"""Scale-out: label split over independent jobs and merged, and over torchrun ranks (gloo, 2 processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import data
+from pipeline.cli import cli
+from stages.label import LabelConfig
+from stages.label import run as label
+from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("scale")
+    vocab = len(make_tokenizer(root / "tok"))
+    make_model(root / "teacher", "causal-lm", vocab_size=vocab)
+    write_jsonl(root / "docs.jsonl", [{"text": s} for s in SENTENCES * 4])
+    args = {"teacher": str(root / "teacher"), "data": str(root / "docs.jsonl"), "top_k": 4, "shard_size": 5}
+    label(LabelConfig(out=str(root / "single"), **args), log=lambda m: None)
+    return {"root": root, "args": args}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    sa, sb = data.open_store(a), data.open_store(b)
+    assert len(sa) == len(sb) and sa.manifest.complete and sb.manifest.complete
+    assert [s.name for s in sa.manifest.shards] == [s.name for s in sb.manifest.shards]
+    for x, y in zip(sa, sb, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert data.verify_store(b).ok
+    assert "part" not in sb.manifest.dataset
+
+
+def test_independent_jobs_and_merge(setup: dict[str, Any], tmp_path: Path) -> None:
+    parts = []
+    for i in range(3):
+        out = tmp_path / f"part{i}"
+        label(LabelConfig(out=str(out), num_shards=3, shard_index=i, **setup["args"]), log=lambda m: None)
+        m = data.open_store(out).manifest
+        assert m.dataset["part"] == {"index": i, "of": 3} and all(s.unit % 3 == i for s in m.shards)
+        parts.append(str(out))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["merge", str(tmp_path / "partial"), parts[0], parts[2]])
+    assert result.exit_code == 1 and "missing units 1, 4" in result.output
+    result = runner.invoke(cli, ["merge", str(tmp_path / "merged"), *parts])
+    assert result.exit_code == 0, result.output
+    assert_same_store(setup["root"] / "single", tmp_path / "merged")
+    # a part labelled differently is refused
+    label(
+        LabelConfig(out=str(tmp_path / "odd"), num_shards=3, shard_index=1, **{**setup["args"], "top_k": 3}),
+        log=lambda m: None,
+    )
+    result = runner.invoke(cli, ["merge", str(tmp_path / "m2"), parts[0], str(tmp_path / "odd"), parts[2]])
+    assert result.exit_code == 1 and "targets.k" in result.output
+    result = runner.invoke(cli, ["merge", str(tmp_path / "m3"), parts[0], parts[0]])
+    assert result.exit_code == 1 and "is in both" in result.output
+
+
+def test_torchrun_two_ranks_equal_one_process(setup: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "ranked"
+    a = setup["args"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pipeline",
+        "label",
+        "--teacher",
+        a["teacher"],
+        "--data",
+        a["data"],
+        "--top-k",
+        "4",
+        "--shard-size",
+        "5",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / ".ranks").exists()
+    assert_same_store(setup["root"] / "single", out)
