@@ -35,6 +35,7 @@ import numpy as np
 import data
 from data.location import Location
 from stages.inputs import DataError, Example
+from stages.models import OutputHead
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
     import torch
@@ -237,7 +238,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         todo = [u for u in range(len(units)) if u % parts == part and u not in done]
         if done:
             say(f"resuming {target}: {len(done)} of {len(units)} shards already committed")
-        head = _OutputHead(teacher, cfg)
+        head = OutputHead(teacher, cfg.task)
         progress = _progress(
             cfg, sum(len(units[u]) for u in todo), sum(len(x.input_ids) for u in todo for x in units[u])
         )
@@ -448,52 +449,8 @@ def _manifest_template(
     )
 
 
-class _OutputHead:
-    """Teacher logits for selected positions, in chunks: hidden (N, H) -> logits (chunk, V) float32.
-
-    Causal LMs run their backbone once and apply the output head only to real (non-padding) positions, a chunk
-    at a time, so the (batch, seq, V) logits tensor is never built. Models without a separable linear head
-    (masked-lm heads with transforms, classifiers) run their full forward; their logits are small or only a
-    few positions are read.
-    """
-
-    def __init__(self, model: Any, cfg: LabelConfig) -> None:
-        import torch
-
-        self.model = model
-        self.cfg = cfg
-        head = model.get_output_embeddings() if cfg.task == "causal-lm" else None
-        backbone = getattr(model, "base_model", None) if head is not None else None
-        self.split = isinstance(head, torch.nn.Linear) and backbone is not None and backbone is not model
-        self.head: Any = head
-        self.backbone: Any = backbone
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.scale = getattr(model.config, "logit_scale", None)
-
-    def hidden_or_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L, H) hidden states when the head is split off, else (B, L, V) / (B, C) logits."""
-        if self.split:
-            hidden: torch.Tensor = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
-            return hidden
-        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits
-
-    def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """(N, H) hidden or (N, V) logits -> (N, V) float32 logits."""
-        if not self.split:
-            return rows.float()
-        import torch
-
-        z: torch.Tensor = self.head(rows).float()
-        if self.scale:
-            z = z * float(self.scale)
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
-
-
 def _topk_chunked(
-    rows: torch.Tensor, head: _OutputHead, k: int, temperature: float, chunk: int, labels: torch.Tensor | None
+    rows: torch.Tensor, head: OutputHead, k: int, temperature: float, chunk: int, labels: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """Top-k of log softmax(z / T) over the full vocabulary, with the exact tail, for N rows.
 
@@ -549,7 +506,7 @@ def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
 
 
 def _label_unit(
-    unit: list[Example], cfg: LabelConfig, head: _OutputHead, pad_id: int | None, device: torch.device, progress: Any
+    unit: list[Example], cfg: LabelConfig, head: OutputHead, pad_id: int | None, device: torch.device, progress: Any
 ) -> tuple[_RowsToShard, dict[str, float]]:
     """Label one work unit; returns its rows (examples in input order) and summed statistics."""
     import torch
@@ -559,7 +516,7 @@ def _label_unit(
 
 
 def _label_unit_inner(
-    unit: list[Example], cfg: LabelConfig, head: _OutputHead, pad_id: int | None, device: torch.device, progress: Any
+    unit: list[Example], cfg: LabelConfig, head: OutputHead, pad_id: int | None, device: torch.device, progress: Any
 ) -> tuple[_RowsToShard, dict[str, float]]:
     import torch
 

@@ -71,13 +71,20 @@ TAIL_MODES = ("bin", "renormalise")
 # holding float32 eps, the resolution the tail was measured at: the loss stays finite, and the student is still
 # pushed hard to empty that bin, instead of one row turning the whole batch's gradient into NaN.
 _LOG_EMPTY_BIN = math.log(torch.finfo(torch.float32).eps)
+# Below this student tail mass, log(1 - kept) loses relative precision in float32 (kept-mass rounding grows
+# with the logits' scale, ~1e-6 absolute): such rows get the exact masked logsumexp instead.
+_PRECISE_TAIL = 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------- bins
 
 
 def student_bins(
-    student_logits: Tensor, target_ids: Tensor, target_mask: Tensor | None, temperature: float
+    student_logits: Tensor,
+    target_ids: Tensor,
+    target_mask: Tensor | None,
+    temperature: float,
+    lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The student's k+1 bins at temperature T, in log space.
 
@@ -87,29 +94,47 @@ def student_bins(
         target_mask: (N, K) bool or None: True = a real slot; False = a padding slot of a ragged row (its id is
             ignored, whatever it holds). None: every slot is real.
         temperature: T > 0.
+        lse: (N,) float32 or None: logsumexp(student_logits / T) over V, when the caller already has it (the
+            hard-label cross-entropy at T = 1 needs the same one).
 
     Returns:
         log_q_kept: (N, K) float32: log softmax(student_logits / T) at the kept ids; -inf on masked slots.
         log_q_tail: (N,) float32: log of the student's mass on every id that is not among the row's valid kept
-            ids; -inf where those ids cover the whole vocabulary. Computed as logsumexp over the unkept ids minus
-            the full logsumexp, so it stays accurate when the tail is far below float32 eps.
+            ids; -inf where those ids cover the whole vocabulary.
+
+    The tail costs O(N K) where it is large: log(1 - sum of the kept probabilities), whose float32 rounding
+    (~1e-7 absolute) is negligible against a tail above ``_PRECISE_TAIL``. Rows with a smaller tail (a confident
+    student) get the exact value, logsumexp over the unkept ids minus the full logsumexp, computed on those
+    rows only, so it stays accurate far below float32 eps without a second pass over every (N, V) logit.
     """
     ids, mask = _ids_and_mask(target_ids, target_mask)
-    z = student_logits.float() / temperature  # (N, V) float32: bf16 logits lose too much in the tail sums
-    lse = torch.logsumexp(z, dim=-1)  # (N,)
+    z = student_logits.float()  # (N, V) float32: bf16 logits lose too much in the tail sums
+    if temperature != 1.0:
+        z = z / temperature
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1)  # (N,)
     log_q_kept = (z.gather(1, ids) - lse[:, None]).masked_fill(~mask, -math.inf)  # (N, K)
+    kept_mass = log_q_kept.exp().sum(dim=-1)  # (N,)
+    log_q_tail = torch.log1p(-kept_mass.clamp(max=1.0 - _PRECISE_TAIL))  # (N,), exact enough above the bound
+    precise = (1.0 - kept_mass.detach()) < _PRECISE_TAIL
+    if bool(precise.any()):
+        rows = precise.nonzero()[:, 0]
+        log_q_tail = log_q_tail.index_put((rows,), _exact_tail(z[rows], ids[rows], mask[rows], lse[rows]))
+    return log_q_kept, log_q_tail
 
+
+def _exact_tail(z: Tensor, ids: Tensor, mask: Tensor, lse: Tensor) -> Tensor:
+    """log of the mass outside the valid kept ids, as logsumexp over the unkept logits - lse: (R, V) -> (R,)."""
     # kept[n, v]: v is a valid kept id of row n. Padding slots write into a spare column V, so a junk id that
     # repeats a real one cannot clear it; bool, not int, because this is as large as the logits.
     n, v = z.shape
-    slots = torch.where(mask, ids, v)  # (N, K)
-    kept = torch.zeros(n, v + 1, dtype=torch.bool, device=z.device).scatter_(1, slots, True)[:, :v]  # (N, V)
-    covered = kept.all(dim=-1)  # (N,): no tail bin at all
+    slots = torch.where(mask, ids, v)  # (R, K)
+    kept = torch.zeros(n, v + 1, dtype=torch.bool, device=z.device).scatter_(1, slots, True)[:, :v]  # (R, V)
+    covered = kept.all(dim=-1)  # (R,): no tail bin at all
     # Rows whose ids cover everything keep finite logits here: a logsumexp over all -inf has a NaN gradient even
     # where its value is discarded below.
-    lse_tail = torch.logsumexp(z.masked_fill(kept & ~covered[:, None], -math.inf), dim=-1)  # (N,)
-    log_q_tail = torch.where(covered, -math.inf, lse_tail - lse)
-    return log_q_kept, log_q_tail
+    lse_tail = torch.logsumexp(z.masked_fill(kept & ~covered[:, None], -math.inf), dim=-1)  # (R,)
+    return torch.where(covered, -math.inf, lse_tail - lse)
 
 
 def teacher_bins(target_logprobs: Tensor, tail_mass: Tensor, target_mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -185,6 +210,7 @@ def kd_loss(
     position_mask: Tensor | None = None,
     target_mask: Tensor | None = None,
     tail: str = "bin",
+    student_lse: Tensor | None = None,
 ) -> Tensor:
     """The distillation loss against cached soft targets, over the k+1 bins.
 
@@ -209,6 +235,7 @@ def kd_loss(
         target_mask: (N, K) bool or None: False = a padding slot of a ragged row. None: all slots real.
         tail: "bin" (default): the k+1 bins, unbiased to the tail. "renormalise": the usual biased baseline,
             renormalise BOTH teacher and student over the kept ids and drop the tail; for comparison only.
+        student_lse: (N,) float32 or None: logsumexp(student_logits / T), if the caller already computed it.
 
     Returns:
         () float32 scalar: the loss, T^2 * mean over valid positions. 0 (still attached to the graph) when no
@@ -229,11 +256,12 @@ def kd_loss(
             tail_mass[position_mask],
         )
         target_mask = target_mask[position_mask] if target_mask is not None else None
+        student_lse = student_lse[position_mask] if student_lse is not None else None
     if student_logits.shape[0] == 0:
         return student_logits.float().sum() * 0.0
     _check_id_range(target_ids, target_mask, student_logits.shape[1])
 
-    log_q_kept, log_q_tail = student_bins(student_logits, target_ids, target_mask, temperature)
+    log_q_kept, log_q_tail = student_bins(student_logits, target_ids, target_mask, temperature, student_lse)
     log_p_kept, log_p_tail = teacher_bins(target_logprobs, tail_mass, target_mask)
     if tail == "bin":
         log_p_tail = log_p_tail.masked_fill(torch.isneginf(log_q_tail), -math.inf)  # no tail bin: ids cover V
@@ -276,6 +304,8 @@ def hard_ce(student_logits: Tensor, labels: Tensor, position_mask: Tensor | None
         raise ValueError(f"labels must be < the number of classes {c}, got max {int(labels[valid].max())}")
     if not bool(valid.any()):
         return student_logits.float().sum() * 0.0
+    if bool(valid.all()):  # no (N, C) copy for the common case
+        return F.cross_entropy(student_logits.float(), labels.long())
     return F.cross_entropy(student_logits[valid].float(), labels[valid].long())
 
 
@@ -312,6 +342,20 @@ def distill_loss(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (1 = soft targets only, 0 = hard labels only), got {alpha}")
+    if temperature == 1.0 and student_logits.dim() == 2 and labels.shape == student_logits.shape[:1]:
+        return _distill_shared(
+            student_logits,
+            target_ids,
+            target_logprobs,
+            tail_mass,
+            labels,
+            alpha=alpha,
+            kind=kind,
+            beta=beta,
+            position_mask=position_mask,
+            target_mask=target_mask,
+            tail=tail,
+        )
     kd = kd_loss(
         student_logits,
         target_ids,
@@ -325,6 +369,54 @@ def distill_loss(
         tail=tail,
     )
     ce = hard_ce(student_logits, labels, position_mask)
+    loss = alpha * kd + (1.0 - alpha) * ce
+    return loss, {"loss": float(loss.detach()), "kd": float(kd.detach()), "ce": float(ce.detach())}
+
+
+def _distill_shared(
+    student_logits: Tensor,
+    target_ids: Tensor,
+    target_logprobs: Tensor,
+    tail_mass: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    kind: str,
+    beta: float,
+    position_mask: Tensor | None,
+    target_mask: Tensor | None,
+    tail: str,
+) -> tuple[Tensor, dict[str, float]]:
+    """distill_loss at T = 1: the soft and the hard term share one logsumexp over the vocabulary.
+
+    At T = 1 both terms need logsumexp(z) over (N, V); computing it once makes the whole distillation loss cost
+    about what the hard-label cross-entropy alone costs (the kept ids and the tail are O(N K)).
+    """
+    z = student_logits.float()  # (N, V)
+    lse = torch.logsumexp(z, dim=-1)  # (N,)
+    kd = kd_loss(
+        z,
+        target_ids,
+        target_logprobs,
+        tail_mass,
+        kind=kind,
+        temperature=1.0,
+        beta=beta,
+        position_mask=position_mask,
+        target_mask=target_mask,
+        tail=tail,
+        student_lse=lse,
+    )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    valid = labels >= 0
+    if position_mask is not None:
+        valid = valid & position_mask
+    if bool((labels[valid] >= z.shape[1]).any()):
+        raise ValueError(f"labels must be < the number of classes {z.shape[1]}, got max {int(labels[valid].max())}")
+    safe = labels.long().clamp_min(0)[:, None]
+    nll = (lse - z.gather(1, safe)[:, 0]) * valid  # (N,)
+    ce = nll.sum() / valid.sum().clamp_min(1)
     loss = alpha * kd + (1.0 - alpha) * ce
     return loss, {"loss": float(loss.detach()), "kd": float(kd.detach()), "ce": float(ce.detach())}
 

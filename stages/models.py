@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "AUTO_CLASSES",
     "ModelLoadError",
+    "OutputHead",
     "load_model",
     "load_tokenizer",
     "output_width",
@@ -148,3 +149,43 @@ def weights_digest(name: str, gguf_file: str | None = None) -> str | None:
             while block := fh.read(1 << 22):
                 h.update(block)
     return h.hexdigest()
+
+
+class OutputHead:
+    """Logits at selected positions only: hidden (N, H) -> logits (N, V) float32.
+
+    Causal LMs run their backbone once and apply the output head only to the positions that matter (real, not
+    padding; in chunks when labeling), so the (batch, seq, V) logits tensor is never built. Models without a
+    separable linear head
+    (masked-lm heads with transforms, classifiers) run their full forward; their logits are small or only a
+    few positions are read.
+    """
+
+    def __init__(self, model: Any, task: str) -> None:
+        self.model = model
+        head = model.get_output_embeddings() if task == "causal-lm" else None
+        backbone = getattr(model, "base_model", None) if head is not None else None
+        self.split = isinstance(head, torch.nn.Linear) and backbone is not None and backbone is not model
+        self.head: Any = head
+        self.backbone: Any = backbone
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.scale = getattr(model.config, "logit_scale", None)
+
+    def hidden_or_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) hidden states when the head is split off, else (B, L, V) / (B, C) logits."""
+        if self.split:
+            hidden: torch.Tensor = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
+            return hidden
+        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, H) hidden or (N, V) logits -> (N, V) float32 logits."""
+        if not self.split:
+            return rows.float()
+        z: torch.Tensor = self.head(rows).float()
+        if self.scale:
+            z = z * float(self.scale)
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z

@@ -194,10 +194,11 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             f"{m.vocab_size - 1}; use a student with at least {m.vocab_size} embedding rows"
         )
     model.to(device)
-    ddp_model = model
+    net = _at_positions(model, m.task)
+    ddp_model = net
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            net, device_ids=[device.index] if device.type == "cuda" else None
         )
 
     # ---- data
@@ -293,7 +294,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
                 }
             )
         if eval_source is not None and (step % cfg.eval_every == 0 or step == total_steps):
-            eval_result = evaluate(model, eval_source, cfg, m.task, temperature, device, rank, world)
+            eval_result = evaluate(net, eval_source, cfg, m.task, temperature, device, rank, world)
             metrics.write({"step": step, "split": "eval", **eval_result})
             say(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in eval_result.items()))
             model.train()
@@ -456,45 +457,79 @@ def _loss(
     model: Any, batch: dict[str, torch.Tensor], task: str, cfg: TrainConfig, temperature: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The distillation loss of one collated batch; returns the loss and its parts for logging."""
-    from stages.losses import hard_ce, kd_loss
+    from stages.losses import distill_loss
 
-    logits, mask = _student_positions(model, batch, task)  # (N, V), (N,) bool
-    mask = mask & (batch["example_weight"] > 0).reshape(-1, *([1] * (batch["position_mask"].dim() - 1))).expand_as(
-        batch["position_mask"]
-    ).reshape(-1)
-    k = batch["target_ids"].shape[-1]
-    tid = batch["target_ids"].reshape(-1, k)[mask]
-    tlp = batch["target_logprobs"].reshape(-1, k)[mask]
-    tail = batch["tail_mass"].reshape(-1)[mask]
-    labels = batch["labels"].reshape(-1)[mask]
-    z = logits[mask].float()
+    select = _selected(batch, task)  # (B, P) bool: real positions of examples that count
+    z = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))  # (N, V)
     if z.shape[0] == 0:  # a rank's padding-only batch: contribute zero, keep DDP in step
-        zero = logits.sum() * 0.0
+        zero = z.sum() * 0.0
         return zero, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-    kd = kd_loss(z, tid, tlp, tail, kind=cfg.loss, temperature=temperature, beta=cfg.beta, tail=cfg.tail)
-    has_labels = labels >= 0
-    ce = hard_ce(z[has_labels], labels[has_labels]) if bool(has_labels.any()) else z.sum() * 0.0
-    loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
-    return loss, {"loss": float(loss.detach()), "kd": float(kd.detach()), "ce": float(ce.detach())}
+    k = batch["target_ids"].shape[-1]
+    tid = batch["target_ids"].reshape(-1, k)[select.reshape(-1)]
+    tlp = batch["target_logprobs"].reshape(-1, k)[select.reshape(-1)]
+    tail = batch["tail_mass"].reshape(-1)[select.reshape(-1)]
+    labels = batch["labels"].reshape(-1)[select.reshape(-1)]
+    return distill_loss(
+        z,
+        tid,
+        tlp,
+        tail,
+        labels,
+        alpha=cfg.alpha,
+        kind=cfg.loss,
+        temperature=temperature,
+        beta=cfg.beta,
+        tail=cfg.tail,
+    )
 
 
-def _student_positions(model: Any, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student logits at the stored positions, flattened: (N, V) and the (N,) mask of real positions.
+def _selected(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """(B, P) bool (seq-cls: (B,)): the positions whose targets count, i.e. real ones of weighted examples."""
+    weight = batch["example_weight"] > 0  # (B,): a rank's lockstep stand-in example has weight 0
+    mask = batch["position_mask"]
+    return mask & weight.reshape(-1, *([1] * (mask.dim() - 1)))
 
-    causal-lm: logits[:, i] predicts token i+1, the same alignment as the store's position i.
+
+def _at_positions(model: Any, task: str) -> Any:
+    """The student as a module that returns logits only at the selected positions: (N, V) float32.
+
+    A causal LM runs its backbone once and applies its output head to the selected (N, H) hidden states only, so
+    the (B, L, V) logits are never built; other students run their full forward and are indexed. An
+    ``nn.Module``, so that DDP can wrap it; its parameters are the student's.
     """
-    config = model.module.config if hasattr(model, "module") else model.config
-    # the loader pads with 0; the model must see its own pad id there (classifiers locate the last token by it)
-    input_ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, int(config.pad_token_id or 0))
-    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
-    if task == "causal-lm":
-        logits = out[:, :-1]  # (B, L-1, V)
-    elif task == "masked-lm":
-        idx = batch["positions"].unsqueeze(-1).expand(-1, -1, out.shape[-1])
-        logits = out.gather(1, idx)  # (B, P, V)
-    else:
-        logits = out  # (B, C)
-    return logits.reshape(-1, logits.shape[-1]), batch["position_mask"].reshape(-1)
+    import torch
+
+    from stages.models import OutputHead
+
+    class _AtPositions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.head = OutputHead(model, task)
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            select: torch.Tensor,
+            positions: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            # the loader pads with 0; the model must see its own pad id there (classifiers locate the last
+            # token by it)
+            pad = int(model.config.pad_token_id or 0)
+            input_ids = input_ids.masked_fill(attention_mask == 0, pad)
+            out = self.head.hidden_or_logits(input_ids, attention_mask)  # (B, L, H) or (B, L, V) or (B, C)
+            if task == "causal-lm":
+                rows = out[:, :-1][select]  # position i predicts token i + 1
+            elif task == "masked-lm":
+                assert positions is not None
+                idx = positions.unsqueeze(-1).expand(-1, -1, out.shape[-1])
+                rows = out.gather(1, idx)[select]  # (N, V)
+            else:
+                rows = out[select]  # (N, C)
+            return self.head.logits(rows)  # (N, V) float32
+
+    return _AtPositions()
 
 
 def evaluate(
@@ -522,11 +557,11 @@ def evaluate(
             if i >= cfg.eval_batches:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits, mask = _student_positions(model, batch, task)
-            mask = mask & (batch["labels"].reshape(-1) >= 0)
-            if not bool(mask.any()):
+            select = _selected(batch, task) & (batch["labels"] >= 0)
+            if not bool(select.any()):
                 continue
-            z = logits[mask].float()
+            mask = select.reshape(-1)
+            z = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))
             labels = batch["labels"].reshape(-1)[mask]
             k = batch["target_ids"].shape[-1]
             n = z.shape[0]
