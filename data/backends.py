@@ -5,9 +5,9 @@ writes, so there is never a read-modify-write that a second writer could race (o
 
 Zarr: a shard is a Zarr v3 group; each column is one array stored with the sharding codec, so each column is
 a single object on disk (cheap to checksum, to upload, and to list) that still holds inner chunks a reader
-can fetch alone. Columns are compressed with Blosc(zstd) with byte shuffle: ids cluster at low values (BPE
-vocabularies give frequent tokens small ids) and float16 log-probs share sign and exponent bits, so the
-shuffled high bytes compress well.
+can fetch alone. Each column's codecs are chosen in ``data.codecs.zarr_codecs`` (zstd for ids; k-major
+transpose + byte-shuffled blosc/zstd for the delta-coded log-probs) and are all Zarr v3 codecs recorded in the
+array's ``zarr.json``; the log-prob column's encoding itself is recorded in the manifest (``targets.encoding``).
 
 Arrow: a shard is one IPC file with one row per example and list columns (``input_ids: large_list<uint16>``,
 ``target_ids: large_list<fixed_size_list<uint16>[K]>``, ...), readable by pyarrow, polars, DuckDB and HF
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from data.codecs import zarr_codecs
 from data.errors import CorruptShardError, ManifestError
 from data.manifest import FileRecord, ShardRecord
 from data.shard import COLUMNS, NDArray, ShardData
@@ -73,14 +74,6 @@ def read_shard(backend: str, path: Path) -> ShardData:
 # ---------------------------------------------------------------- zarr
 
 
-def _compressor(arr: NDArray) -> Any:
-    from zarr.codecs import BloscCodec
-
-    if arr.dtype == np.uint8:  # content keys are random bytes: shuffling or hard work buys nothing
-        return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle", typesize=1)
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=arr.dtype.itemsize)
-
-
 def _write_zarr(path: Path, data: ShardData, attrs: dict[str, Any]) -> None:
     import zarr
     from zarr.storage import LocalStore
@@ -90,12 +83,14 @@ def _write_zarr(path: Path, data: ShardData, attrs: dict[str, Any]) -> None:
         n = max(int(arr.shape[0]), 1)
         inner = min(n, _INNER_CHUNK)
         outer = -(-n // inner) * inner  # the sharding codec wants whole inner chunks per shard
+        filters, compressors = zarr_codecs(name, arr)
         group.create_array(
             name=name,
             data=arr,
             chunks=(inner, *arr.shape[1:]),
             shards=(outer, *arr.shape[1:]),
-            compressors=[_compressor(arr)],
+            filters=filters,
+            compressors=compressors,
             fill_value=0,
         )
 

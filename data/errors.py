@@ -17,6 +17,7 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StoreWriteError",
     "UnsupportedFormatError",
 ]
 
@@ -59,3 +60,7 @@ class CorruptShardError(StoreError, OSError):
 
 class IncompatibleStoreError(StoreError, ValueError):
     """The store cannot be used with the given student (vocabulary, tokenizer, task or temperature)."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """Writing to the store failed (disk full, a remote write error); committed shards and the manifest are intact."""

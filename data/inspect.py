@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from data.manifest import Manifest
 from data.reader import StoreReader
 
 __all__ = ["summarize"]
@@ -20,6 +21,18 @@ def _bin_entropy(logprobs: np.ndarray[Any, Any], tail: np.ndarray[Any, Any]) -> 
         tail_term = np.where(t > 0, -t * np.log(np.where(t > 0, t, 1.0)), 0.0)
     entropy: np.ndarray[Any, Any] = -(p * lp).sum(axis=1) + tail_term
     return entropy
+
+
+def _column_bytes(m: Manifest, positions: int) -> dict[str, float] | None:
+    """Zarr stores: bytes of each column's data files, and of all ``zarr.json`` files ("metadata"), per position."""
+    if m.backend != "zarr" or not positions:
+        return None
+    out: dict[str, float] = {}
+    for shard in m.shards:
+        for rel, rec in shard.files.items():
+            key = "metadata" if rel.rsplit("/", 1)[-1] == "zarr.json" else rel.split("/", 1)[0]
+            out[key] = out.get(key, 0.0) + rec.bytes
+    return {k: v / positions for k, v in sorted(out.items())}
 
 
 def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, Any]:
@@ -40,6 +53,8 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
     kept_all = np.concatenate(kept) if kept else np.zeros(0)
     ent_all = np.concatenate(entropy) if entropy else np.zeros(0)
     exact = [s.stats for s in m.shards if "entropy_sum" in s.stats]
+    lossy = [s.stats for s in m.shards if "kl_sum" in s.stats]
+    lossy_count = sum(s.get("count", 0.0) for s in lossy)
 
     def dist(x: np.ndarray[Any, Any]) -> dict[str, float | None]:
         if not x.size:
@@ -73,6 +88,13 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
         "bytes": m.bytes,
         f"bytes_per_{unit}": (m.bytes / m.positions) if m.positions else None,
         "bytes_per_input_token": (m.bytes / m.tokens) if m.tokens else None,
+        f"column_bytes_per_{unit}": _column_bytes(m, m.positions),
+        # q8 stores: KL(exact || stored) over the k+1 bins, measured by the writer on the unquantised values
+        "encoding_kl": (
+            {"mean": sum(s["kl_sum"] for s in lossy) / lossy_count, "max": max(s["kl_max"] for s in lossy)}
+            if lossy and lossy_count and all("kl_max" in s for s in lossy)
+            else None
+        ),
         "kept_mass": dist(kept_all),
         "bin_entropy": dist(ent_all),
         "teacher_entropy_mean": (

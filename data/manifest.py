@@ -18,6 +18,7 @@ from typing import Any
 from data.errors import ManifestError, UnsupportedFormatError
 
 __all__ = [
+    "ENCODINGS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "ID_DTYPES",
@@ -28,6 +29,7 @@ __all__ = [
     "Manifest",
     "ShardRecord",
     "TargetSpec",
+    "default_encoding",
     "id_dtype_for",
 ]
 
@@ -37,8 +39,12 @@ FORMAT_VERSION = 1
 # task -> granularity of the stored distributions
 TASKS: dict[str, str] = {"causal-lm": "token", "masked-lm": "token", "seq-cls": "example"}
 METHODS = ("topk",)
-# float16 keeps log-probs ~16x more precisely than bfloat16 for the same 2 bytes; float32 is exact.
-VALUE_DTYPES = ("float16", "float32")
+# float16 keeps log-probs ~16x more precisely than bfloat16 for the same 2 bytes; float32 is exact; "q8" is the
+# documented lossy option: 8-bit codes on a 1/16-nat grid, decoded to float32 (see data/codecs.py).
+VALUE_DTYPES = ("float16", "float32", "q8")
+# How the target_logprobs column is stored (data/codecs.py): "plain" values (every store written before this
+# field existed), "delta" (lossless: float bit patterns delta-coded along k) or "q8" (the codes of q8 values).
+ENCODINGS = ("plain", "delta", "q8")
 ID_DTYPES = ("uint16", "uint32")
 BACKENDS = ("zarr", "arrow")
 
@@ -50,6 +56,14 @@ _MAX_FILES_PER_SHARD = 256
 _SHARD_PATH = re.compile(r"^shards/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FILE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def default_encoding(backend: str, value_dtype: str) -> str:
+    """The encoding an "auto" spec gets: q8 values as q8 codes; float values delta-coded (lossless) on zarr and
+    plain on arrow, the interchange format, so that pyarrow, polars and DuckDB read real log-probabilities."""
+    if value_dtype == "q8":
+        return "q8"
+    return "delta" if backend == "zarr" else "plain"
 
 
 def id_dtype_for(vocab_size: int) -> str:
@@ -100,8 +114,11 @@ class TargetSpec:
         temperature: the labeling temperature T; log-probs are log softmax(logits / T) over the full vocabulary.
         num_classes: size of the distribution's support: the teacher's logit width (vocabulary including padded
             embedding rows) for LMs, the number of classes for classification. Every stored id is below it.
-        value_dtype: dtype of the stored log-probabilities.
+        value_dtype: precision of the stored log-probabilities: "float16", "float32", or "q8" (lossy 8-bit codes,
+            read back as float32).
         id_dtype: dtype of the stored ids (and of the input ids), the narrowest that holds them.
+        encoding: how the target_logprobs column is stored, one of ENCODINGS (see data/codecs.py); "auto" lets
+            the writer choose for its backend (never written to a manifest). Absent in a manifest: "plain".
     """
 
     method: str
@@ -110,6 +127,18 @@ class TargetSpec:
     num_classes: int
     value_dtype: str = "float16"
     id_dtype: str = "uint16"
+    encoding: str = "auto"
+
+    @property
+    def logprob_dtype(self) -> str:
+        """The dtype of the log-probs in memory (what writers take and readers return): float32 for q8."""
+        return "float32" if self.value_dtype == "q8" else self.value_dtype
+
+    def resolved(self, backend: str) -> TargetSpec:
+        """This spec with an "auto" encoding replaced by :func:`default_encoding` for ``backend``."""
+        if self.encoding != "auto":
+            return self
+        return replace(self, encoding=default_encoding(backend, self.value_dtype))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +153,13 @@ class TargetSpec:
             num_classes=_count(d, "num_classes", w, _MAX_VOCAB),
             value_dtype=_choice(d, "value_dtype", w, VALUE_DTYPES),
             id_dtype=_choice(d, "id_dtype", w, ID_DTYPES),
+            encoding=_choice(d, "encoding", w, ENCODINGS) if "encoding" in d else "plain",
         )
+        if (spec.value_dtype == "q8") != (spec.encoding == "q8"):
+            raise ManifestError(
+                f"manifest: targets.encoding={spec.encoding!r} does not fit value_dtype={spec.value_dtype!r} "
+                "(q8 values are stored, and only stored, in the q8 encoding)"
+            )
         if spec.k < 1 or spec.k > spec.num_classes:
             raise ManifestError(f"manifest: targets.k={spec.k} must be in [1, num_classes={spec.num_classes}]")
         if not spec.temperature > 0:
@@ -270,11 +305,14 @@ class Manifest:
         return replace(self, shards=tuple(sorted([*kept, shard], key=lambda s: (s.unit, s.name))))
 
     def provenance_key(self) -> dict[str, Any]:
-        """The fields that must match for a run to resume into (or merge with) this store."""
+        """The fields that must match for a run to resume into (or merge with) this store.
+
+        An "auto" encoding counts as the backend's default, so a template compares equal to the store it made.
+        """
         return {
             "backend": self.backend,
             "task": self.task,
-            "targets": self.targets.to_dict(),
+            "targets": self.targets.resolved(self.backend).to_dict(),
             "vocab_size": self.vocab_size,
             "teacher": self.teacher,
             "tokenizer": self.tokenizer,

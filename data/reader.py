@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from data.backends import read_shard, shard_files
+from data.codecs import decode_shard
 from data.errors import (
     CorruptShardError,
     IncompatibleStoreError,
@@ -159,7 +160,8 @@ class StoreReader:
             check_files(self.location, record.name, files, verify=verify)
         else:
             root = self._fetch(record.name, files)
-        data = read_shard(m.backend, root / record.path)
+        # the one place a stored log-prob encoding is inverted (data/codecs.py); it checks the stored dtype first
+        data = decode_shard(m.targets, read_shard(m.backend, root / record.path), record.name)
         counts = (data.rows, data.tokens, data.num_positions)
         if counts != (record.rows, record.tokens, record.positions):
             raise CorruptShardError(

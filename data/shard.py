@@ -56,7 +56,9 @@ class ShardData:
         token_offsets: (R + 1,) int64: example r's tokens are ``input_ids[token_offsets[r]:token_offsets[r+1]]``.
         position_offsets: (R + 1,) int64: the same for the position axis.
         target_ids: (P, K) id dtype: kept ids, most probable first.
-        target_logprobs: (P, K) value dtype: log softmax(logits / T) over the full vocabulary at those ids.
+        target_logprobs: (P, K) ``targets.logprob_dtype`` (the value dtype; float32 for q8): log softmax(logits / T)
+            over the full vocabulary at those ids, decoded (backends read and write the stored encoding,
+            see data/codecs.py).
         tail_mass: (P,) float32: 1 - sum of the kept probabilities, from the unquantised values.
         keys: (R, 16) uint8: content key of each example (:func:`example_key`).
         labels: (R,) int64 for seq-cls, (P,) id dtype for masked-lm, None where the task stores none.
@@ -127,7 +129,7 @@ class ShardData:
             "token_offsets": ((R + 1,), "int64"),
             "position_offsets": ((R + 1,), "int64"),
             "target_ids": ((P, K), targets.id_dtype),
-            "target_logprobs": ((P, K), targets.value_dtype),
+            "target_logprobs": ((P, K), targets.logprob_dtype),
             "tail_mass": ((P,), "float32"),
             "keys": ((R, 16), "uint8"),
         }
@@ -200,11 +202,15 @@ class ShardBuilder:
         label: npt.ArrayLike | None = None,
         positions: npt.ArrayLike | None = None,
     ) -> None:
-        """Add one example. ``target_*`` are (P, K); ``tail_mass`` is (P,). Values are cast to the store dtypes."""
+        """Add one example. ``target_*`` are (P, K); ``tail_mass`` is (P,). Values are cast to the store dtypes.
+
+        q8 stores keep the log-probs in float32 here: the writer quantises them, and measures the KL divergence
+        that costs, at commit.
+        """
         t = self.targets
         ids = np.asarray(input_ids).astype(t.id_dtype, copy=False).reshape(-1)
         tid = np.asarray(target_ids).astype(t.id_dtype, copy=False).reshape(-1, t.k)
-        tlp = np.asarray(target_logprobs).astype(t.value_dtype, copy=False).reshape(-1, t.k)
+        tlp = np.asarray(target_logprobs).astype(t.logprob_dtype, copy=False).reshape(-1, t.k)
         tail = np.asarray(tail_mass).astype(np.float32, copy=False).reshape(-1)
         self._parts["input_ids"].append(ids)
         self._parts["target_ids"].append(tid)
@@ -241,7 +247,7 @@ class ShardBuilder:
             token_offsets=offsets("token_offsets"),
             position_offsets=offsets("position_offsets"),
             target_ids=cat("target_ids", t.id_dtype, (t.k,)),
-            target_logprobs=cat("target_logprobs", t.value_dtype, (t.k,)),
+            target_logprobs=cat("target_logprobs", t.logprob_dtype, (t.k,)),
             tail_mass=cat("tail_mass", "float32"),
             keys=cat("keys", "uint8").reshape(-1, 16),
             labels=cat("labels", "int64" if self.task == "seq-cls" else t.id_dtype) if has_labels else None,

@@ -14,17 +14,27 @@ previous manifest valid and every listed shard intact; an unlisted leftover shar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from data.backends import shard_files, shard_relpath, write_shard
-from data.errors import CorruptShardError, NotAStoreError, StoreExistsError, StoreLockedError
+from data.codecs import encode_shard, resolve_targets
+from data.errors import (
+    CorruptShardError,
+    NotAStoreError,
+    StoreError,
+    StoreExistsError,
+    StoreLockedError,
+    StoreWriteError,
+)
 from data.location import Location, sha256_file
 from data.manifest import FileRecord, Manifest, ShardRecord
 from data.reader import read_manifest
@@ -102,6 +112,9 @@ class StoreWriter:
                     loc.remove(name)
                 loc.makedirs()
             elif existing is not None:
+                # an "auto" encoding resumes in the store's own (a store from before "delta" stays "plain")
+                targets = resolve_targets(template.backend, template.targets, existing.targets)
+                template = replace(template, targets=targets)
                 diff = differences(existing.provenance_key(), template.provenance_key())
                 if diff:
                     raise StoreExistsError(
@@ -110,7 +123,8 @@ class StoreWriter:
                         "pass --overwrite to start over, or choose another output path"
                     )
                 return existing
-        manifest = replace(template, shards=(), complete=False)
+        targets = resolve_targets(template.backend, template.targets)
+        manifest = replace(template, targets=targets, shards=(), complete=False)
         self._write_manifest(manifest)
         return manifest
 
@@ -152,19 +166,25 @@ class StoreWriter:
         return {s.unit for s in self.manifest.shards}
 
     def write_shard(self, unit: int, data: ShardData, stats: dict[str, float] | None = None) -> ShardRecord:
-        """Write and commit one shard. Returns its manifest record."""
+        """Write and commit one shard. Returns its manifest record.
+
+        ``data`` holds exact values (log-probs in ``targets.logprob_dtype``); they are encoded here
+        (data/codecs.py), and a lossy encoding adds the KL divergence it measured to ``stats``.
+        """
         m = self.manifest
         name = shard_name(unit)
         data.validate(m.task, m.targets, m.vocab_size, name)
         rel = shard_relpath(m.backend, name)
         staging_root = self.location.local(".staging") if self.location.is_local else None
-        if staging_root is not None:
-            staging_root.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging_root, prefix=f"{name}-") as tmp:
-            staged = Path(tmp) / rel.rsplit("/", 1)[-1]
-            write_shard(m.backend, staged, data, {"format": "kd-soft-labels", "shard": name, "unit": unit})
-            files = _file_records(staged)
-            self.location.publish(staged, rel)
+        with self._write_errors(name):
+            if staging_root is not None:
+                staging_root.mkdir(exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=staging_root, prefix=f"{name}-") as tmp:
+                staged = Path(tmp) / rel.rsplit("/", 1)[-1]
+                stored, codec_stats = encode_shard(m.targets, data)
+                write_shard(m.backend, staged, stored, {"format": "kd-soft-labels", "shard": name, "unit": unit})
+                files = _file_records(staged)
+                self.location.publish(staged, rel)
         record = ShardRecord(
             name=name,
             path=rel,
@@ -173,11 +193,26 @@ class StoreWriter:
             tokens=data.tokens,
             positions=data.num_positions,
             files=files,
-            stats=dict(stats or {}),
+            stats={**(stats or {}), **codec_stats},
         )
+        with self._write_errors(name):
+            self._write_manifest(m.with_shard(record))
         self.manifest = m.with_shard(record)
-        self._write_manifest(self.manifest)
         return record
+
+    @contextlib.contextmanager
+    def _write_errors(self, name: str) -> Iterator[None]:
+        """Turn an OSError while writing (disk full, a remote error) into a StoreWriteError that says what to do."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except OSError as e:
+            raise StoreWriteError(
+                f"writing {name} to {self.location} failed ({type(e).__name__}: {e}); the {len(self.manifest.shards)} "
+                "shards committed before it are intact and the manifest is valid: fix the cause (free space, "
+                "reachability) and re-run the same command to resume"
+            ) from e
 
     def adopt_shard(self, source: Location, record: ShardRecord, *, move: bool = False) -> ShardRecord:
         """Commit a shard of another store (already checked by the caller) under the same name and unit.

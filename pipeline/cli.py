@@ -182,7 +182,7 @@ def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
         _opt(C, "trust_remote_code", is_flag=True),
         _opt(C, "device", type=str),
         _opt(C, "dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
-        _opt(C, "value_dtype", type=click.Choice(["float16", "float32"])),
+        _opt(C, "value_dtype", type=click.Choice(["float16", "float32", "q8"])),
         _opt(C, "shard_size", type=int),
         _opt(C, "chunk_positions", type=int),
         _opt(C, "mlm_probability", type=float),

@@ -35,10 +35,11 @@ import numpy as np
 import data
 from data.location import Location
 from stages.inputs import DataError, Example
-from stages.models import OutputHead
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
     import torch
+
+    from stages.models import OutputHead
 
 __all__ = ["LabelConfig", "LabelConfigError", "LabelResult", "run"]
 
@@ -172,7 +173,7 @@ class LabelResult:
 def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     """Label ``cfg.data`` with ``cfg.teacher`` into the store ``cfg.out``."""
     from stages.inputs import load_records, prepare_examples
-    from stages.models import load_model, load_tokenizer, output_width, resolve_device, resolve_dtype
+    from stages.models import OutputHead, load_model, load_tokenizer, output_width, resolve_device, resolve_dtype
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     cfg.validate()

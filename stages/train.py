@@ -240,6 +240,8 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         ckpt = _latest_checkpoint(out)
         if ckpt is not None:
             step, position = _load_checkpoint(ckpt, model, optimizer, scheduler)
+            if main:
+                _truncate_metrics(out / "metrics.jsonl", step)
             say(f"resumed from {ckpt} at step {step}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -659,6 +661,16 @@ def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- logging
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from: they are about to be logged again."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 class _Metrics:

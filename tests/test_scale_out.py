@@ -105,12 +105,36 @@ def test_torchrun_ddp_training(setup: dict[str, Any], tmp_path: Path) -> None:
 
     student = _student_config(tmp_path / "student", len(make_tokenizer(tmp_path / "tok")))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pipeline", "train", "--store", str(setup["root"] / "single"), "--student", str(student),
-           "--out", str(out), "--steps", "4", "--batch-size", "2", "--log-every", "1", "--eval-every", "2",
-           "--save-every", "2", "--eval-fraction", "0.3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pipeline",
+        "train",
+        "--store",
+        str(setup["root"] / "single"),
+        "--student",
+        str(student),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--eval-fraction",
+        "0.3",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
