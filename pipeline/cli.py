@@ -116,7 +116,7 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
     echo(f"tokenizer    digest {str(s['tokenizer'].get('digest', '?'))[:16]}  vocab {s['vocab_size']}")
     echo(
         f"targets      {t['method']} k={t['k']} T={t['temperature']} over {t['num_classes']} ids, "
-        f"values {t['value_dtype']}, ids {t['id_dtype']}"
+        f"values {t['value_dtype']} (encoding {t.get('encoding', 'plain')}), ids {t['id_dtype']}"
     )
     ds = s["dataset"]
     echo(f"dataset      {ds.get('source', '?')}  fingerprint {str(ds.get('fingerprint', '?'))[:16]}")
@@ -125,6 +125,15 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
         f"{s['positions']:,} positions"
     )
     echo(f"size         {s['bytes']:,} bytes = {fmt(s[f'bytes_per_{unit}'], '.1f')} bytes/{unit}")
+    columns = s.get(f"column_bytes_per_{unit}")
+    if columns:
+        echo("columns      " + "  ".join(f"{name} {size:.1f}" for name, size in columns.items()) + f"  (bytes/{unit})")
+    kl = s.get("encoding_kl")
+    if kl:
+        echo(
+            f"values       {t['value_dtype']} (lossy): KL(exact || stored) mean {kl['mean']:.2g}, "
+            f"max {kl['max']:.2g} nats per position"
+        )
     km, be = s["kept_mass"], s["bin_entropy"]
     echo(f"kept mass    mean {fmt(km['mean'])}  p5 {fmt(km['p5'])}  p50 {fmt(km['p50'])}  (top-{t['k']} coverage)")
     echo(
