@@ -156,56 +156,18 @@ def merge(out: str, parts: tuple[str, ...], allow_partial: bool) -> None:
     click.echo(f"{out}: {len(manifest.shards)} shards, {manifest.rows:,} examples, {state}")
 
 
-def _opt(cls: type[Any], name: str, *flags: str, **kw: Any) -> Callable[[Any], Any]:
-    """A click option whose default and help come from the stage's config dataclass field."""
-    from pipeline.config import default_of, field_help
-
-    flag = "--" + name.replace("_", "-")
-    default = default_of(cls, name)
-    if kw.get("is_flag"):
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=default, help=field_help(cls, name), **kw)
-    return click.option(
-        flag, *flags, name, default=default, show_default=default not in (None, ""), help=field_help(cls, name), **kw
-    )
-
-
 def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from stages.label import LabelConfig as C
+    from data.manifest import TASKS, VALUE_DTYPES
+    from pipeline.config import config_options
+    from stages.label import LabelConfig
 
-    options = [
-        _opt(C, "teacher", type=str),
-        _opt(C, "data", type=str),
-        _opt(C, "out", type=str),
-        _opt(C, "task", type=click.Choice(["causal-lm", "masked-lm", "seq-cls"])),
-        _opt(C, "top_k", type=int),
-        _opt(C, "temperature", type=float),
-        _opt(C, "max_length", type=int),
-        _opt(C, "text_field", type=str),
-        _opt(C, "label_field", type=str),
-        _opt(C, "pack", is_flag=True),
-        _opt(C, "batch_size", type=int),
-        _opt(C, "batch_tokens", type=int),
-        _opt(C, "format", type=click.Choice(["zarr", "arrow"])),
-        _opt(C, "gguf_file", type=str),
-        _opt(C, "revision", type=str),
-        _opt(C, "trust_remote_code", is_flag=True),
-        _opt(C, "device", type=str),
-        _opt(C, "dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
-        _opt(C, "value_dtype", type=click.Choice(["float16", "float32", "q8"])),
-        _opt(C, "shard_size", type=int),
-        _opt(C, "chunk_positions", type=int),
-        _opt(C, "mlm_probability", type=float),
-        _opt(C, "seed", type=int),
-        _opt(C, "limit", type=int),
-        _opt(C, "num_shards", type=int),
-        _opt(C, "shard_index", type=int),
-        _opt(C, "overwrite", is_flag=True),
-        _opt(C, "progress", is_flag=True),
-        click.option("--config", type=click.Path(dir_okay=False), help="TOML file with any of these options."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    choices = {
+        "task": tuple(TASKS),
+        "format": ("zarr", "arrow"),
+        "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "value_dtype": VALUE_DTYPES,
+    }
+    return config_options(LabelConfig, choices, config_file=True)(f)
 
 
 @cli.command()
@@ -224,43 +186,10 @@ def label(ctx: click.Context, /, **_: Any) -> None:
 
 
 def _train_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from stages.train import LOSSES
-    from stages.train import TrainConfig as C
+    from pipeline.config import config_options
+    from stages.train import LOSSES, TrainConfig
 
-    options = [
-        _opt(C, "store", type=str),
-        _opt(C, "student", type=str),
-        _opt(C, "out", type=str),
-        _opt(C, "loss", type=click.Choice(LOSSES)),
-        _opt(C, "beta", type=float),
-        _opt(C, "alpha", type=float),
-        _opt(C, "temperature", type=float),
-        _opt(C, "tail", type=click.Choice(["bin", "renormalise"])),
-        _opt(C, "steps", type=int),
-        _opt(C, "epochs", type=float),
-        _opt(C, "batch_size", type=int),
-        _opt(C, "grad_accum", type=int),
-        _opt(C, "lr", type=float),
-        _opt(C, "weight_decay", type=float),
-        _opt(C, "warmup", type=int),
-        _opt(C, "max_grad_norm", type=float),
-        _opt(C, "eval_store", type=str),
-        _opt(C, "eval_fraction", type=float),
-        _opt(C, "eval_every", type=int),
-        _opt(C, "eval_batches", type=int),
-        _opt(C, "save_every", type=int),
-        _opt(C, "log_every", type=int),
-        _opt(C, "seed", type=int),
-        _opt(C, "device", type=str),
-        _opt(C, "workers", type=int),
-        _opt(C, "resume", is_flag=True),
-        _opt(C, "verify", is_flag=True),
-        _opt(C, "progress", is_flag=True),
-        click.option("--config", type=click.Path(dir_okay=False), help="TOML file with any of these options."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return config_options(TrainConfig, {"loss": LOSSES, "tail": ("bin", "renormalise")}, config_file=True)(f)
 
 
 @cli.command()
@@ -279,23 +208,10 @@ def train(ctx: click.Context, /, **_: Any) -> None:
 
 
 def _demo_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from pipeline.demo import DemoConfig as C
+    from pipeline.config import config_options
+    from pipeline.demo import DemoConfig
 
-    for name, kind in reversed(
-        [
-            ("work_dir", str),
-            ("tokens", int),
-            ("max_length", int),
-            ("top_k", int),
-            ("temperature", float),
-            ("steps", int),
-            ("batch_size", int),
-            ("alpha", float),
-            ("seed", int),
-        ]
-    ):
-        f = _opt(C, name, type=kind)(f)
-    return f
+    return config_options(DemoConfig, {}, config_file=False)(f)
 
 
 @cli.command()

@@ -13,6 +13,7 @@ import inspect
 import itertools
 import textwrap
 import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +59,44 @@ def resolve_config(cls: type[T], ctx: click.Context, section: str) -> T:
         if isinstance(value, Path):
             values[key] = str(value)
     return cls(**values)
+
+
+_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def config_options(
+    cls: type[Any], choices: Mapping[str, Sequence[str]], *, config_file: bool
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding one click option per field of a config dataclass.
+
+    Each option takes its type from the field's annotation (``int``, ``float | None``, ...; ``bool`` becomes a
+    ``--x/--no-x`` flag), its default and help from the field, and a choice list from ``choices`` where given.
+    Defaults live once, in the dataclass; ``resolve_config`` only takes the options given explicitly.
+    """
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        options = []
+        for field in dataclasses.fields(cls):
+            flag = "--" + field.name.replace("_", "-")
+            kind = _TYPES[str(field.type).split("|")[0].strip()]
+            default, text = default_of(cls, field.name), field_help(cls, field.name)
+            if kind is bool:
+                options.append(click.option(f"{flag}/--no-{flag[2:]}", field.name, default=default, help=text))
+                continue
+            param_type: Any = click.Choice(list(choices[field.name])) if field.name in choices else kind
+            show = default not in (None, "")
+            options.append(
+                click.option(flag, field.name, type=param_type, default=default, show_default=show, help=text)
+            )
+        if config_file:
+            options.append(
+                click.option("--config", type=click.Path(dir_okay=False), help="TOML file with any of these options.")
+            )
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def default_of(cls: type[Any], name: str) -> Any:
