@@ -98,8 +98,9 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
         "kept_mass": dist(kept_all),
         "bin_entropy": dist(ent_all),
         "teacher_entropy_mean": (
-            sum(s["entropy_sum"] for s in exact) / sum(s["count"] for s in exact)
-            if exact and sum(s.get("count", 0) for s in exact)
+            # labelers measure the exact entropy on a sample of rows ("entropy_count"), or on all ("count")
+            sum(s["entropy_sum"] for s in exact) / sum(s.get("entropy_count", s.get("count", 0)) for s in exact)
+            if exact and sum(s.get("entropy_count", s.get("count", 0)) for s in exact)
             else None
         ),
     }

@@ -451,43 +451,53 @@ def _manifest_template(
     )
 
 
+# Below this tail mass, 1 - sum(kept) in float64 of float32 log-probs is mostly rounding: recompute it exactly.
+_PRECISE_TAIL = 1e-4
+# The teacher's exact entropy is a statistic for `inspect`, not a target: measure it on every 16th row only.
+_ENTROPY_EVERY = 16
+
+
 def _topk_chunked(
     rows: torch.Tensor, head: OutputHead, k: int, temperature: float, chunk: int, labels: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
-    """Top-k of log softmax(z / T) over the full vocabulary, with the exact tail, for N rows.
+    """Top-k of log softmax(z / T) over the full vocabulary, with the tail mass, for N rows.
 
     Args:
         rows: (N, H) hidden states or (N, V) logits.
         labels: (N,) int64 hard labels (-1 = none), for the teacher's own cross-entropy at T=1, or None.
 
-    Returns CPU tensors: ids (N, k) int64, logprobs (N, k) float32, tail (N,) float32, entropy (N,) float32
-    (at T), and nll (N,) float32 (at T=1; 0 where there is no label). The tail is exp(logsumexp of the non-kept
-    log-probs), not 1 - sum(kept): the subtraction would lose all precision when the kept mass is close to 1.
+    Returns CPU tensors: ids (N, k) int64, logprobs (N, k) float32 (top z minus logsumexp: the (c, V) log-softmax
+    is never built), tail (N,) float32, nll (N,) float32 (at T=1; 0 where there is no label), and entropy
+    (M,) float32 at T for every 16th row. Per (c, V) chunk the passes are: head, logsumexp, top-k (plus one
+    logsumexp at T=1 when T != 1 and labels are given), so labeling costs little more than the bare forward.
+    The tail is 1 - sum(kept) in float64 from the unquantised values; rows where that is below 1e-4 (where
+    the subtraction is mostly rounding) get exp(logsumexp of the non-kept logits - lse) instead.
     """
     import torch
 
-    ids, lps, tails, ents, nlls = [], [], [], [], []
+    out: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "tail": [], "entropy": [], "nll": []}
     for i in range(0, rows.shape[0], chunk):
         raw = head.logits(rows[i : i + chunk])  # (c, V) float32
-        z = raw / temperature
-        lp = torch.log_softmax(z, dim=-1)
+        z = raw if temperature == 1.0 else raw / temperature
+        lse = torch.logsumexp(z, dim=-1)  # (c,)
+        top_z, top_id = torch.topk(z, k, dim=-1)  # (c, k), most probable first
+        top_lp = top_z - lse[:, None]
+        tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0)  # (c,) float64
+        small = (tail < _PRECISE_TAIL).nonzero()[:, 0]
+        if len(small) and k < z.shape[-1]:
+            rest = z[small].scatter(-1, top_id[small], float("-inf"))
+            tail[small] = (torch.logsumexp(rest, dim=-1) - lse[small]).double().exp()
+        sub = torch.arange((-i) % _ENTROPY_EVERY, z.shape[0], _ENTROPY_EVERY, device=z.device)
+        p = torch.softmax(z[sub], dim=-1)
+        out["entropy"].append((lse[sub] - (p * z[sub]).sum(-1)).cpu())
         if labels is not None:
             lab = labels[i : i + chunk].to(raw.device)
-            lp1 = lp if temperature == 1.0 else torch.log_softmax(raw, dim=-1)
-            nll = -lp1.gather(-1, lab.clamp_min(0)[:, None])[:, 0] * (lab >= 0)
-            nlls.append(nll.cpu())
-        top_lp, top_id = torch.topk(lp, k, dim=-1)  # (c, k), most probable first
-        entropy = -(lp.exp() * lp).sum(-1)
-        rest = lp.scatter(-1, top_id, float("-inf"))
-        tail = torch.logsumexp(rest, dim=-1).exp() if k < lp.shape[-1] else torch.zeros_like(entropy)
-        ids.append(top_id.cpu())
-        lps.append(top_lp.cpu())
-        tails.append(tail.cpu())
-        ents.append(entropy.cpu())
-    out = {"ids": torch.cat(ids), "logprobs": torch.cat(lps), "tail": torch.cat(tails), "entropy": torch.cat(ents)}
-    if nlls:
-        out["nll"] = torch.cat(nlls)
-    return out
+            lse1 = lse if temperature == 1.0 else torch.logsumexp(raw, dim=-1)
+            out["nll"].append(((lse1 - raw.gather(-1, lab.clamp_min(0)[:, None])[:, 0]) * (lab >= 0)).cpu())
+        out["ids"].append(top_id.cpu())
+        out["logprobs"].append(top_lp.cpu())
+        out["tail"].append(tail.float().cpu())
+    return {key: torch.cat(parts) for key, parts in out.items() if parts}
 
 
 def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
@@ -523,7 +533,7 @@ def _label_unit_inner(
     import torch
 
     results: list[dict[str, Any] | None] = [None] * len(unit)
-    kept_sum = ent_sum = nll_sum = count = 0.0
+    kept_sum = ent_sum = ent_count = nll_sum = count = 0.0
     for batch in _batches(unit, cfg):
         L = max(len(unit[i].input_ids) for i in batch)
         ids = torch.full((len(batch), L), pad_id if pad_id is not None else 0, dtype=torch.long)
@@ -544,7 +554,9 @@ def _label_unit_inner(
         rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
         top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, _labels(unit, batch, cfg))
         kept_sum += float((1 - top["tail"].double()).sum())
-        ent_sum += float(top["entropy"].double().sum())
+        entropy = top.pop("entropy")
+        ent_sum += float(entropy.double().sum())
+        ent_count += entropy.shape[0]
         if "nll" in top:
             nll_sum += float(top.pop("nll").double().sum())
         count += top["tail"].shape[0]
@@ -555,7 +567,13 @@ def _label_unit_inner(
             results[i] = {key: t[a:b].numpy() for key, t in top.items()}
         progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
     rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]
-    stats = {"kept_mass_sum": kept_sum, "entropy_sum": ent_sum, "teacher_nll_sum": nll_sum, "count": count}
+    stats = {
+        "kept_mass_sum": kept_sum,
+        "entropy_sum": ent_sum,
+        "entropy_count": ent_count,
+        "teacher_nll_sum": nll_sum,
+        "count": count,
+    }
     return _RowsToShard(rows_out), stats
 
 
