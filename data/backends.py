@@ -13,25 +13,89 @@ Arrow: a shard is one IPC file with one row per example and list columns (``inpu
 ``target_ids: large_list<fixed_size_list<uint16>[K]>``, ...), readable by pyarrow, polars, DuckDB and HF
 datasets without this code. Buffers are zstd-compressed by default; such a file cannot be memory-mapped
 without a copy (write with ``compression=None`` for zero-copy memory-mapping).
+
+Reading untrusted bytes: given the columns the manifest's counts imply (:func:`stored_columns`), a reader checks
+each zarr array's ``zarr.json`` (data type, shape, chunk shapes, and that every codec is one of the standard
+Zarr v3 codecs the writer uses: never pickle or an object dtype) and an arrow file's schema before any chunk or
+record batch is decoded, so a shard that declares more data than the manifest promises is refused before it is
+allocated.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from data.codecs import zarr_codecs
+from data.codecs import stored_logprob_dtype, zarr_codecs
 from data.errors import CorruptShardError, ManifestError
-from data.manifest import FileRecord, ShardRecord
+from data.manifest import FileRecord, ShardRecord, TargetSpec
 from data.shard import COLUMNS, NDArray, ShardData
 
-__all__ = ["read_shard", "shard_files", "shard_relpath", "write_shard"]
+__all__ = ["Column", "read_shard", "shard_files", "shard_relpath", "stored_columns", "write_shard"]
 
 # Rows per inner zarr chunk along the first axis: ~1-4 MB raw for K=32, small enough for random access.
 _INNER_CHUNK = 32768
+# The Zarr v3 codecs a shard may name (those data.codecs.zarr_codecs and the sharding index use); anything else,
+# a numcodecs pickle or object codec above all, is refused before zarr is asked to decode it.
+_ZARR_CODECS = frozenset({"sharding_indexed", "bytes", "transpose", "blosc", "zstd", "crc32c"})
+# A zarr.json is a few hundred bytes.
+_MAX_ZARR_JSON = 1 << 20
+# Arrow field names of the columns whose name differs from the shard column's.
+_ARROW_FIELD = {"keys": "key", "labels": "label"}
+
+
+class Column(NamedTuple):
+    """A column as a shard stores it: its shape, dtype (``target_logprobs`` in its stored encoding), whether
+    every shard must have it, and where its dtype comes from when that is not obvious (for error messages)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    required: bool = True
+    why: str = ""
+    ragged: bool = False  # a sampled store's (U,) column: in arrow, a list per example of a list per position
+
+
+def stored_columns(
+    task: str, targets: TargetSpec, rows: int, tokens: int, positions: int, entries: int | None = None
+) -> dict[str, Column]:
+    """The columns a shard of these manifest counts holds on disk (R rows, T tokens, P positions, K kept ids;
+    U ``entries`` (position, unique id) for a sampled store)."""
+    R, T, P, K, ids = rows, tokens, positions, targets.k, targets.id_dtype
+    cols = {
+        "input_ids": Column((T,), ids),
+        "token_offsets": Column((R + 1,), "int64"),
+        "position_offsets": Column((R + 1,), "int64"),
+        "target_ids": Column((P, K), ids),
+        "target_logprobs": Column(
+            (P, K),
+            stored_logprob_dtype(targets),
+            why=f"encoding {targets.encoding!r} stores {stored_logprob_dtype(targets)}",
+        ),
+        "tail_mass": Column((P,), "float32"),
+        "keys": Column((R, 16), "uint8"),
+    }
+    if task == "masked-lm":
+        cols["labels"] = Column((P,), ids)
+        cols["positions"] = Column((P,), "int32")
+    elif task == "seq-cls":
+        cols["labels"] = Column((R,), "int64", required=False)  # a classification store may hold no labels
+    if targets.sampled:
+        if entries is None:
+            raise ManifestError("manifest: a shard of a sampled store must record its 'entries'")
+        del cols["target_logprobs"]
+        cols["target_ids"] = Column((entries,), ids, ragged=True)
+        cols["target_counts"] = Column((entries,), targets.count_dtype, ragged=True)
+        cols["target_offsets"] = Column((P + 1,), "int64")
+    return cols
+
+
+def decoded_bytes(columns: dict[str, Column]) -> int:
+    """Bytes the columns take once decoded (every optional column counted)."""
+    return sum(math.prod(c.shape) * np.dtype(c.dtype).itemsize for c in columns.values())
 
 
 def shard_relpath(backend: str, name: str) -> str:
@@ -61,10 +125,17 @@ def write_shard(backend: str, path: Path, data: ShardData, attrs: dict[str, Any]
         _write_arrow(path, data, attrs)
 
 
-def read_shard(backend: str, path: Path) -> ShardData:
-    """Read a whole shard from a local path. Raises CorruptShardError if it cannot be decoded."""
+def read_shard(backend: str, path: Path, expected: dict[str, Column] | None = None) -> ShardData:
+    """Read a whole shard from a local path. Raises CorruptShardError if it cannot be decoded.
+
+    Args:
+        backend: "zarr" or "arrow".
+        path: the shard's directory (zarr) or file (arrow).
+        expected: the columns the manifest implies (:func:`stored_columns`); when given, the shard's metadata
+            (zarr array metadata, arrow schema) is checked against them before any data is decoded.
+    """
     try:
-        return _read_zarr(path) if backend == "zarr" else _read_arrow(path)
+        return _read_zarr(path, expected) if backend == "zarr" else _read_arrow(path, expected)
     except CorruptShardError:
         raise
     except Exception as e:  # any decoder failure on untrusted bytes is a corrupt shard, not a crash
@@ -95,22 +166,100 @@ def _write_zarr(path: Path, data: ShardData, attrs: dict[str, Any]) -> None:
         )
 
 
-def _read_zarr(path: Path) -> ShardData:
+def _read_zarr(path: Path, expected: dict[str, Column] | None) -> ShardData:
     import zarr
     from zarr.storage import LocalStore
 
     meta = path / "zarr.json"
-    if not meta.is_file() or json.loads(meta.read_text()).get("node_type") != "group":
+    group_meta = _read_json(meta) if meta.is_file() else None
+    if not isinstance(group_meta, dict) or group_meta.get("node_type") != "group":
         raise CorruptShardError(f"{path.name}: no zarr group metadata")
-    group = zarr.open_group(store=LocalStore(path, read_only=True), mode="r")
-    names = set(group.array_keys())
-    unknown = names - set(COLUMNS)
+    if group_meta.get("consolidated_metadata") is not None:
+        # zarr would take the arrays' metadata from here instead of the zarr.json files checked below
+        raise CorruptShardError(f"{path.name}: consolidated zarr metadata is not part of the format")
+    names = sorted(p.name for p in path.iterdir() if p.name != "zarr.json")
+    unknown = set(names) - set(COLUMNS)
     if unknown:
         raise CorruptShardError(f"{path.name}: unexpected arrays {sorted(unknown)}")
+    if expected is not None:
+        missing = [c for c, spec in expected.items() if spec.required and c not in names]
+        if missing:
+            raise CorruptShardError(f"{path.name}: missing columns {missing}")
+        for name in names:
+            if name not in expected:
+                raise CorruptShardError(f"{path.name}: array '{name}' does not belong in a shard of this task")
+            _check_zarr_array(f"{path.name}: array '{name}'", _read_json(path / name / "zarr.json"), expected[name])
+    group = zarr.open_group(store=LocalStore(path, read_only=True), mode="r", use_consolidated=False)
     cols: dict[str, NDArray | None] = dict.fromkeys(COLUMNS)
-    for name, array in group.arrays():
+    for name in names:
+        array = group[name]
+        if not isinstance(array, zarr.Array):
+            raise CorruptShardError(f"{path.name}: '{name}' is not a zarr array")
         cols[name] = np.asarray(array[...])
     return _from_columns(path.name, cols)
+
+
+def _read_json(path: Path) -> Any:
+    if path.stat().st_size > _MAX_ZARR_JSON:
+        raise CorruptShardError(f"{path.parent.name}/{path.name}: {path.stat().st_size} bytes, too large for metadata")
+    return json.loads(path.read_bytes())
+
+
+def _check_zarr_array(where: str, meta: Any, spec: Column) -> None:
+    """Refuse array metadata that does not match the manifest, before zarr allocates or decodes anything."""
+    if not isinstance(meta, dict) or meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
+        raise CorruptShardError(f"{where}: not Zarr v3 array metadata")
+    if meta.get("data_type") != spec.dtype:
+        why = f"; {spec.why}" if spec.why else ""
+        raise CorruptShardError(
+            f"{where}: data_type {meta.get('data_type')!r}, the manifest says {spec.dtype!r}{why} (no object, "
+            "string or pickled data types are read)"
+        )
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or tuple(shape) != spec.shape:
+        raise CorruptShardError(
+            f"{where}: declares shape {shape}, the manifest says {list(spec.shape)} (from its counts)"
+        )
+    if meta.get("storage_transformers"):
+        raise CorruptShardError(f"{where}: storage transformers are not part of the format")
+    grid = meta.get("chunk_grid")
+    if not isinstance(grid, dict) or grid.get("name") != "regular":
+        raise CorruptShardError(f"{where}: chunk grid {grid!r} is not a regular grid")
+    _check_chunk_shape(where, grid.get("configuration", {}).get("chunk_shape"), spec.shape)
+    _check_codecs(where, meta.get("codecs"), spec.shape)
+
+
+def _check_chunk_shape(where: str, chunk: Any, shape: tuple[int, ...]) -> None:
+    """A chunk spans at most the array plus one inner chunk along the first axis, and the array elsewhere (as
+    the writer makes them), so that no chunk buffer can be larger than the data the manifest promises."""
+    ok = (
+        isinstance(chunk, list)
+        and len(chunk) == len(shape)
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunk)
+        and chunk[0] <= shape[0] + _INNER_CHUNK
+        and all(c <= max(n, 1) for c, n in zip(chunk[1:], shape[1:], strict=True))
+    )
+    if not ok:
+        raise CorruptShardError(f"{where}: chunk shape {chunk!r} does not fit the array's shape {list(shape)}")
+
+
+def _check_codecs(where: str, codecs: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(codecs, list) or not codecs:
+        raise CorruptShardError(f"{where}: no codec list")
+    for codec in codecs:
+        name = codec.get("name") if isinstance(codec, dict) else None
+        if name not in _ZARR_CODECS:
+            allowed = ", ".join(sorted(_ZARR_CODECS))
+            raise CorruptShardError(
+                f"{where}: codec {name!r} is not one of the Zarr v3 codecs a store uses ({allowed})"
+            )
+        if name == "sharding_indexed":
+            config = codec.get("configuration")
+            if not isinstance(config, dict):
+                raise CorruptShardError(f"{where}: sharding codec without configuration")
+            _check_chunk_shape(where, config.get("chunk_shape"), shape)
+            _check_codecs(where, config.get("codecs"), shape)
+            _check_codecs(where, config.get("index_codecs"), shape)
 
 
 def _from_columns(where: str, cols: dict[str, NDArray | None]) -> ShardData:
@@ -119,10 +268,9 @@ def _from_columns(where: str, cols: dict[str, NDArray | None]) -> ShardData:
         "token_offsets",
         "position_offsets",
         "target_ids",
-        "target_logprobs",
         "tail_mass",
         "keys",
-    )
+    )  # target_logprobs (top-k) or target_counts/target_offsets (sampled): checked by ShardData.validate
     missing = [c for c in required if cols.get(c) is None]
     if missing:
         raise CorruptShardError(f"{where}: missing columns {missing}")
@@ -147,10 +295,16 @@ def _write_arrow(path: Path, data: ShardData, attrs: dict[str, Any], compression
             pa.binary(16), data.rows, [None, pa.py_buffer(data.keys.tobytes())]
         ),
         "input_ids": nested(data.input_ids, to),
-        "target_ids": nested(data.target_ids, po),
-        "target_logprobs": nested(data.target_logprobs, po),
         "tail_mass": nested(data.tail_mass, po),
     }
+    if data.target_offsets is not None and data.target_counts is not None:
+        # sampled: large_list (example) of large_list (position) of the position's unique ids / counts
+        for name, values in (("target_ids", data.target_ids), ("target_counts", data.target_counts)):
+            cols[name] = pa.LargeListArray.from_arrays(pa.array(po, pa.int64()), nested(values, data.target_offsets))
+    else:
+        assert data.target_logprobs is not None
+        cols["target_ids"] = nested(data.target_ids, po)
+        cols["target_logprobs"] = nested(data.target_logprobs, po)
     if data.positions is not None:
         cols["positions"] = nested(data.positions, po)
     if data.labels is not None:
@@ -163,15 +317,58 @@ def _write_arrow(path: Path, data: ShardData, attrs: dict[str, Any], compression
         writer.write_table(table)
 
 
-def _read_arrow(path: Path) -> ShardData:
+def arrow_type(spec: Column, per_example: bool) -> Any:
+    """The Arrow type of a shard column in an arrow shard, one row per example: a per-example column (``key``,
+    a classification ``label``) holds one value per row, every other column a ``large_list`` of the row's values
+    (of ``fixed_size_list[K]`` for the (P, K) columns)."""
+    import pyarrow as pa
+
+    value = pa.from_numpy_dtype(np.dtype(spec.dtype))
+    if spec.ragged:  # (U,) sampled entries: a list per position inside the list per example
+        return pa.large_list(pa.large_list(value))
+    if per_example:  # (R,) values, or (R, 16) uint8 keys as fixed_size_binary(16)
+        return pa.binary(spec.shape[1]) if len(spec.shape) == 2 else value
+    return pa.large_list(pa.list_(value, spec.shape[1]) if len(spec.shape) == 2 else value)
+
+
+def _check_arrow_schema(where: str, schema: Any, expected: dict[str, Column]) -> None:
+    """Refuse a schema whose columns or types differ from the manifest's, before any record batch is read."""
+    fields = {_ARROW_FIELD.get(c, c): (c, spec) for c, spec in expected.items() if not c.endswith("_offsets")}
+    names = list(schema.names)
+    if len(set(names)) != len(names):
+        raise CorruptShardError(f"{where}: two columns share a name")
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise CorruptShardError(f"{where}: unexpected columns {unknown}")
+    missing = [n for n, (_, spec) in fields.items() if spec.required and n not in names]
+    if missing:
+        raise CorruptShardError(f"{where}: missing columns {missing}")
+    for n in names:
+        column, spec = fields[n]
+        # labels are per position where the task has positions (masked-lm), else per example (seq-cls)
+        per_example = column == "keys" or (column == "labels" and "positions" not in expected)
+        want = arrow_type(spec, per_example)
+        got = schema.field(n).type
+        if not got.equals(want):
+            why = f" ({spec.why})" if spec.why else ""
+            raise CorruptShardError(f"{where}: column '{n}' has type {got}, the manifest says {want}{why}")
+
+
+def _read_arrow(path: Path, expected: dict[str, Column] | None) -> ShardData:
     import pyarrow as pa
 
     with pa.OSFile(str(path), "rb") as source:
-        table = pa.ipc.open_file(source).read_all().combine_chunks()
+        reader = pa.ipc.open_file(source)  # reads the footer and schema only
+        if expected is not None:
+            _check_arrow_schema(path.name, reader.schema, expected)
+        table = reader.read_all().combine_chunks()
     names = set(table.column_names)
-    known = {"key", "input_ids", "target_ids", "target_logprobs", "tail_mass", "positions", "label"}
+    known = {"key", "input_ids", "target_ids", "target_logprobs", "target_counts", "tail_mass", "positions", "label"}
     if names - known:
         raise CorruptShardError(f"{path.name}: unexpected columns {sorted(names - known)}")
+    nulls = [n for n in table.column_names if table.column(n).null_count]
+    if nulls:
+        raise CorruptShardError(f"{path.name}: columns {nulls} hold nulls")
 
     def column(name: str) -> Any:
         return table.column(name).chunk(0) if table.num_rows else table.column(name).combine_chunks()
@@ -185,15 +382,33 @@ def _read_arrow(path: Path) -> ShardData:
             return values.flatten().to_numpy(zero_copy_only=False).reshape(-1, width), offsets - offsets[0]
         return values.to_numpy(zero_copy_only=False), offsets - offsets[0]
 
+    def ragged(name: str) -> tuple[NDArray, NDArray, NDArray]:
+        """A sampled column: (U,) values, (P + 1,) per-position offsets, (R + 1,) per-example offsets."""
+        outer = column(name)
+        per_example = np.asarray(outer.offsets.to_numpy(), dtype=np.int64)
+        inner = outer.flatten()  # large_list per position, sliced to this column's rows
+        per_position = np.asarray(inner.offsets.to_numpy(), dtype=np.int64)
+        values = inner.flatten().to_numpy(zero_copy_only=False)
+        return values, per_position - per_position[0], per_example - per_example[0]
+
     input_ids, token_offsets = flat("input_ids")
-    target_ids, position_offsets = flat("target_ids")
+    target_counts = target_offsets = None
+    if "target_counts" in names:
+        target_ids, target_offsets, position_offsets = ragged("target_ids")
+        target_counts, counts_offsets, counts_rows = ragged("target_counts")
+        if not (np.array_equal(counts_offsets, target_offsets) and np.array_equal(counts_rows, position_offsets)):
+            raise CorruptShardError(f"{path.name}: 'target_counts' and 'target_ids' are not laid out alike")
+    else:
+        target_ids, position_offsets = flat("target_ids")
     keys = np.frombuffer(column("key").buffers()[1], dtype=np.uint8)[column("key").offset * 16 :][: table.num_rows * 16]
     cols: dict[str, NDArray | None] = {
         "input_ids": input_ids,
         "token_offsets": token_offsets,
         "position_offsets": position_offsets,
         "target_ids": target_ids,
-        "target_logprobs": flat("target_logprobs")[0],
+        "target_logprobs": flat("target_logprobs")[0] if "target_logprobs" in names else None,
+        "target_counts": target_counts,
+        "target_offsets": target_offsets,
         "tail_mass": flat("tail_mass")[0],
         "keys": keys.reshape(-1, 16).copy(),
         "positions": flat("positions")[0] if "positions" in names else None,

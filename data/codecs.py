@@ -169,6 +169,8 @@ def encode_shard(targets: TargetSpec, data: ShardData) -> tuple[ShardData, dict[
         the summed and largest KL(exact || decoded) over the k+1 bins, and the number of positions (empty
         for the lossless encodings).
     """
+    if targets.sampled or data.target_logprobs is None:  # ids and counts are stored as they are
+        return data, {}
     stored = encode_logprobs(targets, data.target_logprobs, data.tail_mass)
     stats: dict[str, float] = {}
     if targets.encoding == "q8":
@@ -179,7 +181,14 @@ def encode_shard(targets: TargetSpec, data: ShardData) -> tuple[ShardData, dict[
 
 
 def decode_shard(targets: TargetSpec, data: ShardData, where: str = "shard") -> ShardData:
-    """A shard as read from disk -> the same shard with log-probs decoded (``targets.logprob_dtype``)."""
+    """A shard as read from disk -> the same shard with log-probs decoded (``targets.logprob_dtype``).
+
+    Sampled shards have no log-probs and are returned as they are.
+    """
+    if targets.sampled:
+        return data
+    if data.target_logprobs is None:
+        raise CorruptShardError(f"{where}: column 'target_logprobs' is missing")
     values = decode_logprobs(targets, data.target_logprobs, data.tail_mass, where)
     return dataclasses.replace(data, target_logprobs=values)
 

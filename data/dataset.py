@@ -350,6 +350,11 @@ def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Te
         target_ids: (B, K) int64; target_logprobs: (B, K) float32; tail_mass: (B,) float32.
         position_mask: (B,) bool, all True; labels: (B,) int64, -100 where the store holds no (or a -1) label.
 
+    Sampled stores (examples with ``target_counts``): K is U, the most unique ids of any position in the batch;
+    ``target_ids`` holds each position's ids padded with 0, ``target_logprobs`` log(count / num_samples) (-inf on
+    padding), ``tail_mass`` 0, and an extra ``target_mask`` (B, L-1 | P, U) bool ((B, U) for seq-cls) says which
+    slots are real; pass it to the losses.
+
     Ids are widened to int64 (what embedding lookups, gather and cross-entropy take) and log-probs to float32
     here, once per batch, each while copying into its padded array.
     """
@@ -362,14 +367,19 @@ def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Te
         "input_ids": input_ids,
         "attention_mask": (np.arange(L) < lengths[:, None]).astype(np.int64),
     }
+    if "target_counts" in examples[0]:
+        batch |= _sampled_targets(examples, task)
     if task == "seq-cls":
         labels = np.full(len(examples), IGNORE_INDEX, dtype=np.int64)
         if "label" in examples[0]:
             labels = np.concatenate([ex["label"] for ex in examples]).astype(np.int64)
             labels[labels < 0] = IGNORE_INDEX
+        if "target_mask" not in batch:
+            batch |= {
+                "target_ids": np.concatenate([ex["target_ids"] for ex in examples]).astype(np.int64),
+                "target_logprobs": np.concatenate([ex["target_logprobs"] for ex in examples]).astype(np.float32),
+            }
         batch |= {
-            "target_ids": np.concatenate([ex["target_ids"] for ex in examples]).astype(np.int64),
-            "target_logprobs": np.concatenate([ex["target_logprobs"] for ex in examples]).astype(np.float32),
             "tail_mass": np.concatenate([ex["tail_mass"] for ex in examples]).astype(np.float32),
             "position_mask": np.ones(len(examples), dtype=bool),
             "labels": labels,
@@ -383,9 +393,12 @@ def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Te
             labels = _pad([ex["label"] for ex in examples], counts, np.int64)
             batch["positions"] = _pad([ex["positions"] for ex in examples], counts, np.int64)
         labels[~position_mask] = IGNORE_INDEX
+        if "target_mask" not in batch:
+            batch |= {
+                "target_ids": _pad([ex["target_ids"] for ex in examples], counts, np.int64),
+                "target_logprobs": _pad([ex["target_logprobs"] for ex in examples], counts, np.float32),
+            }
         batch |= {
-            "target_ids": _pad([ex["target_ids"] for ex in examples], counts, np.int64),
-            "target_logprobs": _pad([ex["target_logprobs"] for ex in examples], counts, np.float32),
             "tail_mass": _pad([ex["tail_mass"] for ex in examples], counts, np.float32),
             "position_mask": position_mask,
             "labels": labels,
@@ -393,6 +406,27 @@ def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Te
     else:
         raise ValueError(f"collate: unknown task {task!r} (expected causal-lm, masked-lm or seq-cls)")
     return {name: torch.from_numpy(arr) for name, arr in batch.items()}
+
+
+def _sampled_targets(examples: list[dict[str, NDArray]], task: str) -> dict[str, NDArray]:
+    """Sampled targets, ragged per position, padded to (B, P, U) (seq-cls: (B, U)); see :func:`collate`."""
+    offsets = [ex["target_offsets"].astype(np.int64, copy=False) for ex in examples]
+    per_position = [np.diff(o) for o in offsets]  # (P_b,) unique ids of each position
+    P = max(len(n) for n in per_position)
+    U = max((int(n.max()) for n in per_position if n.size), default=1)
+    ids = np.zeros((len(examples), P, U), dtype=np.int64)
+    counts = np.zeros((len(examples), P, U), dtype=np.float32)
+    for b, (ex, off, n) in enumerate(zip(examples, offsets, per_position, strict=True)):
+        pos = np.repeat(np.arange(len(n)), n)  # (U_b,) the position of each entry
+        slot = np.arange(int(off[-1])) - np.repeat(off[:-1], n)  # (U_b,) its slot within the position
+        ids[b, pos, slot] = ex["target_ids"]
+        counts[b, pos, slot] = ex["target_counts"]
+    mask = counts > 0
+    total = counts.sum(axis=-1, keepdims=True)  # (B, P, 1): num_samples on real positions, 0 on padding
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logprobs = np.where(mask, np.log(counts / np.maximum(total, 1.0)), -np.inf).astype(np.float32)
+    out: dict[str, NDArray] = {"target_ids": ids, "target_logprobs": logprobs, "target_mask": mask}
+    return {k: v[:, 0] for k, v in out.items()} if task == "seq-cls" else out
 
 
 def _pad(parts: list[NDArray], lengths: NDArray, dtype: type) -> NDArray:

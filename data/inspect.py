@@ -8,6 +8,7 @@ import numpy as np
 
 from data.manifest import Manifest
 from data.reader import StoreReader
+from data.shard import ShardData
 
 __all__ = ["summarize"]
 
@@ -21,6 +22,17 @@ def _bin_entropy(logprobs: np.ndarray[Any, Any], tail: np.ndarray[Any, Any]) -> 
         tail_term = np.where(t > 0, -t * np.log(np.where(t > 0, t, 1.0)), 0.0)
     entropy: np.ndarray[Any, Any] = -(p * lp).sum(axis=1) + tail_term
     return entropy
+
+
+def _sampled_entropy(data: ShardData) -> np.ndarray[Any, Any]:
+    """Entropy (nats) of each position's empirical distribution count / num_samples: (P,) float64."""
+    assert data.target_counts is not None and data.target_offsets is not None
+    c = data.target_counts.astype(np.float64)
+    n = np.diff(data.target_offsets)
+    total = np.repeat(np.add.reduceat(c, data.target_offsets[:-1]), n) if n.size else c
+    p = c / total
+    terms: np.ndarray[Any, Any] = -p * np.log(p)
+    return np.add.reduceat(terms, data.target_offsets[:-1]) if n.size else np.zeros(0)
 
 
 def _column_bytes(m: Manifest, positions: int) -> dict[str, float] | None:
@@ -46,10 +58,15 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
     m = reader.manifest
     kept: list[np.ndarray[Any, Any]] = []
     entropy: list[np.ndarray[Any, Any]] = []
+    unique: list[np.ndarray[Any, Any]] = []  # sampled stores: unique ids per position
     for s in range(min(reader.num_shards, max_shards or reader.num_shards)):
         data = reader.shard(s)
-        kept.append(1.0 - data.tail_mass.astype(np.float64))
-        entropy.append(_bin_entropy(data.target_logprobs, data.tail_mass))
+        if data.target_logprobs is not None:
+            kept.append(1.0 - data.tail_mass.astype(np.float64))
+            entropy.append(_bin_entropy(data.target_logprobs, data.tail_mass))
+        elif data.target_offsets is not None:
+            unique.append(np.diff(data.target_offsets).astype(np.float64))
+            entropy.append(_sampled_entropy(data))
     kept_all = np.concatenate(kept) if kept else np.zeros(0)
     ent_all = np.concatenate(entropy) if entropy else np.zeros(0)
     exact = [s.stats for s in m.shards if "entropy_sum" in s.stats]
@@ -67,6 +84,19 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
         }
 
     unit = "token" if m.granularity == "token" else "example"
+    kept_stats = [s.stats for s in m.shards if "kept_mass_sum" in s.stats and s.stats.get("count")]
+    sampled: dict[str, Any] | None = None
+    if m.targets.sampled:
+        sampled = {
+            "num_samples": m.targets.num_samples,
+            "unique_per_position": dist(np.concatenate(unique) if unique else np.zeros(0)),
+            # the teacher's probability mass on the ids drawn, as the labeler measured it
+            "teacher_mass_on_sampled_ids": (
+                sum(s["kept_mass_sum"] for s in kept_stats) / sum(s["count"] for s in kept_stats)
+                if kept_stats
+                else None
+            ),
+        }
     return {
         "store": str(reader.location),
         "format_version": m.format_version,
@@ -95,6 +125,7 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
             if lossy and lossy_count and all("kl_max" in s for s in lossy)
             else None
         ),
+        "sampled": sampled,
         "kept_mass": dist(kept_all),
         "bin_entropy": dist(ent_all),
         "teacher_entropy_mean": (

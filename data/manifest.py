@@ -38,7 +38,10 @@ FORMAT_VERSION = 1
 
 # task -> granularity of the stored distributions
 TASKS: dict[str, str] = {"causal-lm": "token", "masked-lm": "token", "seq-cls": "example"}
-METHODS = ("topk",)
+# "topk": the k most probable ids with their log-probs and the exact tail mass; "sample": the unique ids of
+# num_samples draws (with replacement) from the teacher at T, with their counts (an unbiased estimate of p).
+METHODS = ("topk", "sample")
+_MAX_SAMPLES = (1 << 16) - 1  # counts are stored as uint8 (<= 255 samples) or uint16
 # float16 keeps log-probs ~16x more precisely than bfloat16 for the same 2 bytes; float32 is exact; "q8" is the
 # documented lossy option: 8-bit codes on a 1/16-nat grid, decoded to float32 (see data/codecs.py).
 VALUE_DTYPES = ("float16", "float32", "q8")
@@ -109,8 +112,10 @@ class TargetSpec:
     """What the stored distributions are.
 
     Attributes:
-        method: "topk": the k most probable ids per position.
-        k: ids kept per position.
+        method: "topk": the k most probable ids per position; "sample": the unique ids of ``num_samples`` ids
+            drawn with replacement from softmax(logits / T) per position, with their counts (ragged per position).
+        k: ids kept per position (topk); for "sample", a bound on the unique ids of any position,
+            min(num_samples, num_classes).
         temperature: the labeling temperature T; log-probs are log softmax(logits / T) over the full vocabulary.
         num_classes: size of the distribution's support: the teacher's logit width (vocabulary including padded
             embedding rows) for LMs, the number of classes for classification. Every stored id is below it.
@@ -119,6 +124,8 @@ class TargetSpec:
         id_dtype: dtype of the stored ids (and of the input ids), the narrowest that holds them.
         encoding: how the target_logprobs column is stored, one of ENCODINGS (see data/codecs.py); "auto" lets
             the writer choose for its backend (never written to a manifest). Absent in a manifest: "plain".
+        num_samples: "sample" only: draws per position (>= 1); None for "topk" (absent from its manifest). Sampled
+            stores have no log-prob column, so their value_dtype and encoding are unused (always "plain").
     """
 
     method: str
@@ -128,6 +135,17 @@ class TargetSpec:
     value_dtype: str = "float16"
     id_dtype: str = "uint16"
     encoding: str = "auto"
+    num_samples: int | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """True for a store of sampled ids and counts ("sample"), False for top-k log-probs."""
+        return self.method == "sample"
+
+    @property
+    def count_dtype(self) -> str:
+        """The dtype of a sampled store's counts: uint8 when num_samples <= 255, else uint16."""
+        return "uint8" if (self.num_samples or 0) <= 255 else "uint16"
 
     @property
     def logprob_dtype(self) -> str:
@@ -138,10 +156,15 @@ class TargetSpec:
         """This spec with an "auto" encoding replaced by :func:`default_encoding` for ``backend``."""
         if self.encoding != "auto":
             return self
+        if self.sampled:  # no log-prob column to encode
+            return replace(self, encoding="plain")
         return replace(self, encoding=default_encoding(backend, self.value_dtype))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.num_samples is None:  # top-k manifests stay as they were before sampled targets existed
+            del d["num_samples"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TargetSpec:
@@ -154,7 +177,18 @@ class TargetSpec:
             value_dtype=_choice(d, "value_dtype", w, VALUE_DTYPES),
             id_dtype=_choice(d, "id_dtype", w, ID_DTYPES),
             encoding=_choice(d, "encoding", w, ENCODINGS) if "encoding" in d else "plain",
+            num_samples=_count(d, "num_samples", w, _MAX_SAMPLES) if d.get("num_samples") is not None else None,
         )
+        if spec.sampled:
+            if spec.num_samples is None or spec.num_samples < 1:
+                raise ManifestError(f"manifest: targets.num_samples={spec.num_samples} must be in [1, {_MAX_SAMPLES}]")
+            if spec.k > spec.num_samples or spec.value_dtype == "q8" or spec.encoding != "plain":
+                raise ManifestError(
+                    f"manifest: a sampled spec needs k <= num_samples and a plain float encoding, got k={spec.k}, "
+                    f"num_samples={spec.num_samples}, value_dtype={spec.value_dtype!r}, encoding={spec.encoding!r}"
+                )
+        elif spec.num_samples is not None:
+            raise ManifestError(f"manifest: targets.num_samples is set, but method={spec.method!r} takes none")
         if (spec.value_dtype == "q8") != (spec.encoding == "q8"):
             raise ManifestError(
                 f"manifest: targets.encoding={spec.encoding!r} does not fit value_dtype={spec.value_dtype!r} "
@@ -197,6 +231,8 @@ class ShardRecord:
         positions: labelled positions (rows for per-example stores).
         files: every file of the shard, relative to ``path`` (for a single-file shard: its own name).
         stats: sums the labeler measured on exact values (e.g. ``entropy_sum``, ``kept_mass_sum``).
+        entries: sampled stores only: the (position, unique id) entries of the shard, the length U of its ragged
+            ``target_ids`` / ``target_counts`` columns; None (absent from the manifest) for top-k stores.
     """
 
     name: str
@@ -207,9 +243,13 @@ class ShardRecord:
     positions: int
     files: dict[str, FileRecord]
     stats: dict[str, float] = field(default_factory=dict)
+    entries: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.entries is None:
+            del d["entries"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], i: int) -> ShardRecord:
@@ -242,6 +282,7 @@ class ShardRecord:
             positions=_count(d, "positions", w),
             files=files,
             stats={str(k): float(v) for k, v in stats_raw.items()},
+            entries=_count(d, "entries", w) if d.get("entries") is not None else None,
         )
 
 
@@ -367,6 +408,15 @@ class Manifest:
         paths = [s.path for s in shards]
         if len(set(names)) != len(names) or len(set(paths)) != len(paths):
             raise ManifestError("manifest: two shards share a name or a path")
+        for s in shards:
+            # a sampled shard's ragged columns have `entries` rows: between 1 and k per position
+            if not targets.sampled and s.entries is not None:
+                raise ManifestError(f"manifest: shard {s.name} records entries, but a top-k store has none")
+            if targets.sampled and (s.entries is None or not s.positions <= s.entries <= s.positions * targets.k):
+                raise ManifestError(
+                    f"manifest: shard {s.name} has entries={s.entries}; a sampled store needs between "
+                    f"positions={s.positions} and positions * k={s.positions * targets.k}"
+                )
         return cls(
             backend=_choice(d, "backend", "manifest", BACKENDS),
             task=task,

@@ -9,7 +9,14 @@
 Shards are loaded whole, on first use, and kept in a small LRU cache. Before a shard is decoded its files
 are checked against the sizes in the manifest (a truncated or missing file is refused before any read);
 with ``verify=True`` their SHA-256 too. Remote shards are downloaded into a local cache, checksummed on the
-way, and read from there.
+way, and read from there; a second read of the same shard (another process, another run) downloads nothing.
+
+A store is untrusted input. Besides the manifest's own checks (data/manifest.py), before a shard is decoded:
+its counts must be plausible for the bytes its files hold (no absurd allocation from a tiny file); every file
+must resolve inside the store (no symlink out of it) and a zarr shard's folder must hold only the files the
+manifest lists; and each column's metadata (zarr array metadata or arrow schema) must match the data type and
+shape the manifest implies (data/backends.py), so nothing larger than promised is ever decoded and no pickle
+or object codec ever runs.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from data.backends import read_shard, shard_files
+from data.backends import Column, decoded_bytes, read_shard, shard_files, stored_columns
 from data.codecs import decode_shard
 from data.errors import (
     CorruptShardError,
@@ -33,16 +40,33 @@ from data.errors import (
     IncompleteStoreError,
     ManifestError,
     NotAStoreError,
+    StoreError,
     StoreNotFoundError,
 )
 from data.location import Location, sha256_file
-from data.manifest import Manifest, ShardRecord
+from data.manifest import FileRecord, Manifest, ShardRecord
 from data.shard import NDArray, ShardData
 
-__all__ = ["StoreReader", "check_compatible", "default_cache_dir", "open_store", "read_manifest"]
+__all__ = [
+    "StoreReadError",
+    "StoreReader",
+    "check_compatible",
+    "check_files",
+    "default_cache_dir",
+    "open_store",
+    "read_manifest",
+]
 
 # A manifest is small (a few hundred bytes per shard); anything far larger is not one.
 _MAX_MANIFEST_BYTES = 256 << 20
+# A real shard's columns compress a few times over (~3x on a real teacher). Counts that imply more decoded bytes
+# than this many per stored byte, beyond a fixed allowance, are refused before anything is read or allocated.
+_MAX_EXPANSION = 1024
+_EXPANSION_ALLOWANCE = 256 << 20
+
+
+class StoreReadError(StoreError, OSError):
+    """Reading the store failed (an unreachable server, a local I/O error); the store itself is unchanged."""
 
 
 def default_cache_dir() -> Path:
@@ -50,16 +74,27 @@ def default_cache_dir() -> Path:
 
 
 def read_manifest(location: Location) -> Manifest:
-    """Read and check ``manifest.json``. Raises StoreNotFoundError, NotAStoreError, ManifestError."""
-    if not location.root_exists():
-        raise StoreNotFoundError(f"{location}: no such store (nothing exists at that path)")
-    size = location.size("manifest.json")
-    if size is None:
-        raise NotAStoreError(f"{location} is not a soft-label store: it has no manifest.json")
-    if size > _MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{location}: manifest.json is {size} bytes, larger than any real manifest")
+    """Read and check ``manifest.json``.
+
+    Raises StoreNotFoundError, NotAStoreError, ManifestError, and StoreReadError when the store cannot be reached.
+    """
     try:
-        raw = json.loads(location.read_bytes("manifest.json"))
+        if not location.root_exists():
+            raise StoreNotFoundError(f"{location}: no such store (nothing exists at that path)")
+        size = location.size("manifest.json")
+        if size is None:
+            raise NotAStoreError(f"{location} is not a soft-label store: it has no manifest.json")
+        if size > _MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{location}: manifest.json is {size} bytes, larger than any real manifest")
+        text = location.read_bytes("manifest.json")
+    except StoreError:
+        raise
+    except OSError as e:
+        raise StoreReadError(
+            f"{location}: reading manifest.json failed ({e}); check that the store is reachable and retry"
+        ) from e
+    try:
+        raw = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NotAStoreError(f"{location}: manifest.json is not valid JSON ({e})") from e
     return Manifest.from_dict(raw)
@@ -152,16 +187,34 @@ class StoreReader:
         return data
 
     def load_shard(self, record: ShardRecord, *, verify: bool) -> ShardData:
-        """Check a shard's files, decode it, and check its content against the manifest."""
+        """Check a shard's files, decode it, and check its content against the manifest.
+
+        Raises:
+            CorruptShardError: the files or their content do not match the manifest.
+            StoreReadError: the store could not be read (nothing is cached from a failed download).
+        """
         m = self.manifest
         files = shard_files(m.backend, record)
-        if self.location.is_local:
-            root = self.location.root
-            check_files(self.location, record.name, files, verify=verify)
-        else:
-            root = self._fetch(record.name, files)
+        expected = stored_columns(m.task, m.targets, record.rows, record.tokens, record.positions, record.entries)
+        _check_plausible(record, expected)
+        try:
+            if self.location.is_local:
+                check_files(self.location, record.name, files, verify=verify)
+                path = self.location.local(record.path)
+            else:
+                path = self._fetch(record, files)
+            if m.backend == "zarr":
+                _check_only_listed(record, path)
+            stored = read_shard(m.backend, path, expected)
+        except StoreError:
+            raise
+        except OSError as e:
+            raise StoreReadError(
+                f"{self.location}: reading {record.name} failed ({e}); the store is unchanged: check that it is "
+                "reachable and retry (files already downloaded are reused)"
+            ) from e
         # the one place a stored log-prob encoding is inverted (data/codecs.py); it checks the stored dtype first
-        data = decode_shard(m.targets, read_shard(m.backend, root / record.path), record.name)
+        data = decode_shard(m.targets, stored, record.name)
         counts = (data.rows, data.tokens, data.num_positions)
         if counts != (record.rows, record.tokens, record.positions):
             raise CorruptShardError(
@@ -171,48 +224,97 @@ class StoreReader:
         data.validate(m.task, m.targets, m.vocab_size, record.name)
         return data
 
-    def _fetch(self, name: str, files: dict[str, Any]) -> Path:
-        """Download a remote shard's files into the local cache, checking each SHA-256 (cached files are reused)."""
+    def _fetch(self, record: ShardRecord, files: dict[str, FileRecord]) -> Path:
+        """Download a remote shard's files into the local cache, checking each one's size before and SHA-256
+        after the download; files already there are reused. Returns the local path of the shard.
+
+        The cache holds one folder per shard *version* (the name plus a digest of every file's SHA-256), so a
+        folder only ever holds files of that manifest record, each checked when it was downloaded, and nothing
+        else (a zarr reader reads whatever the folder holds).
+        """
         assert self._remote_cache is not None
-        root = self._remote_cache
+        digests = json.dumps(sorted((rel, rec.sha256) for rel, rec in files.items()))
+        folder = self._remote_cache / f"{record.name}-{hashlib.sha256(digests.encode()).hexdigest()[:16]}"
         for rel, rec in files.items():
-            dest = root / rel
-            if dest.is_file() and dest.stat().st_size == rec.bytes and _cached_ok(dest, rec.sha256):
+            dest = folder / rel.removeprefix("shards/")
+            if dest.is_file() and dest.stat().st_size == rec.bytes:
                 continue
-            # unique per process: DataLoader workers may fetch the same shard at once
-            tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-            self.location.download(rel, tmp)
-            if tmp.stat().st_size != rec.bytes or sha256_file(tmp) != rec.sha256:
-                tmp.unlink()
-                raise CorruptShardError(f"{name}: downloaded file {rel} does not match its manifest checksum")
-            os.replace(tmp, dest)
-            dest.with_name(dest.name + ".sha256").write_text(rec.sha256)
-        return root
+            check_files(self.location, record.name, {rel: rec}, verify=False)  # a HEAD: no download of a wrong size
+            # unique per process: DataLoader workers may fetch the same shard at once; outside the shard folder
+            # so that a download cut short never sits among the shard's files
+            tmp = self._remote_cache / ".partial" / f"{record.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+            try:
+                self.location.download(rel, tmp)
+                if tmp.stat().st_size != rec.bytes or sha256_file(tmp) != rec.sha256:
+                    raise CorruptShardError(
+                        f"{record.name}: downloaded file {rel} does not match its manifest checksum"
+                    )
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return folder / record.path.removeprefix("shards/")
 
     def check_compatible(self, **kwargs: Any) -> None:
         """See :func:`check_compatible`."""
         check_compatible(self.manifest, **kwargs)
 
 
-def _cached_ok(path: Path, sha256: str) -> bool:
-    marker = path.with_name(path.name + ".sha256")
-    return marker.is_file() and marker.read_text() == sha256
+def _check_plausible(record: ShardRecord, expected: dict[str, Column]) -> None:
+    """Refuse counts that no honest shard of this size could hold, before any file is read."""
+    stored = sum(f.bytes for f in record.files.values())
+    decoded = decoded_bytes(expected)
+    if decoded > _MAX_EXPANSION * stored + _EXPANSION_ALLOWANCE:
+        raise CorruptShardError(
+            f"{record.name}: the manifest's counts (rows {record.rows}, tokens {record.tokens}, positions "
+            f"{record.positions}) need {decoded} bytes once decoded, but its files hold only {stored} bytes; "
+            "refusing to decode it"
+        )
+
+
+def _check_only_listed(record: ShardRecord, shard_dir: Path) -> None:
+    """A zarr reader reads whatever a shard's folder holds, so it must hold exactly the listed (size-checked)
+    files, and no symlink that could lead elsewhere."""
+    if not shard_dir.is_dir():
+        raise CorruptShardError(f"{record.name}: {record.path} is not a folder")
+    for folder, dirs, names in os.walk(shard_dir):
+        for entry in (*dirs, *names):
+            path = Path(folder) / entry
+            rel = path.relative_to(shard_dir).as_posix()
+            if path.is_symlink():
+                raise CorruptShardError(f"{record.name}: {rel} is a symlink; a shard holds only plain files")
+            if entry in names and rel not in record.files:
+                raise CorruptShardError(f"{record.name}: file {rel} is not listed in the manifest; refusing the shard")
 
 
 def check_files(location: Location, name: str, files: dict[str, Any], *, verify: bool) -> None:
-    """Refuse a shard with a missing or wrongly sized file (and, with ``verify``, a wrong checksum)."""
-    for rel, rec in files.items():
-        size = location.size(rel)
-        if size is None:
-            raise CorruptShardError(f"{name}: file {rel} is missing")
-        if size != rec.bytes:
-            raise CorruptShardError(f"{name}: file {rel} has {size} bytes, the manifest says {rec.bytes}")
-        if verify:
-            h = hashlib.sha256()
-            for block in location.iter_file(rel):
-                h.update(block)
-            if h.hexdigest() != rec.sha256:
-                raise CorruptShardError(f"{name}: file {rel} does not match its SHA-256 in the manifest")
+    """Refuse a shard with a missing or wrongly sized file, or (local stores) a file that resolves outside the
+    store through a symlink; with ``verify``, also a wrong checksum. Sizes come from a stat (or a HEAD): a file
+    is never read to find out that it has the wrong size.
+
+    Raises:
+        CorruptShardError: a file is missing, outside the store, or does not match the manifest.
+        StoreReadError: the store could not be read.
+    """
+    try:
+        for rel, rec in files.items():
+            if not location.resolves_inside(rel):
+                raise CorruptShardError(f"{name}: file {rel} leads outside the store through a symlink; refusing it")
+            size = location.size(rel)
+            if size is None:
+                raise CorruptShardError(f"{name}: file {rel} is missing")
+            if size != rec.bytes:
+                raise CorruptShardError(f"{name}: file {rel} has {size} bytes, the manifest says {rec.bytes}")
+            if verify:
+                h = hashlib.sha256()
+                for block in location.iter_file(rel):
+                    h.update(block)
+                if h.hexdigest() != rec.sha256:
+                    raise CorruptShardError(f"{name}: file {rel} does not match its SHA-256 in the manifest")
+    except StoreError:
+        raise
+    except OSError as e:
+        raise StoreReadError(f"{location}: reading {name} failed ({e}); check that the store is reachable") from e
 
 
 def check_compatible(

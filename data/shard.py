@@ -9,6 +9,11 @@ Per-token alignment (causal-lm): an example of L input tokens has L - 1 position
 teacher's distribution for the *next* token, p(x[i+1] | x[0..i]), so its hard label is ``input_ids[i + 1]``.
 masked-lm: one position per masked token; ``positions`` gives its index in the example, ``labels`` the original
 token. seq-cls: one position per example; ``labels`` holds the class (or is absent).
+
+Sampled stores (``targets.method == "sample"``) replace the (P, K) target columns by a third ragged axis of U
+entries, one per (position, unique sampled id): ``target_ids`` (U,), ``target_counts`` (U,) and
+``target_offsets`` (P + 1,); position p's ids are ``target_ids[target_offsets[p]:target_offsets[p + 1]]``, sorted
+ascending, and their counts sum to ``num_samples``. They have no ``target_logprobs``; ``tail_mass`` is all 0.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ COLUMNS: dict[str, str] = {
     "token_offsets": "rows+1",
     "position_offsets": "rows+1",
     "target_ids": "positions",
-    "target_logprobs": "positions",
+    "target_logprobs": "positions",  # top-k stores only
+    "target_counts": "entries",  # sampled stores only: (U,) ragged, one entry per (position, unique id)
+    "target_offsets": "positions+1",  # sampled stores only
     "tail_mass": "positions",
     "keys": "rows",
     "labels": "labels",  # rows (seq-cls) or positions (masked-lm)
@@ -51,29 +58,36 @@ def example_key(input_ids: npt.ArrayLike) -> bytes:
 class ShardData:
     """A shard's arrays. Shapes: R rows, T tokens, P positions, K kept ids per position.
 
+    Sampled stores: U entries (position, unique id), see the module docstring.
+
     Attributes:
         input_ids: (T,) id dtype: every example's input tokens, concatenated.
         token_offsets: (R + 1,) int64: example r's tokens are ``input_ids[token_offsets[r]:token_offsets[r+1]]``.
         position_offsets: (R + 1,) int64: the same for the position axis.
-        target_ids: (P, K) id dtype: kept ids, most probable first.
+        target_ids: (P, K) id dtype: kept ids, most probable first. Sampled: (U,) the unique sampled ids.
         target_logprobs: (P, K) ``targets.logprob_dtype`` (the value dtype; float32 for q8): log softmax(logits / T)
             over the full vocabulary at those ids, decoded (backends read and write the stored encoding,
-            see data/codecs.py).
+            see data/codecs.py). None for sampled stores.
         tail_mass: (P,) float32: 1 - sum of the kept probabilities, from the unquantised values.
         keys: (R, 16) uint8: content key of each example (:func:`example_key`).
         labels: (R,) int64 for seq-cls, (P,) id dtype for masked-lm, None where the task stores none.
         positions: (P,) int32 for masked-lm: index of each position within its example; None otherwise.
+        target_counts: sampled stores: (U,) ``targets.count_dtype``: how often each id was drawn (>= 1).
+        target_offsets: sampled stores: (P + 1,) int64: position p's entries are
+            ``[target_offsets[p], target_offsets[p + 1])``.
     """
 
     input_ids: NDArray
     token_offsets: NDArray
     position_offsets: NDArray
     target_ids: NDArray
-    target_logprobs: NDArray
+    target_logprobs: NDArray | None
     tail_mass: NDArray
     keys: NDArray
     labels: NDArray | None = None
     positions: NDArray | None = None
+    target_counts: NDArray | None = None
+    target_offsets: NDArray | None = None
 
     @property
     def rows(self) -> int:
@@ -87,6 +101,11 @@ class ShardData:
     def num_positions(self) -> int:
         return int(self.tail_mass.shape[0])
 
+    @property
+    def num_entries(self) -> int | None:
+        """Sampled shards: U, the (position, unique id) entries; None for top-k shards."""
+        return None if self.target_counts is None else int(self.target_counts.shape[0])
+
     def columns(self) -> dict[str, NDArray]:
         """The arrays that exist, by column name."""
         out = {name: getattr(self, name) for name in COLUMNS}
@@ -96,13 +115,19 @@ class ShardData:
         """Example ``r`` as the public dict of numpy arrays (views, no copies)."""
         t0, t1 = int(self.token_offsets[r]), int(self.token_offsets[r + 1])
         p0, p1 = int(self.position_offsets[r]), int(self.position_offsets[r + 1])
-        ex: dict[str, NDArray] = {
-            "input_ids": self.input_ids[t0:t1],
-            "target_ids": self.target_ids[p0:p1],
-            "target_logprobs": self.target_logprobs[p0:p1],
-            "tail_mass": self.tail_mass[p0:p1],
-            "key": self.keys[r],
-        }
+        ex: dict[str, NDArray] = {"input_ids": self.input_ids[t0:t1]}
+        if self.target_offsets is not None and self.target_counts is not None:  # sampled: (U_e,) and (P_e + 1,)
+            off = self.target_offsets[p0 : p1 + 1]
+            e0, e1 = int(off[0]), int(off[-1])
+            ex["target_ids"] = self.target_ids[e0:e1]
+            ex["target_counts"] = self.target_counts[e0:e1]
+            ex["target_offsets"] = off - e0  # a new (P_e + 1,) array starting at 0
+        else:
+            assert self.target_logprobs is not None
+            ex["target_ids"] = self.target_ids[p0:p1]
+            ex["target_logprobs"] = self.target_logprobs[p0:p1]
+        ex["tail_mass"] = self.tail_mass[p0:p1]
+        ex["key"] = self.keys[r]
         if task == "causal-lm":
             ex["label"] = self.input_ids[t0 + 1 : t1]
         elif task == "masked-lm":
@@ -133,6 +158,18 @@ class ShardData:
             "tail_mass": ((P,), "float32"),
             "keys": ((R, 16), "uint8"),
         }
+        U = int(self.target_counts.shape[0]) if self.target_counts is not None else 0
+        if targets.sampled:
+            del expect["target_logprobs"]
+            expect |= {
+                "target_ids": ((U,), targets.id_dtype),
+                "target_counts": ((U,), targets.count_dtype),
+                "target_offsets": ((P + 1,), "int64"),
+            }
+            if self.target_logprobs is not None:
+                raise bad("a sampled store has no 'target_logprobs' column")
+        elif self.target_counts is not None or self.target_offsets is not None:
+            raise bad("'target_counts' and 'target_offsets' belong to sampled stores only")
         if task == "masked-lm":
             expect["labels"] = ((P,), targets.id_dtype)
             expect["positions"] = ((P,), "int32")
@@ -155,8 +192,10 @@ class ShardData:
             raise bad("a causal-lm example of L tokens must have L - 1 positions")
         if T and int(self.input_ids.max()) >= vocab_size:
             raise bad(f"an input id is >= vocab_size {vocab_size}")
-        if P and int(self.target_ids.max()) >= targets.num_classes:
+        if self.target_ids.size and int(self.target_ids.max()) >= targets.num_classes:
             raise bad(f"a target id is >= num_classes {targets.num_classes}")
+        if targets.sampled:
+            self._validate_sampled(targets, bad)
         if task == "seq-cls" and self.labels is not None and R:
             lab = self.labels
             if int(lab.min()) < -1 or int(lab.max()) >= targets.num_classes:
@@ -166,6 +205,27 @@ class ShardData:
             lengths = np.repeat(np.diff(self.token_offsets), per_row)
             if np.any(self.positions < 0) or np.any(self.positions >= lengths):
                 raise bad("a masked position is outside its example")
+
+    def _validate_sampled(self, targets: TargetSpec, bad: Any) -> None:
+        """Ragged sampled targets: offsets run 0..U, every position holds 1..k ids, strictly ascending (so
+        unique), each drawn at least once, and its counts sum to num_samples; no tail."""
+        assert self.target_offsets is not None and self.target_counts is not None
+        off, counts, ids = self.target_offsets, self.target_counts, self.target_ids
+        U, P = int(counts.shape[0]), self.num_positions
+        n = np.diff(off)
+        if off[0] != 0 or off[-1] != U or np.any(n < 1) or np.any(n > targets.k):
+            raise bad(f"'target_offsets' must rise from 0 to {U} by 1..k={targets.k} ids per position")
+        if U and int(counts.min()) < 1:
+            raise bad("a sampled id has a count of 0")
+        if P and np.any(np.add.reduceat(counts.astype(np.int64), off[:-1]) != targets.num_samples):
+            raise bad(f"the counts of a position do not sum to num_samples={targets.num_samples}")
+        rises = np.diff(ids.astype(np.int64)) > 0  # (U - 1,): within a position ids must strictly rise
+        first = np.zeros(U, dtype=bool)
+        first[off[:-1]] = True
+        if not np.all(rises | first[1:]):
+            raise bad("the ids of a position are not unique and ascending")
+        if P and np.any(self.tail_mass != 0):
+            raise bad("a sampled store's tail_mass must be 0 (every draw is stored)")
 
 
 class ShardBuilder:
@@ -208,13 +268,42 @@ class ShardBuilder:
         that costs, at commit.
         """
         t = self.targets
+        if t.sampled:
+            raise ValueError("a sampled store takes add_sampled(...), not add(...)")
         ids = np.asarray(input_ids).astype(t.id_dtype, copy=False).reshape(-1)
         tid = np.asarray(target_ids).astype(t.id_dtype, copy=False).reshape(-1, t.k)
         tlp = np.asarray(target_logprobs).astype(t.logprob_dtype, copy=False).reshape(-1, t.k)
         tail = np.asarray(tail_mass).astype(np.float32, copy=False).reshape(-1)
-        self._parts["input_ids"].append(ids)
         self._parts["target_ids"].append(tid)
         self._parts["target_logprobs"].append(tlp)
+        self._add_example(ids, tail, label, positions)
+
+    def add_sampled(
+        self,
+        input_ids: npt.ArrayLike,
+        target_ids: npt.ArrayLike,
+        target_counts: npt.ArrayLike,
+        target_offsets: npt.ArrayLike,
+        label: npt.ArrayLike | None = None,
+        positions: npt.ArrayLike | None = None,
+    ) -> None:
+        """Add one example of a sampled store: ``target_ids`` and ``target_counts`` (U_e,), the unique ids of each
+        position (ascending) and their counts; ``target_offsets`` (P_e + 1,) from 0, as in the example dict."""
+        t = self.targets
+        if not t.sampled:
+            raise ValueError(f"add_sampled(...) is for sampled stores; this one's method is {t.method!r}")
+        ids = np.asarray(input_ids).astype(t.id_dtype, copy=False).reshape(-1)
+        per_position = np.diff(np.asarray(target_offsets, dtype=np.int64).reshape(-1))  # (P_e,)
+        self._parts["target_ids"].append(np.asarray(target_ids).astype(t.id_dtype, copy=False).reshape(-1))
+        self._parts["target_counts"].append(np.asarray(target_counts).astype(t.count_dtype, copy=False).reshape(-1))
+        self._parts["target_offsets"].append(per_position)
+        self._add_example(ids, np.zeros(per_position.shape[0], dtype=np.float32), label, positions)
+
+    def _add_example(
+        self, ids: NDArray, tail: NDArray, label: npt.ArrayLike | None, positions: npt.ArrayLike | None
+    ) -> None:
+        t = self.targets
+        self._parts["input_ids"].append(ids)
         self._parts["tail_mass"].append(tail)
         self._parts["keys"].append(np.frombuffer(example_key(ids), dtype=np.uint8))
         if label is not None:
@@ -246,12 +335,14 @@ class ShardBuilder:
             input_ids=cat("input_ids", t.id_dtype),
             token_offsets=offsets("token_offsets"),
             position_offsets=offsets("position_offsets"),
-            target_ids=cat("target_ids", t.id_dtype, (t.k,)),
-            target_logprobs=cat("target_logprobs", t.logprob_dtype, (t.k,)),
+            target_ids=cat("target_ids", t.id_dtype, () if t.sampled else (t.k,)),
+            target_logprobs=None if t.sampled else cat("target_logprobs", t.logprob_dtype, (t.k,)),
             tail_mass=cat("tail_mass", "float32"),
             keys=cat("keys", "uint8").reshape(-1, 16),
             labels=cat("labels", "int64" if self.task == "seq-cls" else t.id_dtype) if has_labels else None,
             positions=cat("positions", "int32") if self.task == "masked-lm" else None,
+            target_counts=cat("target_counts", t.count_dtype) if t.sampled else None,
+            target_offsets=offsets("target_offsets") if t.sampled else None,
         )
         self._reset()
         return data
@@ -262,6 +353,11 @@ def shard_from_examples(task: str, targets: TargetSpec, examples: Iterable[Mappi
     b = ShardBuilder(task, targets)
     for ex in examples:
         label = ex.get("label") if task != "causal-lm" else None
+        if targets.sampled:
+            b.add_sampled(
+                ex["input_ids"], ex["target_ids"], ex["target_counts"], ex["target_offsets"], label, ex.get("positions")
+            )
+            continue
         b.add(
             ex["input_ids"],
             ex["target_ids"],

@@ -10,6 +10,12 @@
 Commit protocol: the shard is written in full into a staging path, checksummed, moved to its final name,
 and only then listed in ``manifest.json``, which is replaced atomically. A crash at any point leaves the
 previous manifest valid and every listed shard intact; an unlisted leftover shard is overwritten on resume.
+
+On an object store (an fsspec URL) there is no rename: the staged files are PUT once under their final names,
+then the manifest is replaced by one PUT (data/location.py). A failed write (a full disk, a server that went
+away) raises StoreWriteError naming the store and what failed; re-running resumes after the last commit. The
+write lock is a local file lock: it cannot stop two processes writing one *remote* store, so remote writers
+must be coordinated by the job (one writer per store, or ``--num-shards`` parts merged at the end).
 """
 
 from __future__ import annotations
@@ -79,6 +85,15 @@ class StoreWriter:
         self._lock_fd: int | None = None
         try:
             self.manifest = self._open(template, overwrite)
+        except StoreError:
+            self.close()
+            raise
+        except OSError as e:
+            self.close()
+            raise StoreWriteError(
+                f"opening {self.location} for writing failed ({type(e).__name__}: {e}); nothing was changed: fix "
+                "the cause (reachability, permissions) and re-run the same command"
+            ) from e
         except BaseException:
             self.close()
             raise
@@ -194,6 +209,7 @@ class StoreWriter:
             positions=data.num_positions,
             files=files,
             stats={**(stats or {}), **codec_stats},
+            entries=data.num_entries,
         )
         with self._write_errors(name):
             self._write_manifest(m.with_shard(record))
@@ -226,7 +242,10 @@ class StoreWriter:
         staging_root = self.location.local(".staging") if self.location.is_local else None
         if staging_root is not None:
             staging_root.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging_root, prefix=f"{record.name}-") as tmp:
+        with (
+            self._write_errors(record.name),
+            tempfile.TemporaryDirectory(dir=staging_root, prefix=f"{record.name}-") as tmp,
+        ):
             staged = Path(tmp) / record.path.rsplit("/", 1)[-1]
             if source.is_local and move:
                 os.replace(source.local(record.path), staged)
@@ -239,14 +258,16 @@ class StoreWriter:
             if _file_records(staged) != record.files:
                 raise CorruptShardError(f"{record.name}: files changed while being merged")
             self.location.publish(staged, record.path)
+        with self._write_errors(record.name):
+            self._write_manifest(m.with_shard(record))
         self.manifest = m.with_shard(record)
-        self._write_manifest(self.manifest)
         return record
 
     def finish(self) -> Manifest:
         """Mark the store complete. Readers refuse an incomplete store unless asked to read one."""
+        with self._write_errors("manifest.json"):
+            self._write_manifest(replace(self.manifest, complete=True))
         self.manifest = replace(self.manifest, complete=True)
-        self._write_manifest(self.manifest)
         if self.location.is_local:
             self.location.remove(".staging")
         return self.manifest

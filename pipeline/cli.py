@@ -114,10 +114,17 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
         f"weights {str(teacher.get('weights_digest', '?'))[:16]}  dtype {teacher.get('dtype', '?')}"
     )
     echo(f"tokenizer    digest {str(s['tokenizer'].get('digest', '?'))[:16]}  vocab {s['vocab_size']}")
-    echo(
-        f"targets      {t['method']} k={t['k']} T={t['temperature']} over {t['num_classes']} ids, "
-        f"values {t['value_dtype']} (encoding {t.get('encoding', 'plain')}), ids {t['id_dtype']}"
-    )
+    sampled = s.get("sampled")
+    if sampled:
+        echo(
+            f"targets      sample N={sampled['num_samples']} draws per {unit} at T={t['temperature']} over "
+            f"{t['num_classes']} ids, stored as unique ids + counts (at most {t['k']} per {unit}), ids {t['id_dtype']}"
+        )
+    else:
+        echo(
+            f"targets      {t['method']} k={t['k']} T={t['temperature']} over {t['num_classes']} ids, "
+            f"values {t['value_dtype']} (encoding {t.get('encoding', 'plain')}), ids {t['id_dtype']}"
+        )
     ds = s["dataset"]
     echo(f"dataset      {ds.get('source', '?')}  fingerprint {str(ds.get('fingerprint', '?'))[:16]}")
     echo(
@@ -135,9 +142,18 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
             f"max {kl['max']:.2g} nats per position"
         )
     km, be = s["kept_mass"], s["bin_entropy"]
-    echo(f"kept mass    mean {fmt(km['mean'])}  p5 {fmt(km['p5'])}  p50 {fmt(km['p50'])}  (top-{t['k']} coverage)")
+    if sampled:
+        uq = sampled["unique_per_position"]
+        echo(
+            f"unique ids   mean {fmt(uq['mean'], '.2f')}  p50 {fmt(uq['p50'], '.0f')}  "
+            f"p95 {fmt(uq['p95'], '.0f')} per {unit}"
+        )
+        echo(f"kept mass    mean {fmt(sampled['teacher_mass_on_sampled_ids'])}  (the teacher's mass on the drawn ids)")
+    else:
+        echo(f"kept mass    mean {fmt(km['mean'])}  p5 {fmt(km['p5'])}  p50 {fmt(km['p50'])}  (top-{t['k']} coverage)")
+    bins = "the empirical counts" if sampled else "k+1 bins"
     echo(
-        f"entropy      teacher mean {fmt(s['teacher_entropy_mean'])} nats; over k+1 bins mean {fmt(be['mean'])} "
+        f"entropy      teacher mean {fmt(s['teacher_entropy_mean'])} nats; over {bins} mean {fmt(be['mean'])} "
         f"p5 {fmt(be['p5'])} p95 {fmt(be['p95'])}"
     )
 
@@ -157,12 +173,13 @@ def merge(out: str, parts: tuple[str, ...], allow_partial: bool) -> None:
 
 
 def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from data.manifest import TASKS, VALUE_DTYPES
+    from data.manifest import METHODS, TASKS, VALUE_DTYPES
     from pipeline.config import config_options
     from stages.label import LabelConfig
 
     choices = {
         "task": tuple(TASKS),
+        "method": METHODS,
         "format": ("zarr", "arrow"),
         "dtype": ("auto", "float32", "bfloat16", "float16"),
         "value_dtype": VALUE_DTYPES,
@@ -174,7 +191,7 @@ def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @_label_options
 @click.pass_context
 def label(ctx: click.Context, /, **_: Any) -> None:
-    """Stage one: run a teacher once and cache its top-k soft labels in a store."""
+    """Stage one: run a teacher once and cache its soft labels (top-k, or sampled ids) in a store."""
     from pipeline.config import resolve_config
     from stages.label import LabelConfig
 

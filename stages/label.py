@@ -8,8 +8,11 @@ hand the unit to the writer thread) -> summary.
 
 Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions``
 positions: a (chunk, V) float32 block is the largest thing that exists at once, never (batch, seq, V).
-Only the kept ids and values (and a few scalars) leave the device. Writing a unit overlaps computing the
-next one (a bounded queue of 2 units to one writer thread).
+Only the kept ids and values (and a few scalars) leave the device. With ``--method sample --samples N`` each
+position instead gets N ids drawn with replacement from softmax(z / T) on the device (a generator seeded from
+the labeling seed, the unit, the batch within the unit and the chunk, so resumed and multi-process runs draw the
+same ids), and only their unique ids and counts leave it (see ``_sample_chunked``). Writing a unit overlaps
+computing the next one (a bounded queue of 2 units to one writer thread).
 
 Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units
 are fixed ranges of the input examples, so the store is identical whether it was written in one go or not.
@@ -62,8 +65,13 @@ class LabelConfig:
     """Output store: a new or empty directory, an existing store to resume, or an fsspec URL."""
     task: str = "causal-lm"
     """causal-lm (per token), masked-lm (per masked token), or seq-cls (per example)."""
+    method: str = "topk"
+    """Targets: topk (the top-k log-probs plus the exact tail mass) or sample (the unique ids of --samples draws
+    from the teacher at T, with their counts: unbiased targets, ~12 unique ids per token at 50 draws)."""
     top_k: int = 32
-    """Ids kept per position (the rest of the mass goes into the exact tail bin)."""
+    """Ids kept per position (the rest of the mass goes into the exact tail bin); --method topk."""
+    samples: int = 50
+    """--method sample: ids drawn with replacement per position (1..65535); counts are uint8 up to 255 draws."""
     temperature: float = 1.0
     """Labeling temperature T: stored values are log softmax(logits / T) over the full vocabulary."""
     max_length: int = 512
@@ -127,6 +135,12 @@ class LabelConfig:
             problems.append(f"--task {self.task!r} is not one of {', '.join(data.manifest.TASKS)}")
         if self.top_k < 1:
             problems.append(f"--top-k must be >= 1, got {self.top_k}")
+        if self.method not in data.manifest.METHODS:
+            problems.append(f"--method {self.method!r} is not one of {', '.join(data.manifest.METHODS)}")
+        if self.method == "sample" and not 1 <= self.samples <= 65535:
+            problems.append(f"--samples must be in [1, 65535], got {self.samples}")
+        if self.method == "sample" and self.value_dtype == "q8":
+            problems.append("--value-dtype q8 applies to --method topk only (sampled stores hold counts)")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             problems.append(f"--temperature must be a finite number > 0, got {self.temperature}")
         if self.max_length < 2:
@@ -153,8 +167,15 @@ class LabelConfig:
             raise LabelConfigError("; ".join(problems))
 
     def content_dict(self) -> dict[str, Any]:
-        """The resolved configuration that determines the store's content (saved in its manifest)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
+        """The resolved configuration that determines the store's content (saved in its manifest).
+
+        A top-k run leaves out ``method`` and ``samples`` (the manifest's targets say "topk"), so that stores
+        labelled before sampled targets existed still resume and merge.
+        """
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
+        if self.method == "topk":
+            del out["method"], out["samples"]
+        return out
 
 
 @dataclass
@@ -201,7 +222,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     if cfg.task == "seq-cls" and cfg.top_k > width:
         say(f"keeping all {width} classes (--top-k {cfg.top_k} exceeds the number of classes)")
         cfg = dataclasses.replace(cfg, top_k=width)
-    if cfg.top_k > width:
+    if cfg.top_k > width and cfg.method == "topk":
         raise LabelConfigError(
             f"--top-k {cfg.top_k} is larger than the teacher's {width} output ids; use --top-k <= {width}"
         )
@@ -246,7 +267,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         )
         with _WriterThread(writer) as out:
             for u in todo:
-                out.put(u, _label_unit(units[u], cfg, head, tokenizer.pad_token_id, device, progress))
+                out.put(u, _label_unit(units[u], u, cfg, head, tokenizer.pad_token_id, device, progress))
         progress.close()
         manifest = writer.finish()
     if lock is not None:
@@ -270,11 +291,17 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     per = "token" if cfg.task != "seq-cls" else "example"
     new_tokens = sum(len(x.input_ids) for u in todo for x in units[u])
     rate = new_tokens / max(seconds, 1e-9)
+    entries = sum(s.entries or 0 for s in manifest.shards)
+    what = (
+        f"{cfg.samples} samples, {entries / max(1, manifest.positions):.1f} unique ids/{per}"
+        if cfg.method == "sample"
+        else f"top-{cfg.top_k}"
+    )
     say(
         f"labelled {len(todo)} shards ({new_tokens:,} tokens) in {seconds:.1f}s = {rate:,.0f} tokens/s; "
         f"store {manifest.rows:,} examples, {manifest.positions:,} positions, {manifest.bytes:,} bytes = "
         f"{manifest.bytes / max(1, manifest.positions):.1f} bytes/{per}; "
-        f"mean kept mass {kept:.3f} (top-{cfg.top_k}, T={cfg.temperature})"
+        f"mean kept mass {kept:.3f} ({what}, T={cfg.temperature})"
     )
     return result
 
@@ -418,7 +445,7 @@ def _manifest_template(
     return data.Manifest(
         backend=cfg.format,
         task=cfg.task,
-        targets=data.TargetSpec("topk", cfg.top_k, float(cfg.temperature), width, cfg.value_dtype, id_dtype),
+        targets=_target_spec(cfg, width, id_dtype),
         vocab_size=id_bound,
         teacher={
             **provenance,
@@ -449,6 +476,15 @@ def _manifest_template(
         versions=versions,
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
+
+
+def _target_spec(cfg: LabelConfig, width: int, id_dtype: str) -> data.TargetSpec:
+    """The store's target spec. A sampled store's k is a bound known before labeling: no position can hold more
+    unique ids than draws or than the teacher has ids."""
+    if cfg.method == "sample":
+        k = min(cfg.samples, width)
+        return data.TargetSpec("sample", k, float(cfg.temperature), width, "float16", id_dtype, num_samples=cfg.samples)
+    return data.TargetSpec("topk", cfg.top_k, float(cfg.temperature), width, cfg.value_dtype, id_dtype)
 
 
 # Below this tail mass, 1 - sum(kept) in float64 of float32 log-probs is mostly rounding: recompute it exactly.
@@ -500,6 +536,62 @@ def _topk_chunked(
     return {key: torch.cat(parts) for key, parts in out.items() if parts}
 
 
+def _sample_chunked(
+    rows: torch.Tensor,
+    head: OutputHead,
+    num_samples: int,
+    temperature: float,
+    chunk: int,
+    labels: torch.Tensor | None,
+    seed: list[int],
+) -> dict[str, torch.Tensor]:
+    """Draw ``num_samples`` ids with replacement from softmax(z / T) for N rows; keep the unique ids and counts.
+
+    Args:
+        rows: (N, H) hidden states or (N, V) logits.
+        labels: as for :func:`_topk_chunked`.
+        seed: seed words (labeling seed, unit, batch within the unit); chunk c of the batch draws from a
+            generator seeded with SeedSequence(seed + [c]), so a resumed or multi-process run, which labels each
+            unit with the same batches and chunks, draws exactly the same ids (on the same kind of device: CPU
+            and CUDA generators give different streams).
+
+    Returns CPU tensors: ids (U,) int64 and counts (U,) int64, each row's unique ids in ascending order, rows one
+    after another; unique (N,) int64, the unique ids of each row; kept (N,) float32, the teacher's probability of
+    the ids drawn; nll (N,) and entropy (M,) as for :func:`_topk_chunked`. Only those leave the device.
+    """
+    import torch
+
+    out: dict[str, list[torch.Tensor]] = {"ids": [], "counts": [], "unique": [], "kept": [], "entropy": [], "nll": []}
+    for c, i in enumerate(range(0, rows.shape[0], chunk)):
+        raw = head.logits(rows[i : i + chunk])  # (c, V) float32
+        z = raw if temperature == 1.0 else raw / temperature
+        probs = torch.softmax(z, dim=-1)  # (c, V) float32
+        state = np.random.SeedSequence([*seed, c]).generate_state(2, np.uint32)
+        g = torch.Generator(device=z.device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+        draws = torch.multinomial(probs, num_samples, replacement=True, generator=g)  # (c, S) int64
+        draws = draws.sort(dim=-1).values
+        # a run of equal ids in a sorted row is one unique id: mark where each run starts
+        starts = torch.ones_like(draws, dtype=torch.bool)
+        starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+        flat_starts = starts.reshape(-1).nonzero()[:, 0]  # (U_c,) into the flattened (c * S)
+        ends = torch.cat([flat_starts[1:], flat_starts.new_tensor([draws.numel()])])  # row ends are run ends
+        ids = draws.reshape(-1)[flat_starts]  # (U_c,)
+        unique = starts.sum(dim=-1)  # (c,)
+        row = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), unique)  # (U_c,)
+        out["kept"].append(torch.zeros(z.shape[0], device=z.device).index_add_(0, row, probs[row, ids]).cpu())
+        lse = torch.logsumexp(z, dim=-1)  # (c,)
+        sub = torch.arange((-i) % _ENTROPY_EVERY, z.shape[0], _ENTROPY_EVERY, device=z.device)
+        out["entropy"].append((lse[sub] - (probs[sub] * z[sub]).sum(-1)).cpu())
+        if labels is not None:
+            lab = labels[i : i + chunk].to(raw.device)
+            lse1 = lse if temperature == 1.0 else torch.logsumexp(raw, dim=-1)
+            out["nll"].append(((lse1 - raw.gather(-1, lab.clamp_min(0)[:, None])[:, 0]) * (lab >= 0)).cpu())
+        out["ids"].append(ids.cpu())
+        out["counts"].append((ends - flat_starts).cpu())
+        out["unique"].append(unique.cpu())
+    return {key: torch.cat(parts) for key, parts in out.items() if parts}
+
+
 def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
     """Indices of the unit's examples grouped by similar length (longest first), so padding stays small."""
     order = sorted(range(len(unit)), key=lambda i: (-len(unit[i].input_ids), i))
@@ -518,23 +610,35 @@ def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
 
 
 def _label_unit(
-    unit: list[Example], cfg: LabelConfig, head: OutputHead, pad_id: int | None, device: torch.device, progress: Any
+    unit: list[Example],
+    index: int,
+    cfg: LabelConfig,
+    head: OutputHead,
+    pad_id: int | None,
+    device: torch.device,
+    progress: Any,
 ) -> tuple[_RowsToShard, dict[str, float]]:
-    """Label one work unit; returns its rows (examples in input order) and summed statistics."""
+    """Label work unit ``index``; returns its rows (examples in input order) and summed statistics."""
     import torch
 
     with torch.inference_mode():
-        return _label_unit_inner(unit, cfg, head, pad_id, device, progress)
+        return _label_unit_inner(unit, index, cfg, head, pad_id, device, progress)
 
 
 def _label_unit_inner(
-    unit: list[Example], cfg: LabelConfig, head: OutputHead, pad_id: int | None, device: torch.device, progress: Any
+    unit: list[Example],
+    index: int,
+    cfg: LabelConfig,
+    head: OutputHead,
+    pad_id: int | None,
+    device: torch.device,
+    progress: Any,
 ) -> tuple[_RowsToShard, dict[str, float]]:
     import torch
 
     results: list[dict[str, Any] | None] = [None] * len(unit)
     kept_sum = ent_sum = ent_count = nll_sum = count = 0.0
-    for batch in _batches(unit, cfg):
+    for b, batch in enumerate(_batches(unit, cfg)):
         L = max(len(unit[i].input_ids) for i in batch)
         ids = torch.full((len(batch), L), pad_id if pad_id is not None else 0, dtype=torch.long)
         mask = torch.zeros((len(batch), L), dtype=torch.long)
@@ -552,19 +656,37 @@ def _label_unit_inner(
             select = []
         # (N, H|V) for per-token tasks, (B, C) for classification
         rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
-        top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, _labels(unit, batch, cfg))
-        kept_sum += float((1 - top["tail"].double()).sum())
+        labels = _labels(unit, batch, cfg)
+        if cfg.method == "sample":
+            seed = [cfg.seed, index, b]
+            top = _sample_chunked(rows, head, cfg.samples, cfg.temperature, cfg.chunk_positions, labels, seed)
+            kept_sum += float(top.pop("kept").double().sum())
+        else:
+            top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, labels)
+            kept_sum += float((1 - top["tail"].double()).sum())
         entropy = top.pop("entropy")
         ent_sum += float(entropy.double().sum())
         ent_count += entropy.shape[0]
         if "nll" in top:
             nll_sum += float(top.pop("nll").double().sum())
-        count += top["tail"].shape[0]
         counts = [len(p) for _, p in select] if select else [1] * len(batch)
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        for row, i in enumerate(batch):
-            a, b = offsets[row], offsets[row + 1]
-            results[i] = {key: t[a:b].numpy() for key, t in top.items()}
+        if cfg.method == "sample":
+            count += top["unique"].shape[0]
+            entry = np.concatenate([[0], np.cumsum(top["unique"].numpy())])  # (N + 1,) each row's first entry
+            for row, i in enumerate(batch):
+                p0, p1 = offsets[row], offsets[row + 1]
+                e0, e1 = entry[p0], entry[p1]
+                results[i] = {
+                    "ids": top["ids"][e0:e1].numpy(),
+                    "counts": top["counts"][e0:e1].numpy(),
+                    "offsets": entry[p0 : p1 + 1] - e0,
+                }
+        else:
+            count += top["tail"].shape[0]
+            for row, i in enumerate(batch):
+                p0, p1 = offsets[row], offsets[row + 1]
+                results[i] = {key: t[p0:p1].numpy() for key, t in top.items()}
         progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
     rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]
     stats = {
@@ -600,7 +722,10 @@ class _RowsToShard:
         b = data.ShardBuilder(task, targets)
         for ex, res in self.rows:
             label = ex.mlm_labels if task == "masked-lm" else ex.label
-            b.add(ex.input_ids, res["ids"], res["logprobs"], res["tail"], label, ex.positions)
+            if targets.sampled:
+                b.add_sampled(ex.input_ids, res["ids"], res["counts"], res["offsets"], label, ex.positions)
+            else:
+                b.add(ex.input_ids, res["ids"], res["logprobs"], res["tail"], label, ex.positions)
         return b.build()
 
 

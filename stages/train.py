@@ -176,6 +176,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     if m.positions == 0:
         raise TrainConfigError(f"{cfg.store} holds no labelled positions; nothing to train on")
     temperature = cfg.temperature if cfg.temperature is not None else m.targets.temperature
+    _check_sampled(cfg, m, say)
     torch.manual_seed(cfg.seed)
 
     # ---- model
@@ -219,9 +220,10 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     per_step = cfg.batch_size * cfg.grad_accum * world
     n_train = train_set(0, 0).num_examples
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
+    targets = f"{m.targets.num_samples} samples" if m.targets.sampled else f"top-{m.targets.k}"
     say(
         f"student {cfg.student}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
-        f"store {cfg.store}: {n_train:,} training examples, {m.task}, top-{m.targets.k} at T={temperature}; "
+        f"store {cfg.store}: {n_train:,} training examples, {m.task}, {targets} at T={temperature}; "
         f"{total_steps} steps of {per_step} examples"
     )
 
@@ -316,6 +318,31 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(out=str(out), steps=step, final_loss=last_loss, eval=eval_result, seconds=seconds)
+
+
+def _check_sampled(cfg: TrainConfig, m: data.Manifest, say: Any) -> None:
+    """Sampled targets: refuse --tail renormalise, and say (once) when the loss has no unbiased estimator.
+
+    With sampled ids and counts, count / num_samples is an unbiased estimate of the teacher's distribution, so a
+    loss linear in it (forward-kl: its student-dependent part is the cross-entropy) is unbiased; the others are
+    not linear in it and are biased. Such a run still proceeds (it is a valid, if biased, objective, and the
+    comparison is worth making); the warning says so.
+    """
+    from stages.losses import UNBIASED_WITH_SAMPLES
+
+    if not m.targets.sampled:
+        return
+    if cfg.tail == "renormalise":
+        raise TrainConfigError(
+            "--tail renormalise compares against the biased top-k loss; a sampled store has no tail to drop "
+            "(every draw is stored): use --tail bin"
+        )
+    if cfg.loss not in UNBIASED_WITH_SAMPLES:
+        say(
+            f"warning: --loss {cfg.loss} has no unbiased estimator with sampled targets (this store holds "
+            f"{m.targets.num_samples} samples per position); the run proceeds with a biased loss. Unbiased: "
+            f"{', '.join(UNBIASED_WITH_SAMPLES)}"
+        )
 
 
 def _setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -471,6 +498,7 @@ def _loss(
     tlp = batch["target_logprobs"].reshape(-1, k)[select.reshape(-1)]
     tail = batch["tail_mass"].reshape(-1)[select.reshape(-1)]
     labels = batch["labels"].reshape(-1)[select.reshape(-1)]
+    tmask = batch.get("target_mask")  # sampled stores: (B, P, U) bool, False on padding slots
     return distill_loss(
         z,
         tid,
@@ -482,6 +510,7 @@ def _loss(
         temperature=temperature,
         beta=cfg.beta,
         tail=cfg.tail,
+        target_mask=tmask.reshape(-1, k)[select.reshape(-1)] if tmask is not None else None,
     )
 
 
@@ -576,6 +605,7 @@ def evaluate(
                 kind=cfg.loss,
                 temperature=temperature,
                 beta=cfg.beta,
+                target_mask=batch["target_mask"].reshape(-1, k)[mask] if "target_mask" in batch else None,
             )
             sums[1] += kd.double() * n
             sums[2] += (z.argmax(-1) == labels).sum().double()
