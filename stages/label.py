@@ -622,82 +622,68 @@ def _label_unit(
     """Label work unit ``index``; returns its rows (examples in input order) and summed statistics."""
     import torch
 
-    with torch.inference_mode():
-        return _label_unit_inner(unit, index, cfg, head, pad_id, device, progress)
-
-
-def _label_unit_inner(
-    unit: list[Example],
-    index: int,
-    cfg: LabelConfig,
-    head: OutputHead,
-    pad_id: int | None,
-    device: torch.device,
-    progress: Any,
-) -> tuple[_RowsToShard, dict[str, float]]:
-    import torch
-
-    results: list[dict[str, Any] | None] = [None] * len(unit)
-    kept_sum = ent_sum = ent_count = nll_sum = count = 0.0
-    for b, batch in enumerate(_batches(unit, cfg)):
-        L = max(len(unit[i].input_ids) for i in batch)
-        ids = torch.full((len(batch), L), pad_id if pad_id is not None else 0, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for row, i in enumerate(batch):
-            n = len(unit[i].input_ids)
-            ids[row, :n] = torch.from_numpy(unit[i].input_ids)
-            mask[row, :n] = 1
-        out = head.hidden_or_logits(ids.to(device), mask.to(device))  # (B, L, H|V) or (B, C)
-        # the rows whose distributions are stored; padding positions are never selected
-        if cfg.task == "causal-lm":
-            select = [(row, torch.arange(len(unit[i].input_ids) - 1)) for row, i in enumerate(batch)]
-        elif cfg.task == "masked-lm":
-            select = [(row, torch.from_numpy(np.asarray(unit[i].positions))) for row, i in enumerate(batch)]
-        else:
-            select = []
-        # (N, H|V) for per-token tasks, (B, C) for classification
-        rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
-        labels = _labels(unit, batch, cfg)
-        if cfg.method == "sample":
-            seed = [cfg.seed, index, b]
-            top = _sample_chunked(rows, head, cfg.samples, cfg.temperature, cfg.chunk_positions, labels, seed)
-            kept_sum += float(top.pop("kept").double().sum())
-        else:
-            top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, labels)
-            kept_sum += float((1 - top["tail"].double()).sum())
-        entropy = top.pop("entropy")
-        ent_sum += float(entropy.double().sum())
-        ent_count += entropy.shape[0]
-        if "nll" in top:
-            nll_sum += float(top.pop("nll").double().sum())
-        counts = [len(p) for _, p in select] if select else [1] * len(batch)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        if cfg.method == "sample":
-            count += top["unique"].shape[0]
-            entry = np.concatenate([[0], np.cumsum(top["unique"].numpy())])  # (N + 1,) each row's first entry
+    with torch.inference_mode():  # no autograd state for the teacher
+        results: list[dict[str, Any] | None] = [None] * len(unit)
+        kept_sum = ent_sum = ent_count = nll_sum = count = 0.0
+        for b, batch in enumerate(_batches(unit, cfg)):
+            L = max(len(unit[i].input_ids) for i in batch)
+            ids = torch.full((len(batch), L), pad_id if pad_id is not None else 0, dtype=torch.long)
+            mask = torch.zeros((len(batch), L), dtype=torch.long)
             for row, i in enumerate(batch):
-                p0, p1 = offsets[row], offsets[row + 1]
-                e0, e1 = entry[p0], entry[p1]
-                results[i] = {
-                    "ids": top["ids"][e0:e1].numpy(),
-                    "counts": top["counts"][e0:e1].numpy(),
-                    "offsets": entry[p0 : p1 + 1] - e0,
-                }
-        else:
-            count += top["tail"].shape[0]
-            for row, i in enumerate(batch):
-                p0, p1 = offsets[row], offsets[row + 1]
-                results[i] = {key: t[p0:p1].numpy() for key, t in top.items()}
-        progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
-    rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]
-    stats = {
-        "kept_mass_sum": kept_sum,
-        "entropy_sum": ent_sum,
-        "entropy_count": ent_count,
-        "teacher_nll_sum": nll_sum,
-        "count": count,
-    }
-    return _RowsToShard(rows_out), stats
+                n = len(unit[i].input_ids)
+                ids[row, :n] = torch.from_numpy(unit[i].input_ids)
+                mask[row, :n] = 1
+            out = head.hidden_or_logits(ids.to(device), mask.to(device))  # (B, L, H|V) or (B, C)
+            # the rows whose distributions are stored; padding positions are never selected
+            if cfg.task == "causal-lm":
+                select = [(row, torch.arange(len(unit[i].input_ids) - 1)) for row, i in enumerate(batch)]
+            elif cfg.task == "masked-lm":
+                select = [(row, torch.from_numpy(np.asarray(unit[i].positions))) for row, i in enumerate(batch)]
+            else:
+                select = []
+            # (N, H|V) for per-token tasks, (B, C) for classification
+            rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
+            labels = _labels(unit, batch, cfg)
+            if cfg.method == "sample":
+                seed = [cfg.seed, index, b]
+                top = _sample_chunked(rows, head, cfg.samples, cfg.temperature, cfg.chunk_positions, labels, seed)
+                kept_sum += float(top.pop("kept").double().sum())
+            else:
+                top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, labels)
+                kept_sum += float((1 - top["tail"].double()).sum())
+            entropy = top.pop("entropy")
+            ent_sum += float(entropy.double().sum())
+            ent_count += entropy.shape[0]
+            if "nll" in top:
+                nll_sum += float(top.pop("nll").double().sum())
+            counts = [len(p) for _, p in select] if select else [1] * len(batch)
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            if cfg.method == "sample":
+                count += top["unique"].shape[0]
+                entry = np.concatenate([[0], np.cumsum(top["unique"].numpy())])  # (N + 1,) each row's first entry
+                for row, i in enumerate(batch):
+                    p0, p1 = offsets[row], offsets[row + 1]
+                    e0, e1 = entry[p0], entry[p1]
+                    results[i] = {
+                        "ids": top["ids"][e0:e1].numpy(),
+                        "counts": top["counts"][e0:e1].numpy(),
+                        "offsets": entry[p0 : p1 + 1] - e0,
+                    }
+            else:
+                count += top["tail"].shape[0]
+                for row, i in enumerate(batch):
+                    p0, p1 = offsets[row], offsets[row + 1]
+                    results[i] = {key: t[p0:p1].numpy() for key, t in top.items()}
+            progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
+        rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]
+        stats = {
+            "kept_mass_sum": kept_sum,
+            "entropy_sum": ent_sum,
+            "entropy_count": ent_count,
+            "teacher_nll_sum": nll_sum,
+            "count": count,
+        }
+        return _RowsToShard(rows_out), stats
 
 
 def _labels(unit: list[Example], batch: list[int], cfg: LabelConfig) -> torch.Tensor | None:

@@ -159,7 +159,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     import torch
 
     from data.dataset import StoreDataset
-    from stages.models import resolve_device
+    from stages.models import output_width, resolve_device
 
     cfg.validate()
     rank, world, device = _setup_distributed(resolve_device(cfg.device))
@@ -185,7 +185,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     model, tokenizer_dir = _load_student(cfg.student, m)
     if model.config.pad_token_id is None:  # HF classifiers find each sequence's last token by the pad id
         model.config.pad_token_id = m.tokenizer.get("pad_token_id") or 0
-    width = _output_width(model, m.task)
+    width = output_width(model)
     digest = _student_tokenizer_digest(tokenizer_dir)
     data.check_compatible(m, vocab_size=width, tokenizer_digest=digest, task=student_task, temperature=temperature)
     in_rows = int(model.get_input_embeddings().weight.shape[0])
@@ -417,12 +417,6 @@ def _declared_task(student: str) -> str | None:
         return None
     tasks = {task for arch in archs for suffix, task in _ARCH_SUFFIXES.items() if str(arch).endswith(suffix)}
     return tasks.pop() if len(tasks) == 1 else None
-
-
-def _output_width(model: Any, task: str) -> int:
-    from stages.models import output_width
-
-    return output_width(model)
 
 
 def _student_tokenizer_digest(folder: Path | None) -> str | None:
