@@ -26,6 +26,11 @@ column                  type                                                  me
 ``positions``           ``list<int32>`` (P)                                   masked-lm: index of each position
 ======================  ====================================================  =====================================
 
+Sampled stores (``targets.method == "sample"``) have no ``target_logprobs`` and ``tail_mass``; their
+``target_ids`` is ``list<list<uint16|uint32>>`` (P lists of that position's unique ids drawn, ascending) and
+``target_counts`` ``list<list<uint8|uint16>>`` beside it (how often each was drawn; each list sums to
+``targets.num_samples``).
+
 ``target_logprobs`` holds the *decoded* values, exactly what ``data.open_store`` returns: float16 for float16
 stores (Parquet stores float16 as its FLOAT16 logical type, which pyarrow >= 15 writes and reads), float32 for
 float32 and q8 stores. Causal-LM labels are not exported: position i's label is ``input_ids[i + 1]``.
@@ -126,21 +131,17 @@ def export_schema(manifest: Manifest, source: str = "") -> Any:
     import pyarrow as pa
 
     t = manifest.targets
-    if t.sampled:
-        raise ValueError(
-            "export of sampled stores (targets.method 'sample') is not supported yet; an arrow store's shard files "
-            "are themselves Arrow IPC files that pyarrow, polars and DuckDB read"
-        )
     ids = pa.from_numpy_dtype(np.dtype(t.id_dtype))
-    fields = [
-        pa.field("key", pa.binary(16), nullable=False),
-        pa.field("input_ids", pa.list_(ids), nullable=False),
-        pa.field("target_ids", pa.list_(pa.list_(ids, t.k)), nullable=False),
-        pa.field(
-            "target_logprobs", pa.list_(pa.list_(pa.from_numpy_dtype(np.dtype(t.logprob_dtype)), t.k)), nullable=False
-        ),
-        pa.field("tail_mass", pa.list_(pa.float32()), nullable=False),
-    ]
+    fields = [pa.field("key", pa.binary(16), nullable=False), pa.field("input_ids", pa.list_(ids), nullable=False)]
+    if t.sampled:  # ragged per position: the unique ids drawn (ascending) and how often each was drawn
+        counts = pa.from_numpy_dtype(np.dtype(t.count_dtype))
+        fields.append(pa.field("target_ids", pa.list_(pa.list_(ids)), nullable=False))
+        fields.append(pa.field("target_counts", pa.list_(pa.list_(counts)), nullable=False))
+    else:
+        lp = pa.from_numpy_dtype(np.dtype(t.logprob_dtype))
+        fields.append(pa.field("target_ids", pa.list_(pa.list_(ids, t.k)), nullable=False))
+        fields.append(pa.field("target_logprobs", pa.list_(pa.list_(lp, t.k)), nullable=False))
+        fields.append(pa.field("tail_mass", pa.list_(pa.float32()), nullable=False))
     if manifest.task == "seq-cls":
         fields.append(pa.field("label", pa.int64(), nullable=False))  # -1: no label
     elif manifest.task == "masked-lm":
@@ -148,8 +149,10 @@ def export_schema(manifest: Manifest, source: str = "") -> Any:
         fields.append(pa.field("positions", pa.list_(pa.int32()), nullable=False))
     about = {
         "source": source,
-        "target_logprobs": f"decoded log-probabilities in {t.logprob_dtype} (targets.encoding describes the "
-        "source store's files, not this export)",
+        "targets": f"{t.num_samples} draws per position at T={t.temperature:g}: unique ids drawn, their counts"
+        if t.sampled
+        else f"decoded log-probabilities in {t.logprob_dtype} (targets.encoding describes the source store's "
+        "files, not this export)",
         "label": "causal-lm: not exported; position i's label is input_ids[i + 1]"
         if manifest.task == "causal-lm"
         else "as stored",
@@ -187,16 +190,21 @@ def _batch(data: ShardData, schema: Any) -> Any:
         return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
 
     to, po = data.token_offsets, data.position_offsets
-    assert data.target_logprobs is not None  # a top-k store (export_schema refuses sampled ones)
     cols: dict[str, Any] = {
         "key": pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(16), data.rows, [None, pa.py_buffer(np.ascontiguousarray(data.keys).tobytes())]
         ),
         "input_ids": rows(data.input_ids, to),
-        "target_ids": rows(data.target_ids, po),
-        "target_logprobs": rows(data.target_logprobs, po),
-        "tail_mass": rows(data.tail_mass, po),
     }
+    if data.target_offsets is not None and data.target_counts is not None:  # sampled: lists of per-position lists
+        inner, outer = data.target_offsets, pa.array(po.astype(np.int32))
+        cols["target_ids"] = pa.ListArray.from_arrays(outer, rows(data.target_ids, inner))
+        cols["target_counts"] = pa.ListArray.from_arrays(outer, rows(data.target_counts, inner))
+    else:
+        assert data.target_logprobs is not None  # top-k: (P, K) columns
+        cols["target_ids"] = rows(data.target_ids, po)
+        cols["target_logprobs"] = rows(data.target_logprobs, po)
+        cols["tail_mass"] = rows(data.tail_mass, po)
     if "positions" in schema.names:
         assert data.positions is not None and data.labels is not None  # checked against the task by the reader
         cols["positions"] = rows(data.positions, po)

@@ -4,6 +4,8 @@
     pipeline train --store STORE --student PATH --out RUN      # stage two (store -> student)
     pipeline inspect STORE [--json]                            # provenance, size, kept mass
     pipeline verify STORE                                      # checksums and counts
+    pipeline merge OUT PART...                                 # the parts of --num-shards jobs, as one store
+    pipeline export STORE OUT.parquet                          # one Parquet / Arrow file for other stacks
 
 The CLI is a thin adapter: misuse is a usage error (exit 2), an expected failure (bad store, bad data,
 missing teacher) a one-line error (exit 1), never a traceback. Heavy imports (torch, transformers) happen
@@ -16,6 +18,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -170,6 +173,39 @@ def merge(out: str, parts: tuple[str, ...], allow_partial: bool) -> None:
         manifest = merge_stores(out, list(parts), allow_partial=allow_partial, log=click.echo)
     state = "complete" if manifest.complete else "INCOMPLETE"
     click.echo(f"{out}: {len(manifest.shards)} shards, {manifest.rows:,} examples, {state}")
+
+
+@cli.command()
+@click.argument("store")
+@click.argument("out")
+@click.option("--to", "to", type=click.Choice(["parquet", "arrow"]), help="Output format (default: OUT's suffix).")
+@click.option("--compression", type=click.Choice(["zstd", "lz4", "none"]), default="zstd", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (atomically).")
+@click.option("--allow-incomplete", is_flag=True, help="Export the shards committed so far by an unfinished run.")
+def export(store: str, out: str, to: str | None, compression: str, overwrite: bool, allow_incomplete: bool) -> None:
+    """Write STORE (path or URL) to one Parquet or Arrow IPC file OUT, one row per example, for other stacks."""
+    from data.export import export_store
+
+    if to is None:
+        to = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow"}.get(Path(out).suffix.lower())
+        if to is None:
+            raise click.UsageError(f"cannot tell the format from {out!r}: pass --to parquet|arrow")
+    with _expected_errors():
+        try:
+            summary = export_store(
+                store,
+                to=to,  # type: ignore[arg-type]
+                out=out,
+                overwrite=overwrite,
+                compression=None if compression == "none" else compression,
+                allow_incomplete=allow_incomplete,
+            )
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    click.echo(
+        f"{summary['path']}: {summary['format']}, {summary['rows']:,} examples, {summary['positions']:,} positions, "
+        f"{summary['bytes']:,} bytes"
+    )
 
 
 def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -69,7 +69,7 @@ def test_export_is_lossless(tmp_path: Path, backend: str, task: str, to: str) ->
     _assert_export_equals_store(table, tmp_path / "s")
     meta = json.loads(table.schema.metadata[b"kd-soft-labels"])
     assert Manifest.from_dict(meta) == open_store(tmp_path / "s").manifest  # provenance, readable as a manifest
-    assert "decoded" in meta["export"]["target_logprobs"]
+    assert "decoded" in meta["export"]["targets"]
     if to == "parquet":
         assert pq.ParquetFile(out).num_row_groups == 3  # one per shard: the export streams shard by shard
 
@@ -90,6 +90,38 @@ def test_export_of_float32_and_q8_stores_holds_decoded_values(tmp_path: Path, va
     table = pq.read_table(tmp_path / "s.parquet")
     assert table.schema.field("target_logprobs").type == pa.list_(pa.list_(pa.float32(), 3))
     _assert_export_equals_store(table, tmp_path / "s")
+
+
+@pytest.mark.parametrize("to", ["parquet", "arrow"])
+@pytest.mark.parametrize("task", TASKS)
+def test_export_of_sampled_stores_holds_ids_and_counts_per_position(
+    tmp_path: Path, backend: str, task: str, to: str
+) -> None:
+    from tests.test_sampled import sampled_manifest, write_sampled_store
+
+    m = sampled_manifest(backend, task, n=300)  # 300 draws: uint16 counts
+    write_sampled_store(tmp_path / "s", m, [3, 0, 4])
+    export_store(tmp_path / "s", to=to, out=tmp_path / f"s.{to}")  # type: ignore[arg-type]
+    table = _read_back(tmp_path / f"s.{to}", to)
+    store = open_store(tmp_path / "s")
+    t = store.manifest.targets
+    assert t.count_dtype == "uint16"
+    assert table.schema.field("target_ids").type == pa.list_(pa.list_(pa.from_numpy_dtype(np.dtype(t.id_dtype))))
+    assert table.schema.field("target_counts").type == pa.list_(pa.list_(pa.uint16()))
+    assert "target_logprobs" not in table.schema.names and "tail_mass" not in table.schema.names
+    assert "300 draws" in json.loads(table.schema.metadata[b"kd-soft-labels"])["export"]["targets"]
+    rows = table.to_pylist()
+    assert len(rows) == len(store) == 7
+    for row, ex in zip(rows, store, strict=True):
+        np.testing.assert_array_equal(np.asarray(row["input_ids"], dtype=ex["input_ids"].dtype), ex["input_ids"])
+        off = ex["target_offsets"]
+        assert len(row["target_ids"]) == len(row["target_counts"]) == len(off) - 1
+        for p, (got_ids, got_counts) in enumerate(zip(row["target_ids"], row["target_counts"], strict=True)):
+            assert got_ids == ex["target_ids"][off[p] : off[p + 1]].tolist()
+            assert got_counts == ex["target_counts"][off[p] : off[p + 1]].tolist()
+            assert sum(got_counts) == 300
+        if task == "masked-lm":
+            assert row["positions"] == ex["positions"].tolist()
 
 
 def test_export_refuses_to_clobber_and_replaces_atomically(tmp_path: Path) -> None:
@@ -125,3 +157,30 @@ def test_empty_and_incomplete_stores(tmp_path: Path) -> None:
     with pytest.raises(data.IncompleteStoreError):
         export_store(tmp_path / "i", to="arrow", out=tmp_path / "i.arrow")
     assert export_store(tmp_path / "i", to="arrow", out=tmp_path / "i.arrow", allow_incomplete=True)["rows"] == 10
+
+
+def test_cli_export(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    write_store(tmp_path / "s", shards=2)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["export", str(tmp_path / "s"), str(tmp_path / "s.parquet")])
+    assert result.exit_code == 0, result.output
+    assert "parquet, 10 examples" in result.output
+    _assert_export_equals_store(pq.read_table(tmp_path / "s.parquet"), tmp_path / "s")
+    # an existing file is refused with one line, and kept
+    before = (tmp_path / "s.parquet").read_bytes()
+    result = runner.invoke(cli, ["export", str(tmp_path / "s"), str(tmp_path / "s.parquet")])
+    assert result.exit_code == 1 and "already exists" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "s.parquet").read_bytes() == before
+    # the format from --to when the suffix does not say, uncompressed arrow
+    args = ["export", str(tmp_path / "s"), str(tmp_path / "s.bin"), "--to", "arrow", "--compression", "none"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    _assert_export_equals_store(_read_back(tmp_path / "s.bin", "arrow"), tmp_path / "s")
+    result = runner.invoke(cli, ["export", str(tmp_path / "s"), str(tmp_path / "s.csv")])
+    assert result.exit_code == 2 and "--to parquet|arrow" in result.output
+    result = runner.invoke(cli, ["export", str(tmp_path / "missing"), str(tmp_path / "m.parquet")])
+    assert result.exit_code == 1 and result.output.startswith("Error:") and not (tmp_path / "m.parquet").exists()

@@ -28,7 +28,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_jsonl(root / "docs.jsonl", [{"text": s} for s in SENTENCES * 4])
     args = {"teacher": str(root / "teacher"), "data": str(root / "docs.jsonl"), "top_k": 4, "shard_size": 5}
     label(LabelConfig(out=str(root / "single"), **args), log=lambda m: None)
+    label(LabelConfig(out=str(root / "single-sample"), method="sample", samples=12, **args), log=lambda m: None)
     return {"root": root, "args": args}
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m pipeline ARGS`` (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -43,60 +51,44 @@ def assert_same_store(a: Path, b: Path) -> None:
     assert "part" not in sb.manifest.dataset
 
 
-def test_independent_jobs_and_merge(setup: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_independent_jobs_and_merge(setup: dict[str, Any], tmp_path: Path, method: str) -> None:
+    args = {**setup["args"], **({"method": "sample", "samples": 12} if method == "sample" else {})}
+    single = setup["root"] / ("single" if method == "topk" else "single-sample")
     parts = []
     for i in range(3):
         out = tmp_path / f"part{i}"
-        label(LabelConfig(out=str(out), num_shards=3, shard_index=i, **setup["args"]), log=lambda m: None)
+        label(LabelConfig(out=str(out), num_shards=3, shard_index=i, **args), log=lambda m: None)
         m = data.open_store(out).manifest
         assert m.dataset["part"] == {"index": i, "of": 3} and all(s.unit % 3 == i for s in m.shards)
+        assert m.targets.method == method
         parts.append(str(out))
     runner = CliRunner()
     result = runner.invoke(cli, ["merge", str(tmp_path / "partial"), parts[0], parts[2]])
     assert result.exit_code == 1 and "missing units 1, 4" in result.output
     result = runner.invoke(cli, ["merge", str(tmp_path / "merged"), *parts])
     assert result.exit_code == 0, result.output
-    assert_same_store(setup["root"] / "single", tmp_path / "merged")
+    assert_same_store(single, tmp_path / "merged")
     # a part labelled differently is refused
-    label(
-        LabelConfig(out=str(tmp_path / "odd"), num_shards=3, shard_index=1, **{**setup["args"], "top_k": 3}),
-        log=lambda m: None,
-    )
+    odd = {"top_k": 3} if method == "topk" else {"samples": 11}
+    label(LabelConfig(out=str(tmp_path / "odd"), num_shards=3, shard_index=1, **{**args, **odd}), log=lambda m: None)
     result = runner.invoke(cli, ["merge", str(tmp_path / "m2"), parts[0], str(tmp_path / "odd"), parts[2]])
-    assert result.exit_code == 1 and "targets.k" in result.output
+    assert result.exit_code == 1 and "targets." in result.output, result.output
     result = runner.invoke(cli, ["merge", str(tmp_path / "m3"), parts[0], parts[0]])
     assert result.exit_code == 1 and "is in both" in result.output
 
 
-def test_torchrun_two_ranks_equal_one_process(setup: dict[str, Any], tmp_path: Path) -> None:
-    out = tmp_path / "ranked"
-    a = setup["args"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "pipeline",
-        "label",
-        "--teacher",
-        a["teacher"],
-        "--data",
-        a["data"],
-        "--top-k",
-        "4",
-        "--shard-size",
-        "5",
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_torchrun_two_ranks_equal_one_process(setup: dict[str, Any], tmp_path: Path, method: str) -> None:
+    out, a = tmp_path / "ranked", setup["args"]
+    extra = ["--method", "sample", "--samples", "12"] if method == "sample" else []
+    proc = torchrun(
+        "label", "--teacher", a["teacher"], "--data", a["data"], "--top-k", "4", "--shard-size", "5", *extra,
+        "--out", str(out),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / ".ranks").exists()
-    assert_same_store(setup["root"] / "single", out)
+    assert_same_store(setup["root"] / ("single" if method == "topk" else "single-sample"), out)
 
 
 def test_torchrun_ddp_training(setup: dict[str, Any], tmp_path: Path) -> None:
@@ -105,36 +97,11 @@ def test_torchrun_ddp_training(setup: dict[str, Any], tmp_path: Path) -> None:
 
     student = _student_config(tmp_path / "student", len(make_tokenizer(tmp_path / "tok")))
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "pipeline",
-        "train",
-        "--store",
-        str(setup["root"] / "single"),
-        "--student",
-        str(student),
-        "--out",
-        str(out),
-        "--steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "2",
-        "--save-every",
-        "2",
-        "--eval-fraction",
-        "0.3",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    proc = torchrun(
+        "train", "--store", str(setup["root"] / "single"), "--student", str(student), "--out", str(out),
+        "--steps", "4", "--batch-size", "2", "--log-every", "1", "--eval-every", "2", "--save-every", "2",
+        "--eval-fraction", "0.3",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
