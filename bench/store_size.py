@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/store_size.py                      # /tmp/demo1/store; writes bench/results/store_size.json
     .venv/bin/python bench/store_size.py STORE --shards 4     # any store (zarr or arrow, any k), its first 4 shards
+    .venv/bin/python bench/store_size.py STORE --sampled SAMPLED_STORE...   # also sampled stores, as they are
 
 Every encoding stores the same examples with the same shard split as the source store, so the rows differ only
 in how the columns are encoded:
@@ -15,6 +16,11 @@ in how the columns are encoded:
   recorded in the manifest (mean and max over positions, nats, over the k+1 bins).
 * ``arrow``: the arrow backend's default (plain float16, zstd IPC buffers), for reference.
 * ``dense float16``: every logit in float16, ``num_classes * 2`` bytes per token, analytic (it needs the teacher).
+* ``sampled, N draws`` (``--sampled STORE``): a store of ``label --method sample``, written again through the
+  real writer to zarr and to arrow (ids and counts are stored as they are; there is no value encoding).
+* ``lossless_floor``: how many bytes a lossless top-k store with float16 values needs at least, split into the
+  values, the set of kept ids, their order and the rest, each with the best code tried and its order-0
+  entropy (:func:`lossless_floor`).
 
 Bytes per token are the shard files' bytes (data chunks + zarr.json metadata, as ``pipeline inspect`` counts
 them) over the labelled positions; the per-column split counts data chunks only. The naive and old rows are
@@ -147,8 +153,10 @@ def through_store_writer(
     t0 = time.perf_counter()
     with StoreWriter(path, template) as w:
         for unit, data in enumerate(shards):
-            values = data.target_logprobs.astype(w.manifest.targets.logprob_dtype)
-            w.write_shard(unit, dataclasses.replace(data, target_logprobs=values))
+            if data.target_logprobs is not None:  # top-k (sampled shards hold ids and counts only)
+                values = data.target_logprobs.astype(w.manifest.targets.logprob_dtype)
+                data = dataclasses.replace(data, target_logprobs=values)
+            w.write_shard(unit, data)
         m = w.finish()
     write_s = time.perf_counter() - t0
     read_s = read_shards(backend, path / "shards", m.targets)
@@ -161,10 +169,84 @@ def through_store_writer(
     return row, (m, back)
 
 
+def _entropy_bits(symbols: NDArray) -> float:
+    """Zero-order empirical entropy of ``symbols`` in bits per symbol (what an ideal order-0 coder needs)."""
+    _, counts = np.unique(symbols, return_counts=True)
+    q = counts / counts.sum()
+    return float(-(q * np.log2(q)).sum())
+
+
+def lossless_floor(shards: list[ShardData], num_classes: int, rest_bytes_per_token: float) -> dict[str, Any]:
+    """What a lossless top-k store with float16 values must hold, split three ways, per token.
+
+    A top-k position is a set of K ids, the order of those ids by probability, and K float16 values. Each part
+    is measured with the best code tried here (an achievable size, compressed with zstd 19) and, for the values
+    and the id set, the order-0 entropy of the same symbols (what an ideal entropy coder without context needs):
+
+    * values: float16 bit patterns sorted by probability, delta-coded per rank (the ``delta`` encoding's
+      symbols); entropy summed over the K ranks, each rank with its own symbol distribution.
+    * id set: ids remapped to their frequency rank in these shards (a table of the ids seen, counted), sorted per
+      position and gap-coded; entropy of the gaps.
+    * order: which of the set's K! orderings is the probability order, as a Lehmer code (one uint8 per rank);
+      log2(K!) bits is the size of a uniformly random order, and the Lehmer code's zstd size shows how close the
+      data comes to it.
+    * rest: tail mass, input ids, offsets, keys and metadata, as the default encoding stores them.
+    """
+    import numcodecs
+
+    def zstd(a: NDArray) -> int:
+        return len(numcodecs.Zstd(level=19).encode(np.ascontiguousarray(a).tobytes()))
+
+    def shuffled(a: NDArray) -> NDArray:
+        a = np.ascontiguousarray(a)
+        return a.view(np.uint8).reshape(-1, a.dtype.itemsize).T.copy()
+
+    ids = np.concatenate([s.target_ids for s in shards]).astype(np.int64)  # (P, K), most probable first
+    lp = np.concatenate([s.target_logprobs for s in shards]).astype(np.float16)
+    P, K = ids.shape
+    bits = lp.view(np.uint16)
+    deltas = bits.copy()
+    deltas[:, 1:] = bits[:, 1:] - bits[:, :-1]
+    counts = np.bincount(ids.ravel(), minlength=num_classes)
+    by_freq = np.argsort(-counts, kind="stable")
+    rank = np.empty_like(by_freq)
+    rank[by_freq] = np.arange(by_freq.size)
+    ranked = rank[ids]  # (P, K)
+    order = np.argsort(ranked, axis=1, kind="stable")  # id-set slots in rank order
+    sorted_ranks = np.take_along_axis(ranked, order, axis=1)
+    gaps = sorted_ranks.copy()
+    gaps[:, 1:] = sorted_ranks[:, 1:] - sorted_ranks[:, :-1]
+    slot = np.argsort(order, axis=1)  # (P, K): where the j-th most probable id sits in the sorted set
+    lehmer = np.zeros((P, K), dtype=np.uint8)
+    for j in range(K - 1):
+        lehmer[:, j] = (slot[:, j : j + 1] > slot[:, j + 1 :]).sum(axis=1)
+    table = zstd(by_freq[: int((counts > 0).sum())].astype(np.uint32))
+    parts = {
+        "values": {
+            "coded": zstd(shuffled(deltas.T)) / P,
+            "entropy": sum(_entropy_bits(deltas[:, j]) for j in range(K)) / 8,
+        },
+        "id_set": {
+            "coded": (zstd(shuffled(gaps.astype(np.uint16))) + table) / P,
+            "entropy": (_entropy_bits(gaps[:, 0]) + (K - 1) * _entropy_bits(gaps[:, 1:])) / 8,
+        },
+        "order": {"coded": zstd(lehmer.T) / P, "entropy": float(np.log2(np.arange(1, K + 1)).sum() / 8)},
+        "rest": {"coded": rest_bytes_per_token, "entropy": rest_bytes_per_token},
+    }
+    return {
+        "parts_bytes_per_token": parts,
+        "coded_total": sum(p["coded"] for p in parts.values()),
+        "entropy_total": sum(p["entropy"] for p in parts.values()),
+        "positions": P,
+        "k": K,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", nargs="?", default="/tmp/demo1/store", help="a store (path or URL) to re-encode")
     p.add_argument("--shards", type=int, default=0, help="use only the first N shards (default: all)")
+    p.add_argument("--sampled", nargs="*", default=[], help="sampled stores (label --method sample) to measure too")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "store_size.json")
     args = p.parse_args()
 
@@ -229,9 +311,28 @@ def main() -> None:
         row, _ = through_store_writer(Path(tmp) / "arrow", source, f16, "arrow", "float16")
         results["arrow"] = row
 
+        for i, path in enumerate(args.sampled):
+            sreader = open_store(path)
+            sm = sreader.manifest
+            if not sm.targets.sampled:
+                raise SystemExit(f"{path}: --sampled wants a sampled store; its targets.method is {sm.targets.method}")
+            sshards = [sreader.shard(j) for j in range(min(args.shards or sreader.num_shards, sreader.num_shards))]
+            sm = dataclasses.replace(sm, shards=sm.shards[: len(sshards)])
+            entries = sum(int(x.num_entries or 0) for x in sshards)
+            spos = sum(x.num_positions for x in sshards)
+            name = f"sampled, {sm.targets.num_samples} draws, T={sm.targets.temperature:g}"
+            for backend in ("zarr", "arrow"):
+                row, _ = through_store_writer(Path(tmp) / f"sampled-{i}-{backend}", sm, sshards, backend, "float16")
+                row.update(store=str(path), unique_ids_per_position=entries / spos, positions=spos)
+                row["teacher_kept_mass"] = sum(x.stats.get("kept_mass_sum", 0.0) for x in sm.shards) / spos
+                results[f"{name} ({backend})"] = row
+
     dense = t.num_classes * 2
     results["dense float16"] = {"bytes_per_token": float(dense), "analytic": True}
     kept_mass = float(1.0 - tail.mean())
+    new_cols = results["new default"]["columns_bytes_per_token"]
+    rest = results["new default"]["bytes_per_token"] - new_cols["target_ids"] - new_cols["target_logprobs"]
+    floor = lossless_floor(f16, t.num_classes, rest)
 
     print(
         f"store {args.store}: {n_shards} shards, {positions:,} positions, k={t.k}, T={t.temperature}, "
@@ -259,6 +360,17 @@ def main() -> None:
         f"\nq8: KL(exact || decoded) over the k+1 bins: mean {q8['kl_mean']:.2e} nats, max {q8['kl_max']:.2e} nats; "
         f"tail unchanged: {q8['tail_unchanged']}; max(kept + tail) = {q8['max_kept_plus_tail']:.7f}"
     )
+    for label, r in results.items():
+        if "unique_ids_per_position" in r:
+            print(
+                f"{label}: {r['unique_ids_per_position']:.1f} unique ids per position, teacher mass on them "
+                f"{r['teacher_kept_mass']:.3f}"
+            )
+    print(f"\nlossless top-{t.k} with float16 values, bytes/token (best code tried here / order-0 entropy):\n")
+    print("| part | coded | entropy |\n|---|---:|---:|")
+    for part, v in floor["parts_bytes_per_token"].items():
+        print(f"| {part} | {v['coded']:.2f} | {v['entropy']:.2f} |")
+    print(f"| **total** | **{floor['coded_total']:.2f}** | **{floor['entropy_total']:.2f}** |")
 
     report = {
         "benchmark": "store_size",
@@ -280,6 +392,7 @@ def main() -> None:
             "teacher": source.teacher.get("name_or_path"),
         },
         "mean_kept_mass": kept_mass,
+        "lossless_floor": floor,
         "versions": {"numpy": np.__version__, "python": sys.version.split()[0], **_versions()},
         "results": results,
     }
