@@ -79,14 +79,14 @@ def _no_nll(rows: Any, head: Any, k: int, temperature: float, chunk: int, labels
 
 def _whole_chunk(rows: Any, head: Any, k: int, temperature: float, chunk: int, labels: Any) -> dict[str, Any]:
     """shipped, with its per-row passes on each whole chunk instead of 16-row sub-blocks (the code before)."""
-    import stages.label as label
+    import stages.soft_targets as soft_targets
 
-    saved = label._CPU_SUB_ROWS
-    label._CPU_SUB_ROWS = max(chunk, 1)
+    saved = soft_targets.CPU_SUB_ROWS
+    soft_targets.CPU_SUB_ROWS = max(chunk, 1)
     try:
         return dict(_SHIPPED[0](rows, head, k, temperature, chunk, labels))
     finally:
-        label._CPU_SUB_ROWS = saved
+        soft_targets.CPU_SUB_ROWS = saved
 
 
 def _floor_math(raw: Any, k: int, temperature: float) -> dict[str, Any]:

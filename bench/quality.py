@@ -158,14 +158,14 @@ def train_online(cfg: Any, teacher: Any, temperature: float) -> dict[str, Any]:
     import data
     from data.dataset import StoreDataset
     from stages import train
-    from stages.models import OutputHead, resolve_device
+    from stages.models import OutputHead, load_student, resolve_device
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     store = data.open_store(cfg.store)
     m = store.manifest
     torch.manual_seed(cfg.seed)
-    model, _ = train._load_student(cfg.student, m)
+    model, _ = load_student(cfg.student, m)
     model.to(device)
     net = train._at_positions(model, m.task)
     train_shards, eval_source = train._split(cfg, store)

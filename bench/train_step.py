@@ -162,11 +162,11 @@ def build(
     initial student (which the last mode trains)."""
     import data
     from stages import train
-    from stages.models import load_model, resolve_dtype
+    from stages.models import load_model, load_student, resolve_dtype
 
     manifest = data.open_store(args.store).manifest
     torch.manual_seed(args.seed)
-    student, _ = train._load_student(args.student, manifest)
+    student, _ = load_student(args.student, manifest)
     student.to(device).train()
     teacher = None
     if "online" in mode_list:

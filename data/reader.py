@@ -320,7 +320,7 @@ def check_files(location: Location, name: str, files: dict[str, Any], *, verify:
 def check_compatible(
     manifest: Manifest,
     *,
-    vocab_size: int,
+    vocab_size: int | None = None,
     tokenizer_digest: str | None = None,
     task: str | None = None,
     temperature: float | None = None,
@@ -329,7 +329,8 @@ def check_compatible(
 
     Args:
         manifest: the store's manifest.
-        vocab_size: the student's output width (its embedding / LM-head rows, or number of classes).
+        vocab_size: the student's output width (its embedding / LM-head rows, or number of classes), if known
+            (None: checked later, once the student is loaded).
         tokenizer_digest: the student tokenizer's digest, if it has one; must equal the store's.
         task: the student's task, if known; must equal the store's.
         temperature: the training temperature, if given; must equal the labeling temperature.
@@ -344,7 +345,7 @@ def check_compatible(
             f"the store holds {manifest.task} targets ({manifest.granularity}-level), the student is {task}; "
             "label a store for this task or pick a matching student"
         )
-    if vocab_size < t.num_classes:
+    if vocab_size is not None and vocab_size < t.num_classes:
         what = "classes" if manifest.task == "seq-cls" else "vocabulary rows"
         problems.append(
             f"the student has {vocab_size} {what} but the store's ids go up to {t.num_classes - 1}; "

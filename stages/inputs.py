@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DataError", "Example", "load_records", "prepare_examples"]
+__all__ = ["DEFAULT_CORPUS", "DataError", "Example", "default_corpus", "load_records", "prepare_examples"]
 
 _SUFFIXES = {
     ".jsonl": "jsonl",
@@ -210,3 +212,22 @@ def _mask(examples: list[Example], tokenizer: Any, probability: float, seed: int
         ex.positions = positions
         ex.input_ids = ex.input_ids.copy()
         ex.input_ids[positions] = mask_id
+
+
+DEFAULT_CORPUS = "pydoc_data.topics (the Python documentation's topics, shipped with Python)"
+
+
+def default_corpus(say: Any) -> Path:
+    """The built-in English corpus as JSONL in the cache (one record per topic, sorted by topic name)."""
+    from pydoc_data.topics import topics
+
+    from data.reader import default_cache_dir
+
+    path = default_cache_dir() / f"pydoc-topics-py{sys.version_info[0]}{sys.version_info[1]}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps({"topic": k, "text": topics[k]}) + "\n" for k in sorted(topics)))
+        os.replace(tmp, path)
+    say(f"no --data: using the built-in corpus {DEFAULT_CORPUS}")
+    return path

@@ -11,8 +11,8 @@ positions: a (chunk, V) float32 block is the largest thing that exists at once, 
 Only the kept ids and values (and a few scalars) leave the device. With ``--method sample --samples N`` each
 position instead gets N ids drawn with replacement from softmax(z / T) on the device (a generator seeded from
 the labeling seed, the unit, the batch within the unit and the chunk, so resumed and multi-process runs draw the
-same ids), and only their unique ids and counts leave it (see ``_sample_chunked``). Writing a unit overlaps
-computing the next one (a bounded queue of 2 units to one writer thread).
+same ids), and only their unique ids and counts leave it (``stages.soft_targets`` computes both kinds of targets).
+Writing a unit overlaps computing the next one (a bounded queue of 2 units to one writer thread).
 
 Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units
 are fixed ranges of the input examples, so the store is identical whether it was written in one go or not.
@@ -21,7 +21,6 @@ are fixed ranges of the input examples, so the store is identical whether it was
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import queue
@@ -30,14 +29,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import data
-from data.location import Location
-from stages.inputs import DataError, Example
+from stages.inputs import DEFAULT_CORPUS, DataError, Example, default_corpus
+from stages.scale_out import already_merged, job_lock, merge_ranks, with_part
+from stages.soft_targets import sample_chunked as _sample_chunked
+from stages.soft_targets import topk_chunked as _topk_chunked
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
     import torch
@@ -251,10 +251,10 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     )
     units = [examples[i : i + cfg.shard_size] for i in range(0, len(examples), cfg.shard_size)]
     part, parts, torchrun = _part(cfg)
-    template = _with_part(template, len(examples), len(units), part, parts)
+    template = with_part(template, len(examples), len(units), part, parts)
     target = f"{cfg.out.rstrip('/')}/.ranks/rank-{part:05d}" if torchrun else cfg.out
-    merged = _already_merged(cfg.out, template) if torchrun else set()
-    lock = _job_lock(cfg.out) if torchrun else None
+    merged = already_merged(cfg.out, template) if torchrun else set()
+    lock = job_lock(cfg.out) if torchrun else None
     start = time.perf_counter()
     with data.StoreWriter(target, template, overwrite=cfg.overwrite) as writer:
         done = writer.committed_units | merged
@@ -273,7 +273,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     if lock is not None:
         os.close(lock)  # rank 0 takes the store's exclusive lock to merge
     if torchrun:
-        manifest = _merge_ranks(cfg.out, parts, part, say)
+        manifest = merge_ranks(cfg.out, parts, part, say)
     seconds = time.perf_counter() - start
     stats = [s.stats for s in manifest.shards]
     kept = sum(s.get("kept_mass_sum", 0.0) for s in stats) / max(1, sum(s.get("count", 0.0) for s in stats))
@@ -314,85 +314,6 @@ def _part(cfg: LabelConfig) -> tuple[int, int, bool]:
             raise LabelConfigError("use either torchrun or --num-shards/--shard-index, not both")
         return int(os.environ["RANK"]), world, True
     return cfg.shard_index, cfg.num_shards, False
-
-
-def _with_part(template: data.Manifest, examples: int, units: int, part: int, parts: int) -> data.Manifest:
-    """Record the dataset's size in units (for merging) and, for a part of a split run, which part it is."""
-    dataset = {**template.dataset, "examples": examples, "units": units}
-    if parts > 1:
-        dataset["part"] = {"index": part, "of": parts}
-    return dataclasses.replace(template, dataset=dataset)
-
-
-def _already_merged(out: str, template: data.Manifest) -> set[int]:
-    """Units already in the merged store of an earlier, interrupted torchrun job with the same configuration."""
-    from data.merge import without_part
-    from data.writer import differences
-
-    try:
-        existing = data.read_manifest(Location(out))
-    except data.StoreError:
-        return set()
-    if differences(existing.provenance_key(), without_part(template).provenance_key()):
-        return set()
-    return {s.unit for s in existing.shards}
-
-
-def _merge_ranks(out: str, world: int, rank: int, say: Any) -> data.Manifest:
-    """Wait for every rank, merge their stores into ``out`` on rank 0, and wait for the merge."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from data.merge import merge_stores
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", timeout=timedelta(hours=24))  # ranks finish hours apart
-    dist.barrier()
-    ranks = [f"{out.rstrip('/')}/.ranks/rank-{r:05d}" for r in range(world)]
-    if rank == 0:
-        location = Location(out)
-        merge_stores(out, ranks, move=location.is_local, log=say)
-        location.remove(".ranks")
-        say(f"merged {world} ranks into {out}")
-    dist.barrier()
-    return data.read_manifest(Location(out))
-
-
-def _job_lock(out: str) -> int | None:
-    """Ranks of one torchrun job share the store's lock, so an unrelated writer of the same store is refused."""
-    import fcntl
-
-    location = Location(out)
-    if not location.is_local:
-        return None
-    location.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(location.local(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise data.StoreLockedError(f"{out} is being written by another process; wait for it or stop it") from None
-    return fd
-
-
-DEFAULT_CORPUS = "pydoc_data.topics (the Python documentation's topics, shipped with Python)"
-
-
-def default_corpus(say: Any) -> Path:
-    """The built-in English corpus as JSONL in the cache (one record per topic, sorted by topic name)."""
-    from pydoc_data.topics import topics
-
-    from data.reader import default_cache_dir
-
-    path = default_cache_dir() / f"pydoc-topics-py{sys.version_info[0]}{sys.version_info[1]}.jsonl"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps({"topic": k, "text": topics[k]}) + "\n" for k in sorted(topics)))
-        os.replace(tmp, path)
-    say(f"no --data: using the built-in corpus {DEFAULT_CORPUS}")
-    return path
 
 
 def _teacher_provenance(cfg: LabelConfig, say: Any) -> dict[str, Any]:
@@ -485,133 +406,6 @@ def _target_spec(cfg: LabelConfig, width: int, id_dtype: str) -> data.TargetSpec
         k = min(cfg.samples, width)
         return data.TargetSpec("sample", k, float(cfg.temperature), width, "float16", id_dtype, num_samples=cfg.samples)
     return data.TargetSpec("topk", cfg.top_k, float(cfg.temperature), width, cfg.value_dtype, id_dtype)
-
-
-# Below this tail mass, 1 - sum(kept) carries the ~2e-6 rounding of float32 log-probs as >1e-4 relative error:
-# recompute it exactly there (measured in bench/label_overhead.py).
-_PRECISE_TAIL = 1e-2
-# The teacher's exact entropy is a statistic for `inspect`, not a target: measure it on every 16th row only.
-_ENTROPY_EVERY = 16
-_CPU_SUB_ROWS = 16  # 16 x 49,152 x 4 B = 3 MB of float32 logits: stays in cache across the per-row passes
-
-
-def _topk_chunked(
-    rows: torch.Tensor, head: OutputHead, k: int, temperature: float, chunk: int, labels: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """Top-k of log softmax(z / T) over the full vocabulary, with the tail mass, for N rows.
-
-    Args:
-        rows: (N, H) hidden states or (N, V) logits.
-        labels: (N,) int64 hard labels (-1 = none), for the teacher's own cross-entropy at T=1, or None.
-
-    Returns CPU tensors: ids (N, k) int64, logprobs (N, k) float32 (top z minus logsumexp: the (c, V) log-softmax
-    is never built), tail (N,) float32, nll (N,) float32 (at T=1; 0 where there is no label), and entropy
-    (M,) float32 at T for every 16th row. The output head runs on ``chunk`` rows at a time (an efficient
-    matmul); on CPU the per-row passes (logsumexp, top-k, tail, statistics) then run on ``_CPU_SUB_ROWS`` rows
-    of those logits at a time, which stay in cache across the passes where a whole chunk would go to DRAM and
-    back for each (bench/label_overhead.py: labeled/bare 0.936 -> 0.955 at T=1 on SmolLM2, identical outputs).
-    """
-    import torch
-
-    out: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "tail": [], "entropy": [], "nll": []}
-    for i in range(0, rows.shape[0], chunk):
-        raw = head.logits(rows[i : i + chunk])  # (c, V) float32
-        sub = _CPU_SUB_ROWS if raw.device.type == "cpu" else raw.shape[0]
-        for j in range(0, raw.shape[0], sub):
-            lab = labels[i + j : i + j + sub] if labels is not None else None
-            for key, value in _topk_rows(raw[j : j + sub], i + j, k, temperature, lab).items():
-                out[key].append(value)
-    return {key: torch.cat(parts) for key, parts in out.items() if parts}
-
-
-def _topk_rows(
-    raw: torch.Tensor, first: int, k: int, temperature: float, labels: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """:func:`_topk_chunked` on (r, V) float32 logits whose first row is row ``first`` of the call.
-
-    The tail is 1 - sum(kept) in float64 from the unquantised values; rows where that is below 1e-2 (where the
-    rounding would matter) get exp(logsumexp of the non-kept logits - lse) instead.
-    """
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    z = raw if temperature == 1.0 else raw / temperature
-    lse = torch.logsumexp(z, dim=-1)  # (r,)
-    top_z, top_id = torch.topk(z, k, dim=-1)  # (r, k), most probable first
-    top_lp = top_z - lse[:, None]
-    tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0)  # (r,) float64
-    small = (tail < _PRECISE_TAIL).nonzero()[:, 0]
-    if len(small) and k < z.shape[-1]:
-        rest = z[small].scatter(-1, top_id[small], float("-inf"))
-        tail[small] = (torch.logsumexp(rest, dim=-1) - lse[small]).double().exp()
-    sub = torch.arange((-first) % _ENTROPY_EVERY, z.shape[0], _ENTROPY_EVERY, device=z.device)
-    if len(sub):
-        p = torch.softmax(z[sub], dim=-1)
-        out["entropy"] = (lse[sub] - (p * z[sub]).sum(-1)).cpu()
-    if labels is not None:
-        lab = labels.to(raw.device)
-        lse1 = lse if temperature == 1.0 else torch.logsumexp(raw, dim=-1)
-        out["nll"] = ((lse1 - raw.gather(-1, lab.clamp_min(0)[:, None])[:, 0]) * (lab >= 0)).cpu()
-    out["ids"] = top_id.cpu()
-    out["logprobs"] = top_lp.cpu()
-    out["tail"] = tail.float().cpu()
-    return out
-
-
-def _sample_chunked(
-    rows: torch.Tensor,
-    head: OutputHead,
-    num_samples: int,
-    temperature: float,
-    chunk: int,
-    labels: torch.Tensor | None,
-    seed: list[int],
-) -> dict[str, torch.Tensor]:
-    """Draw ``num_samples`` ids with replacement from softmax(z / T) for N rows; keep the unique ids and counts.
-
-    Args:
-        rows: (N, H) hidden states or (N, V) logits.
-        labels: as for :func:`_topk_chunked`.
-        seed: seed words (labeling seed, unit, batch within the unit); chunk c of the batch draws from a
-            generator seeded with SeedSequence(seed + [c]), so a resumed or multi-process run, which labels each
-            unit with the same batches and chunks, draws exactly the same ids (on the same kind of device: CPU
-            and CUDA generators give different streams).
-
-    Returns CPU tensors: ids (U,) int64 and counts (U,) int64, each row's unique ids in ascending order, rows one
-    after another; unique (N,) int64, the unique ids of each row; kept (N,) float32, the teacher's probability of
-    the ids drawn; nll (N,) and entropy (M,) as for :func:`_topk_chunked`. Only those leave the device.
-    """
-    import torch
-
-    out: dict[str, list[torch.Tensor]] = {"ids": [], "counts": [], "unique": [], "kept": [], "entropy": [], "nll": []}
-    for c, i in enumerate(range(0, rows.shape[0], chunk)):
-        raw = head.logits(rows[i : i + chunk])  # (c, V) float32
-        z = raw if temperature == 1.0 else raw / temperature
-        probs = torch.softmax(z, dim=-1)  # (c, V) float32
-        state = np.random.SeedSequence([*seed, c]).generate_state(2, np.uint32)
-        g = torch.Generator(device=z.device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-        draws = torch.multinomial(probs, num_samples, replacement=True, generator=g)  # (c, S) int64
-        draws = draws.sort(dim=-1).values
-        # a run of equal ids in a sorted row is one unique id: mark where each run starts
-        starts = torch.ones_like(draws, dtype=torch.bool)
-        starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        flat_starts = starts.reshape(-1).nonzero()[:, 0]  # (U_c,) into the flattened (c * S)
-        ends = torch.cat([flat_starts[1:], flat_starts.new_tensor([draws.numel()])])  # row ends are run ends
-        ids = draws.reshape(-1)[flat_starts]  # (U_c,)
-        unique = starts.sum(dim=-1)  # (c,)
-        row = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), unique)  # (U_c,)
-        out["kept"].append(torch.zeros(z.shape[0], device=z.device).index_add_(0, row, probs[row, ids]).cpu())
-        lse = torch.logsumexp(z, dim=-1)  # (c,)
-        sub = torch.arange((-i) % _ENTROPY_EVERY, z.shape[0], _ENTROPY_EVERY, device=z.device)
-        out["entropy"].append((lse[sub] - (probs[sub] * z[sub]).sum(-1)).cpu())
-        if labels is not None:
-            lab = labels[i : i + chunk].to(raw.device)
-            lse1 = lse if temperature == 1.0 else torch.logsumexp(raw, dim=-1)
-            out["nll"].append(((lse1 - raw.gather(-1, lab.clamp_min(0)[:, None])[:, 0]) * (lab >= 0)).cpu())
-        out["ids"].append(ids.cpu())
-        out["counts"].append((ends - flat_starts).cpu())
-        out["unique"].append(unique.cpu())
-    return {key: torch.cat(parts) for key, parts in out.items() if parts}
 
 
 def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:

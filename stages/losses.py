@@ -290,18 +290,7 @@ def hard_ce(student_logits: Tensor, labels: Tensor, position_mask: Tensor | None
     """
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be (N, C), got shape {tuple(student_logits.shape)}")
-    n, c = student_logits.shape
-    if labels.shape != (n,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an ({n},) integer tensor, got {tuple(labels.shape)} {labels.dtype}")
-    if position_mask is not None and (position_mask.shape != (n,) or position_mask.dtype != torch.bool):
-        raise ValueError(
-            f"position_mask must be an ({n},) bool tensor, got {tuple(position_mask.shape)} {position_mask.dtype}"
-        )
-    valid = labels >= 0
-    if position_mask is not None:
-        valid = valid & position_mask
-    if bool((labels[valid] >= c).any()):
-        raise ValueError(f"labels must be < the number of classes {c}, got max {int(labels[valid].max())}")
+    valid = _labelled(labels, student_logits.shape, position_mask)
     if not bool(valid.any()):
         return student_logits.float().sum() * 0.0
     if bool(valid.all()):  # no (N, C) copy for the common case
@@ -342,6 +331,13 @@ def distill_loss(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (1 = soft targets only, 0 = hard labels only), got {alpha}")
+    fused = kind == "forward-kl" and tail == "bin" and position_mask is None
+    if fused and student_logits.dim() == 2 and labels.shape == student_logits.shape[:1]:
+        from stages.fused_loss import distill_fused  # imports this module: loaded on first use
+
+        return distill_fused(
+            student_logits, target_ids, target_logprobs, tail_mass, labels, alpha, temperature, target_mask
+        )
     if temperature == 1.0 and student_logits.dim() == 2 and labels.shape == student_logits.shape[:1]:
         return _distill_shared(
             student_logits,
@@ -407,13 +403,7 @@ def _distill_shared(
         tail=tail,
         student_lse=lse,
     )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    valid = labels >= 0
-    if position_mask is not None:
-        valid = valid & position_mask
-    if bool((labels[valid] >= z.shape[1]).any()):
-        raise ValueError(f"labels must be < the number of classes {z.shape[1]}, got max {int(labels[valid].max())}")
+    valid = _labelled(labels, z.shape, position_mask)
     safe = labels.long().clamp_min(0)[:, None]
     nll = (lse - z.gather(1, safe)[:, 0]) * valid  # (N,)
     ce = nll.sum() / valid.sum().clamp_min(1)
@@ -530,6 +520,27 @@ def _check_shapes(
             f"target_mask must be a bool tensor of shape {expected} like target_ids, "
             f"got {tuple(target_mask.shape)} {target_mask.dtype}"
         )
+
+
+def _labelled(labels: Tensor, logits_shape: tuple[int, ...], position_mask: Tensor | None) -> Tensor:
+    """(N,) bool: the positions whose hard label counts (label >= 0, not masked), after checking the labels.
+
+    Raises:
+        ValueError: labels that are not an (N,) integer tensor, a bad position_mask, or a label >= C.
+    """
+    n, c = logits_shape
+    if labels.shape != (n,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an ({n},) integer tensor, got {tuple(labels.shape)} {labels.dtype}")
+    if position_mask is not None and (position_mask.shape != (n,) or position_mask.dtype != torch.bool):
+        raise ValueError(
+            f"position_mask must be an ({n},) bool tensor, got {tuple(position_mask.shape)} {position_mask.dtype}"
+        )
+    valid = labels >= 0
+    if position_mask is not None:
+        valid = valid & position_mask
+    if bool((labels[valid] >= c).any()):
+        raise ValueError(f"labels must be < the number of classes {c}, got max {int(labels[valid].max())}")
+    return valid
 
 
 def _check_id_range(target_ids: Tensor, target_mask: Tensor | None, vocab: int) -> None:

@@ -15,15 +15,21 @@ from typing import Any
 
 import torch
 
+import data
+
 __all__ = [
     "AUTO_CLASSES",
     "ModelLoadError",
     "OutputHead",
+    "copy_tokenizer",
+    "declared_task",
     "load_model",
+    "load_student",
     "load_tokenizer",
     "output_width",
     "resolve_device",
     "resolve_dtype",
+    "student_tokenizer_digest",
     "tokenizer_digest",
     "weights_digest",
 ]
@@ -189,3 +195,59 @@ class OutputHead:
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
+
+
+# ---------------------------------------------------------------------------------------------------- students
+
+
+def load_student(student: str, manifest: data.Manifest) -> tuple[Any, Path | None]:
+    """The student model (pretrained weights, or fresh from a config) and the folder of its tokenizer, if any."""
+    import transformers
+
+    path = Path(student).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"--student {student} does not exist; pass a model folder or a config.json")
+    cls = getattr(transformers, AUTO_CLASSES[manifest.task])
+    folder = path if path.is_dir() else path.parent
+    has_weights = path.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in path.iterdir())
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    try:
+        if has_weights:
+            model = cls.from_pretrained(path, dtype="float32")
+        else:
+            config_file = path / "config.json" if path.is_dir() else path
+            raw = json.loads(config_file.read_text())
+            config = transformers.AutoConfig.for_model(**raw)
+            if manifest.task == "seq-cls":
+                config.num_labels = manifest.targets.num_classes
+            model = cls.from_config(config)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot load a {manifest.task} student from {student}: {str(e).splitlines()[0]}") from e
+    return model, (folder if has_tokenizer else None)
+
+
+_ARCH_SUFFIXES = {"ForCausalLM": "causal-lm", "ForMaskedLM": "masked-lm", "ForSequenceClassification": "seq-cls"}
+
+
+def declared_task(student: str) -> str | None:
+    """The task a student's config declares through its ``architectures`` (None when it declares none)."""
+    path = Path(student).expanduser()
+    config = path / "config.json" if path.is_dir() else path
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    tasks = {task for arch in archs for suffix, task in _ARCH_SUFFIXES.items() if str(arch).endswith(suffix)}
+    return tasks.pop() if len(tasks) == 1 else None
+
+
+def student_tokenizer_digest(folder: Path | None) -> str | None:
+    """The tokenizer digest of a student folder, or None where it has no tokenizer."""
+    if folder is None:
+        return None
+    return tokenizer_digest(load_tokenizer(str(folder)))
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Save the tokenizer in ``src`` into ``dst`` (a run's final folder), as transformers writes it."""
+    load_tokenizer(str(src)).save_pretrained(dst)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import data
+from stages.run_dir import Metrics, latest_checkpoint, load_checkpoint, plot_metrics, save_checkpoint, truncate_metrics
 
 if TYPE_CHECKING:  # torch loads inside run(), so that `pipeline --help` stays instant
     import torch
@@ -159,7 +160,14 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     import torch
 
     from data.dataset import StoreDataset
-    from stages.models import output_width, resolve_device
+    from stages.models import (
+        copy_tokenizer,
+        declared_task,
+        load_student,
+        output_width,
+        resolve_device,
+        student_tokenizer_digest,
+    )
 
     cfg.validate()
     rank, world, device = _setup_distributed(resolve_device(cfg.device))
@@ -180,13 +188,13 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     # ---- model
-    student_task = _declared_task(cfg.student)
-    data.check_compatible(m, vocab_size=1 << 32, task=student_task, temperature=temperature)  # before any loading
-    model, tokenizer_dir = _load_student(cfg.student, m)
+    student_task = declared_task(cfg.student)
+    data.check_compatible(m, task=student_task, temperature=temperature)  # before any loading
+    model, tokenizer_dir = load_student(cfg.student, m)
     if model.config.pad_token_id is None:  # HF classifiers find each sequence's last token by the pad id
         model.config.pad_token_id = m.tokenizer.get("pad_token_id") or 0
     width = output_width(model)
-    digest = _student_tokenizer_digest(tokenizer_dir)
+    digest = student_tokenizer_digest(tokenizer_dir)
     data.check_compatible(m, vocab_size=width, tokenizer_digest=digest, task=student_task, temperature=temperature)
     in_rows = int(model.get_input_embeddings().weight.shape[0])
     if in_rows < m.vocab_size:
@@ -239,11 +247,11 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, total_steps))
     step, position = 0, {"epoch": 0, "samples_seen": 0}
     if cfg.resume:
-        ckpt = _latest_checkpoint(out)
+        ckpt = latest_checkpoint(out)
         if ckpt is not None:
-            step, position = _load_checkpoint(ckpt, model, optimizer, scheduler)
+            step, position = load_checkpoint(ckpt, model, optimizer, scheduler)
             if main:
-                _truncate_metrics(out / "metrics.jsonl", step)
+                truncate_metrics(out / "metrics.jsonl", step)
             say(f"resumed from {ckpt} at step {step}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +261,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
-    metrics = _Metrics(out / "metrics.jsonl", main)
+    metrics = Metrics(out / "metrics.jsonl", main)
     batches = _batch_stream(train_set, cfg, world, position)
     bar = _progress(cfg, total_steps, step, main)
     start = time.perf_counter()
@@ -303,7 +311,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             say(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in eval_result.items()))
             model.train()
         if main and (step % cfg.save_every == 0 or step == total_steps):
-            _save_checkpoint(out, step, model, optimizer, scheduler, position)
+            save_checkpoint(out, step, model, optimizer, scheduler, position)
     bar.close()
 
     # ---- save
@@ -312,8 +320,8 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         final = out / "final"
         model.save_pretrained(final)
         if tokenizer_dir is not None:
-            _copy_tokenizer(tokenizer_dir, final)
-        _plot(out)
+            copy_tokenizer(tokenizer_dir, final)
+        plot_metrics(out)
         say(f"trained {step} steps in {seconds:.1f}s; final loss {last_loss:.4f}; student saved to {final}")
     if world > 1:
         torch.distributed.barrier()
@@ -374,63 +382,6 @@ def _check_run_dir(out: Path, resume: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- model
-
-
-def _load_student(student: str, manifest: data.Manifest) -> tuple[Any, Path | None]:
-    """The student model (pretrained weights, or fresh from a config) and the folder of its tokenizer, if any."""
-    import transformers
-
-    from stages.models import AUTO_CLASSES, ModelLoadError
-
-    path = Path(student).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"--student {student} does not exist; pass a model folder or a config.json")
-    cls = getattr(transformers, AUTO_CLASSES[manifest.task])
-    folder = path if path.is_dir() else path.parent
-    has_weights = path.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in path.iterdir())
-    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
-    try:
-        if has_weights:
-            model = cls.from_pretrained(path, dtype="float32")
-        else:
-            config_file = path / "config.json" if path.is_dir() else path
-            raw = json.loads(config_file.read_text())
-            config = transformers.AutoConfig.for_model(**raw)
-            if manifest.task == "seq-cls":
-                config.num_labels = manifest.targets.num_classes
-            model = cls.from_config(config)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot load a {manifest.task} student from {student}: {str(e).splitlines()[0]}") from e
-    return model, (folder if has_tokenizer else None)
-
-
-_ARCH_SUFFIXES = {"ForCausalLM": "causal-lm", "ForMaskedLM": "masked-lm", "ForSequenceClassification": "seq-cls"}
-
-
-def _declared_task(student: str) -> str | None:
-    """The task a student's config declares through its ``architectures`` (None when it declares none)."""
-    path = Path(student).expanduser()
-    config = path / "config.json" if path.is_dir() else path
-    try:
-        archs = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return None
-    tasks = {task for arch in archs for suffix, task in _ARCH_SUFFIXES.items() if str(arch).endswith(suffix)}
-    return tasks.pop() if len(tasks) == 1 else None
-
-
-def _student_tokenizer_digest(folder: Path | None) -> str | None:
-    if folder is None:
-        return None
-    from stages.models import load_tokenizer, tokenizer_digest
-
-    return tokenizer_digest(load_tokenizer(str(folder)))
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    from stages.models import load_tokenizer
-
-    load_tokenizer(str(src)).save_pretrained(dst)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -629,85 +580,6 @@ def _warmup_cosine(warmup: int, total: int) -> Any:
     return factor
 
 
-def _save_checkpoint(
-    out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, position: dict[str, int]
-) -> Path:
-    """Write a checkpoint atomically (temp folder + rename). Safetensors and JSON only: no pickle."""
-    import torch
-    from safetensors.torch import save_file, save_model
-
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp / "model.safetensors"))  # de-duplicates tied weights
-    opt = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for pid, state in opt["state"].items():
-        for key, value in state.items():
-            tensors[f"{pid}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {
-        "step": step,
-        "data_position": position,
-        "param_groups": opt["param_groups"],
-        "scheduler": scheduler.state_dict(),  # LambdaLR keeps None for plain-function lambdas: JSON-able
-    }
-    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
-
-
-def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict[str, int]]:
-    import torch
-    from safetensors.torch import load_file, load_model
-
-    load_model(model, str(ckpt / "model.safetensors"))
-    state = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng.cpu"))
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        opt_state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"]), dict(state["data_position"])
-
-
-# ---------------------------------------------------------------------------------------------------- logging
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from: they are about to be logged again."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
-class _Metrics:
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
 def _progress(cfg: TrainConfig, total: int, initial: int, main: bool) -> Any:
     show = main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
     if not show:
@@ -723,34 +595,3 @@ class _NoBar:
 
     def close(self) -> None:
         pass
-
-
-def _plot(out: Path) -> None:
-    """loss_curve.png from metrics.jsonl (skipped, with a note, if matplotlib is not installed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no loss_curve.png (pip install 'kd-pipeline[plot]')", file=sys.stderr)
-        return
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for split, key, style in (
-        ("train", "loss", "-"),
-        ("train", "kd", ":"),
-        ("eval", "ce", "o-"),
-        ("eval", "kd", "s--"),
-    ):
-        pts = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=f"{split} {key}", markersize=3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title(out.name)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curve.png", dpi=100)
-    plt.close(fig)

@@ -522,3 +522,65 @@ def test_cheap_and_exact_student_tails_agree() -> None:
     kept = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, True)
     exact = torch.logsumexp(z.masked_fill(kept, -math.inf), -1) - torch.logsumexp(z, -1)
     torch.testing.assert_close(tail.double(), exact, rtol=0, atol=1e-3)  # log-space: 0.1% of the tail mass
+
+
+# ---------------------------------------------------------------------------------------------------- fused default
+
+
+def _unfused(z: torch.Tensor, ids: Any, lp: Any, tail: Any, labels: Any, alpha: float, t: float, mask: Any) -> Any:
+    """The default loss through autograd on the separate terms (the reference for the fused path)."""
+    kd = kd_loss(z, ids, lp, tail, temperature=t, target_mask=mask)
+    ce = hard_ce(z, labels)
+    return alpha * kd + (1 - alpha) * ce, kd, ce
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize(
+    "case", ["topk", "padding slots", "all ids kept", "tiny student tail", "sampled", "bfloat16 logits"]
+)
+def test_fused_default_loss_equals_autograd_of_the_separate_terms(temperature: float, alpha: float, case: str) -> None:
+    """distill_loss's forward-kl + CE path writes its gradient in closed form; value and gradient must equal
+    autograd's through kd_loss + hard_ce, on every kind of row the store produces."""
+    g = torch.Generator().manual_seed(11)
+    n, v, k = 10, 40, 6
+    z = torch.randn(n, v, generator=g) * 3
+    teacher = torch.log_softmax(torch.randn(n, v, generator=g) * 3 / temperature, -1)
+    lp, ids = teacher.topk(k, dim=-1)
+    tail = (1 - lp.exp().sum(-1)).clamp_min(0)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[4] = -100
+    mask = None
+    if case == "padding slots":
+        mask = torch.ones(n, k, dtype=torch.bool)
+        mask[1, 2:] = False
+        ids[1, 2:] = ids[1, 0]  # junk ids on padding slots that repeat a real one
+    elif case == "all ids kept":
+        lp, ids = teacher.topk(v, dim=-1)
+        tail = torch.zeros(n)
+    elif case == "tiny student tail":  # the student's tail far below float32 eps on some rows, big on the teacher's
+        z[:3].scatter_(1, ids[:3], 80.0)
+    elif case == "sampled":
+        counts = torch.zeros(n, k, dtype=torch.long)
+        draws = torch.multinomial(teacher.exp(), 20, replacement=True, generator=g)
+        uniq = [torch.unique(row, return_counts=True) for row in draws]
+        mask = torch.zeros(n, k, dtype=torch.bool)
+        ids = torch.zeros(n, k, dtype=torch.long)
+        for r, (u, c) in enumerate(uniq):
+            m = min(len(u), k)
+            ids[r, :m], counts[r, :m], mask[r, :m] = u[:m], c[:m], True
+            counts[r, m - 1] += 20 - int(counts[r, :m].sum())  # keep each row summing to 20
+        lp, tail = sampled_targets(counts, 20)
+    a = (z.bfloat16() if case == "bfloat16 logits" else z).clone().requires_grad_(True)
+    loss, parts = distill_loss(a, ids, lp, tail, labels, alpha=alpha, temperature=temperature, target_mask=mask)
+    loss.backward()
+    b = z.double().clone().requires_grad_(True)
+    ref, kd, ce = _unfused(b, ids, lp.double(), tail.double(), labels, alpha, temperature, mask)
+    ref.backward()
+    assert a.grad is not None and b.grad is not None and a.grad.dtype == a.dtype
+    tol = {"rtol": 2e-2, "atol": 1e-3} if case == "bfloat16 logits" else {"rtol": 1e-4, "atol": 1e-6}
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=tol["rtol"], abs=tol["atol"])
+    assert parts["kd"] == pytest.approx(float(kd.detach()), rel=tol["rtol"], abs=tol["atol"])
+    assert parts["ce"] == pytest.approx(float(ce.detach()), rel=tol["rtol"], abs=tol["atol"])
+    assert torch.isfinite(a.grad).all()
+    torch.testing.assert_close(a.grad.double(), b.grad, **tol)

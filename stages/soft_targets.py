@@ -1,0 +1,146 @@
+"""What the labeler computes from a teacher's output rows: top-k log-probs with the exact tail, or sampled ids.
+
+Both take (N, H) hidden states or (N, V) logits of the positions to label, run the output head on ``chunk`` rows
+at a time (a (chunk, V) float32 block is the largest thing that exists), and return CPU tensors: only the kept
+ids and values and a few per-row scalars leave the device. ``stages.label`` calls them once per batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from stages.models import OutputHead
+
+__all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "PRECISE_TAIL", "sample_chunked", "topk_chunked"]
+
+
+# Below this tail mass, 1 - sum(kept) carries the ~2e-6 rounding of float32 log-probs as >1e-4 relative error:
+# recompute it exactly there (measured in bench/label_overhead.py).
+PRECISE_TAIL = 1e-2
+# The teacher's exact entropy is a statistic for `inspect`, not a target: measure it on every 16th row only.
+ENTROPY_EVERY = 16
+CPU_SUB_ROWS = 16  # 16 x 49,152 x 4 B = 3 MB of float32 logits: stays in cache across the per-row passes
+
+
+def topk_chunked(
+    rows: torch.Tensor, head: OutputHead, k: int, temperature: float, chunk: int, labels: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Top-k of log softmax(z / T) over the full vocabulary, with the tail mass, for N rows.
+
+    Args:
+        rows: (N, H) hidden states or (N, V) logits.
+        labels: (N,) int64 hard labels (-1 = none), for the teacher's own cross-entropy at T=1, or None.
+
+    Returns CPU tensors: ids (N, k) int64, logprobs (N, k) float32 (top z minus logsumexp: the (c, V) log-softmax
+    is never built), tail (N,) float32, nll (N,) float32 (at T=1; 0 where there is no label), and entropy
+    (M,) float32 at T for every 16th row. The output head runs on ``chunk`` rows at a time (an efficient
+    matmul); on CPU the per-row passes (logsumexp, top-k, tail, statistics) then run on ``CPU_SUB_ROWS`` rows
+    of those logits at a time, which stay in cache across the passes where a whole chunk would go to DRAM and
+    back for each (bench/label_overhead.py: labeled/bare 0.936 -> 0.955 at T=1 on SmolLM2, identical outputs).
+    """
+    import torch
+
+    out: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "tail": [], "entropy": [], "nll": []}
+    for i in range(0, rows.shape[0], chunk):
+        raw = head.logits(rows[i : i + chunk])  # (c, V) float32
+        sub = CPU_SUB_ROWS if raw.device.type == "cpu" else raw.shape[0]
+        for j in range(0, raw.shape[0], sub):
+            lab = labels[i + j : i + j + sub] if labels is not None else None
+            for key, value in topk_rows(raw[j : j + sub], i + j, k, temperature, lab).items():
+                out[key].append(value)
+    return {key: torch.cat(parts) for key, parts in out.items() if parts}
+
+
+def topk_rows(
+    raw: torch.Tensor, first: int, k: int, temperature: float, labels: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """:func:`topk_chunked` on (r, V) float32 logits whose first row is row ``first`` of the call.
+
+    The tail is 1 - sum(kept) in float64 from the unquantised values; rows where that is below 1e-2 (where the
+    rounding would matter) get exp(logsumexp of the non-kept logits - lse) instead.
+    """
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    z = raw if temperature == 1.0 else raw / temperature
+    lse = torch.logsumexp(z, dim=-1)  # (r,)
+    top_z, top_id = torch.topk(z, k, dim=-1)  # (r, k), most probable first
+    top_lp = top_z - lse[:, None]
+    tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0)  # (r,) float64
+    small = (tail < PRECISE_TAIL).nonzero()[:, 0]
+    if len(small) and k < z.shape[-1]:
+        rest = z[small].scatter(-1, top_id[small], float("-inf"))
+        tail[small] = (torch.logsumexp(rest, dim=-1) - lse[small]).double().exp()
+    sub = torch.arange((-first) % ENTROPY_EVERY, z.shape[0], ENTROPY_EVERY, device=z.device)
+    if len(sub):
+        p = torch.softmax(z[sub], dim=-1)
+        out["entropy"] = (lse[sub] - (p * z[sub]).sum(-1)).cpu()
+    if labels is not None:
+        lab = labels.to(raw.device)
+        lse1 = lse if temperature == 1.0 else torch.logsumexp(raw, dim=-1)
+        out["nll"] = ((lse1 - raw.gather(-1, lab.clamp_min(0)[:, None])[:, 0]) * (lab >= 0)).cpu()
+    out["ids"] = top_id.cpu()
+    out["logprobs"] = top_lp.cpu()
+    out["tail"] = tail.float().cpu()
+    return out
+
+
+def sample_chunked(
+    rows: torch.Tensor,
+    head: OutputHead,
+    num_samples: int,
+    temperature: float,
+    chunk: int,
+    labels: torch.Tensor | None,
+    seed: list[int],
+) -> dict[str, torch.Tensor]:
+    """Draw ``num_samples`` ids with replacement from softmax(z / T) for N rows; keep the unique ids and counts.
+
+    Args:
+        rows: (N, H) hidden states or (N, V) logits.
+        labels: as for :func:`topk_chunked`.
+        seed: seed words (labeling seed, unit, batch within the unit); chunk c of the batch draws from a
+            generator seeded with SeedSequence(seed + [c]), so a resumed or multi-process run, which labels each
+            unit with the same batches and chunks, draws exactly the same ids (on the same kind of device: CPU
+            and CUDA generators give different streams).
+
+    Returns CPU tensors: ids (U,) int64 and counts (U,) int64, each row's unique ids in ascending order, rows one
+    after another; unique (N,) int64, the unique ids of each row; kept (N,) float32, the teacher's probability of
+    the ids drawn; nll (N,) and entropy (M,) as for :func:`topk_chunked`. Only those leave the device.
+    """
+    import torch
+
+    out: dict[str, list[torch.Tensor]] = {"ids": [], "counts": [], "unique": [], "kept": [], "entropy": [], "nll": []}
+    for c, i in enumerate(range(0, rows.shape[0], chunk)):
+        raw = head.logits(rows[i : i + chunk])  # (c, V) float32
+        z = raw if temperature == 1.0 else raw / temperature
+        probs = torch.softmax(z, dim=-1)  # (c, V) float32
+        state = np.random.SeedSequence([*seed, c]).generate_state(2, np.uint32)
+        g = torch.Generator(device=z.device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+        draws = torch.multinomial(probs, num_samples, replacement=True, generator=g)  # (c, S) int64
+        draws = draws.sort(dim=-1).values
+        # a run of equal ids in a sorted row is one unique id: mark where each run starts
+        starts = torch.ones_like(draws, dtype=torch.bool)
+        starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+        flat_starts = starts.reshape(-1).nonzero()[:, 0]  # (U_c,) into the flattened (c * S)
+        ends = torch.cat([flat_starts[1:], flat_starts.new_tensor([draws.numel()])])  # row ends are run ends
+        ids = draws.reshape(-1)[flat_starts]  # (U_c,)
+        unique = starts.sum(dim=-1)  # (c,)
+        row = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), unique)  # (U_c,)
+        out["kept"].append(torch.zeros(z.shape[0], device=z.device).index_add_(0, row, probs[row, ids]).cpu())
+        lse = torch.logsumexp(z, dim=-1)  # (c,)
+        sub = torch.arange((-i) % ENTROPY_EVERY, z.shape[0], ENTROPY_EVERY, device=z.device)
+        out["entropy"].append((lse[sub] - (probs[sub] * z[sub]).sum(-1)).cpu())
+        if labels is not None:
+            lab = labels[i : i + chunk].to(raw.device)
+            lse1 = lse if temperature == 1.0 else torch.logsumexp(raw, dim=-1)
+            out["nll"].append(((lse1 - raw.gather(-1, lab.clamp_min(0)[:, None])[:, 0]) * (lab >= 0)).cpu())
+        out["ids"].append(ids.cpu())
+        out["counts"].append((ends - flat_starts).cpu())
+        out["unique"].append(unique.cpu())
+    return {key: torch.cat(parts) for key, parts in out.items() if parts}
