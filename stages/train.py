@@ -185,6 +185,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         raise TrainConfigError(f"{cfg.store} holds no labelled positions; nothing to train on")
     temperature = cfg.temperature if cfg.temperature is not None else m.targets.temperature
     _check_sampled(cfg, m, say)
+    _check_kept_mass(m, say)
     torch.manual_seed(cfg.seed)
 
     # ---- model
@@ -350,6 +351,29 @@ def _check_sampled(cfg: TrainConfig, m: data.Manifest, say: Any) -> None:
             f"warning: --loss {cfg.loss} has no unbiased estimator with sampled targets (this store holds "
             f"{m.targets.num_samples} samples per position); the run proceeds with a biased loss. Unbiased: "
             f"{', '.join(UNBIASED_WITH_SAMPLES)}"
+        )
+
+
+# Below this mean kept mass a top-k store tells the student little about the teacher beyond its top ids: measured on
+# SmolLM2-135M (BENCHMARKS.md, section 5), top-32 at T=2 (kept mass 0.20) trained a worse student than hard labels.
+_LOW_KEPT_MASS = 0.5
+
+
+def _check_kept_mass(m: data.Manifest, say: Any) -> None:
+    """Say when a top-k store keeps little of the teacher's mass, and what to label instead."""
+    if m.targets.sampled:
+        return
+    count = sum(s.stats.get("count", 0.0) for s in m.shards if "kept_mass_sum" in s.stats)
+    if not count:
+        return
+    kept = sum(s.stats.get("kept_mass_sum", 0.0) for s in m.shards) / count
+    if kept < _LOW_KEPT_MASS:
+        t = m.targets
+        say(
+            f"warning: this store's top-{t.k} ids at T={t.temperature:g} hold on average {kept:.2f} of the teacher's "
+            "probability mass; the rest is one tail bin that says nothing about which other ids are likely, and on "
+            "a real teacher such stores trained worse students than hard labels. Label at T=1, with a larger "
+            "--top-k, or with --method sample (BENCHMARKS.md, section 5)"
         )
 
 

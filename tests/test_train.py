@@ -117,6 +117,21 @@ def test_causal_lm_end_to_end(world: dict[str, Any], tmp_path: Path) -> None:
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_low_kept_mass_warns_with_what_to_do(world: dict[str, Any], tmp_path: Path) -> None:
+    m = data.open_store(world["root"] / "causal-lm").manifest
+    kept = sum(s.stats["kept_mass_sum"] for s in m.shards) / sum(s.stats["count"] for s in m.shards)
+    assert kept < 0.5  # a random tiny teacher at T=2: top-8 of its vocabulary holds little
+    logs: list[str] = []
+    train(_cfg(world, tmp_path / "run", steps=1), log=logs.append)
+    warned = [line for line in logs if "of the teacher's probability mass" in line]
+    assert len(warned) == 1 and f"{kept:.2f}" in warned[0] and "--method sample" in warned[0]
+    # a store that keeps most of the mass (every id of the 3 classes) says nothing
+    logs.clear()
+    student = _student_config(tmp_path / "cls-student", world["vocab"], task="seq-cls")
+    train(_cfg(world, tmp_path / "run-cls", task="seq-cls", student=str(student), steps=1), log=logs.append)
+    assert not [line for line in logs if "probability mass" in line]
+
+
 def test_resume_reaches_the_same_weights(world: dict[str, Any], tmp_path: Path) -> None:
     """Stopping after a checkpoint and resuming gives bitwise the same weights as not stopping (CPU)."""
     train(_cfg(world, tmp_path / "a"), log=_quiet)
