@@ -8,6 +8,7 @@ whose paths leave the store (rejected when the manifest is parsed, before any fi
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,19 +54,23 @@ def verify_store(path_or_url: str | os.PathLike[str], storage_options: dict[str,
     report = VerifyReport(store=str(location), complete=manifest.complete)
     if not manifest.complete:
         report.problems.append("the store is incomplete: its labeling run has not finished")
-    reader = StoreReader(location, manifest)
     listed = {s.path.removeprefix("shards/") for s in manifest.shards}
     for entry in location.list_shard_entries():
         if entry not in listed:
             report.problems.append(f"shards/{entry}: present in the store but not listed in the manifest")
-    for record in manifest.shards:
-        files = shard_files(manifest.backend, record)
-        try:
-            check_files(location, record.name, files, verify=True)
-            reader.load_shard(record, verify=False)
-        except StoreError as e:
-            report.problems.append(str(e))
-        report.shards_checked += 1
-        report.files_checked += len(files)
-        report.bytes_checked += sum(f.bytes for f in files.values())
+    # A remote store's files are downloaded once, into a cache of this call's own (never one a reader filled
+    # earlier, which would check the copy instead of the store), checked against their SHA-256 there, and decoded.
+    with tempfile.TemporaryDirectory(prefix="kd-verify-") as tmp:
+        reader = StoreReader(location, manifest, cache_dir=None if location.is_local else tmp)
+        for record in manifest.shards:
+            files = shard_files(manifest.backend, record)
+            try:
+                if location.is_local:
+                    check_files(location, record.name, files, verify=True)
+                reader.load_shard(record, verify=False)
+            except StoreError as e:
+                report.problems.append(str(e))
+            report.shards_checked += 1
+            report.files_checked += len(files)
+            report.bytes_checked += sum(f.bytes for f in files.values())
     return report

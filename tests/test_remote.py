@@ -270,6 +270,40 @@ def test_server_gone_mid_read_then_a_reopen_resumes(
     assert not any("shard-000000" in d for d in downloads)
 
 
+def test_verify_reads_each_remote_file_once_and_catches_a_flipped_byte(
+    running: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    from data.location import Location
+
+    url = f"s3://{BUCKET}/verify-once-{backend}"
+    write_store(url, backend, shards=2)  # type: ignore[arg-type]
+    open_store(url)[0]  # a reader fills the default cache first: verify must not trust that copy
+    reads: list[str] = []
+    for name in ("download", "read_bytes", "iter_file"):
+        monkeypatch.setattr(Location, name, _counting_method(getattr(Location, name), reads))
+    report = verify_store(url)
+    assert report.ok, report.problems
+    shard_reads = [r for r in reads if r.startswith("shards/")]
+    assert sorted(shard_reads) == sorted(set(shard_reads)) and len(shard_reads) == report.files_checked
+    # a flipped byte in one remote object (same size) is found, and named
+    fs, root = fsspec.core.url_to_fs(url)
+    victim = sorted(p for p in fs.find(f"{root}/shards") if "shard-000001" in p and not p.endswith("zarr.json"))[-1]
+    raw = bytearray(fs.cat_file(victim))
+    raw[len(raw) // 2] ^= 0xFF
+    fs.pipe_file(victim, bytes(raw))
+    report = verify_store(url)
+    assert not report.ok and len(report.problems) == 1
+    assert "shard-000001" in report.problems[0] and "checksum" in report.problems[0]
+
+
+def _counting_method(method: Callable[..., Any], calls: list[str]) -> Callable[..., Any]:
+    def wrapped(self: Any, rel: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(rel)
+        return method(self, rel, *args, **kwargs)
+
+    return wrapped
+
+
 def test_a_claimed_terabyte_object_is_refused_before_downloading(
     running: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
