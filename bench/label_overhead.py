@@ -284,7 +284,7 @@ def profile(label: Any, teacher: Any, units: list[Any], cfg: Any, pad_id: int, d
         sync(device)
         t0 = time.perf_counter()
         for unit in units:
-            label._label_unit(unit, cfg, head, pad_id, device, _NoProgress())
+            label._label_unit(unit, 0, cfg, head, pad_id, device, _NoProgress())
         sync(device)
         total = time.perf_counter() - t0
     finally:
