@@ -185,7 +185,6 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         raise TrainConfigError(f"{cfg.store} holds no labelled positions; nothing to train on")
     temperature = cfg.temperature if cfg.temperature is not None else m.targets.temperature
     _check_sampled(cfg, m, say)
-    _check_kept_mass(m, say)
     torch.manual_seed(cfg.seed)
 
     # ---- model
@@ -203,6 +202,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             f"the student's input embeddings have {in_rows} rows but the store's input ids go up to "
             f"{m.vocab_size - 1}; use a student with at least {m.vocab_size} embedding rows"
         )
+    _check_kept_mass(m, say)  # once the run is known to go ahead: a refused run prints its one error line only
     model.to(device)
     net = _at_positions(model, m.task)
     ddp_model = net
