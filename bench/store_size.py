@@ -177,7 +177,7 @@ def _entropy_bits(symbols: NDArray) -> float:
 
 
 def lossless_floor(shards: list[ShardData], num_classes: int, rest_bytes_per_token: float) -> dict[str, Any]:
-    """What a lossless top-k store with float16 values must hold, split three ways, per token.
+    """What a lossless top-k store with float16 values must hold per token, in four parts.
 
     A top-k position is a set of K ids, the order of those ids by probability, and K float16 values. Each part
     is measured with the best code tried here (an achievable size, compressed with zstd 19) and, for the values
@@ -324,7 +324,7 @@ def main() -> None:
             for backend in ("zarr", "arrow"):
                 row, _ = through_store_writer(Path(tmp) / f"sampled-{i}-{backend}", sm, sshards, backend, "float16")
                 row.update(store=str(path), unique_ids_per_position=entries / spos, positions=spos)
-                row["teacher_kept_mass"] = sum(x.stats.get("kept_mass_sum", 0.0) for x in sm.shards) / spos
+                row["teacher_kept_mass"] = sm.kept_mass_mean
                 results[f"{name} ({backend})"] = row
 
     dense = t.num_classes * 2

@@ -84,18 +84,13 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
         }
 
     unit = "token" if m.granularity == "token" else "example"
-    kept_stats = [s.stats for s in m.shards if "kept_mass_sum" in s.stats and s.stats.get("count")]
     sampled: dict[str, Any] | None = None
     if m.targets.sampled:
         sampled = {
             "num_samples": m.targets.num_samples,
             "unique_per_position": dist(np.concatenate(unique) if unique else np.zeros(0)),
             # the teacher's probability mass on the ids drawn, as the labeler measured it
-            "teacher_mass_on_sampled_ids": (
-                sum(s["kept_mass_sum"] for s in kept_stats) / sum(s["count"] for s in kept_stats)
-                if kept_stats
-                else None
-            ),
+            "teacher_mass_on_sampled_ids": m.kept_mass_mean,
         }
     return {
         "store": str(reader.location),

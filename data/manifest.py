@@ -340,6 +340,15 @@ class Manifest:
     def bytes(self) -> int:
         return sum(f.bytes for s in self.shards for f in s.files.values())
 
+    @property
+    def kept_mass_mean(self) -> float | None:
+        """The teacher's mean probability mass on the stored ids per position (top-k: the kept mass; sampled: the
+        mass on the ids drawn), from the labeler's shard stats; None when no shard recorded it."""
+        stats = [s.stats for s in self.shards if "kept_mass_sum" in s.stats and s.stats.get("count")]
+        if not stats:
+            return None
+        return sum(s["kept_mass_sum"] for s in stats) / sum(s["count"] for s in stats)
+
     def with_shard(self, shard: ShardRecord) -> Manifest:
         """A new manifest with ``shard`` added (replacing a shard of the same name), kept in unit order."""
         kept = [s for s in self.shards if s.name != shard.name]

@@ -19,9 +19,10 @@ from stages.losses import (
     _check_id_range,
     _check_shapes,
     _ids_and_mask,
+    _k1_bins,
     _kl,
     _labelled,
-    _normalise,
+    _mean_nll,
     student_bins,
     teacher_bins,
 )
@@ -61,7 +62,7 @@ def distill_fused(
 
 
 class _FusedKdCe(torch.autograd.Function):
-    """alpha * T^2 * mean forward-KL over the k+1 bins + (1 - alpha) * mean CE; see :func:`_distill_fused`."""
+    """alpha * T^2 * mean forward-KL over the k+1 bins + (1 - alpha) * mean CE; see :func:`distill_fused`."""
 
     @staticmethod
     def forward(
@@ -78,16 +79,12 @@ class _FusedKdCe(torch.autograd.Function):
         zf = z.float()
         lse = torch.logsumexp(zf if temperature == 1.0 else zf / temperature, dim=-1)  # (N,)
         log_q_kept, log_q_tail = student_bins(zf, ids, mask, temperature, lse)
-        log_p_kept, log_p_tail = teacher_bins(target_logprobs, tail_mass, mask)
-        log_p_tail = log_p_tail.masked_fill(torch.isneginf(log_q_tail), -math.inf)  # no tail bin: ids cover V
-        log_p = _normalise(torch.cat([log_p_kept, log_p_tail[:, None]], dim=1))  # (N, K+1)
-        log_q = torch.cat([log_q_kept, log_q_tail[:, None]], dim=1)
+        log_p, log_q = _k1_bins(*teacher_bins(target_logprobs, tail_mass, mask), log_q_kept, log_q_tail)
         kd = _kl(log_p, log_q).mean() * temperature**2
         valid = labels >= 0
         lse1 = lse if temperature == 1.0 else torch.logsumexp(zf, dim=-1)
+        ce = _mean_nll(zf, lse1, labels, valid)
         safe = labels.long().clamp_min(0)[:, None]
-        n_valid = valid.sum().clamp_min(1)
-        ce = ((lse1 - zf.gather(1, safe)[:, 0]) * valid).sum() / n_valid
         ctx.save_for_backward(z, ids, mask, log_p, log_q_kept, log_q_tail, lse, lse1, safe, valid)
         ctx.alpha, ctx.temperature = alpha, temperature
         ctx.mark_non_differentiable(kd, ce)

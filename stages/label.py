@@ -275,8 +275,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     if torchrun:
         manifest = merge_ranks(cfg.out, parts, part, say)
     seconds = time.perf_counter() - start
-    stats = [s.stats for s in manifest.shards]
-    kept = sum(s.get("kept_mass_sum", 0.0) for s in stats) / max(1, sum(s.get("count", 0.0) for s in stats))
+    kept = manifest.kept_mass_mean or 0.0
     result = LabelResult(
         store=cfg.out,
         examples=manifest.rows,

@@ -264,9 +264,7 @@ def kd_loss(
     log_q_kept, log_q_tail = student_bins(student_logits, target_ids, target_mask, temperature, student_lse)
     log_p_kept, log_p_tail = teacher_bins(target_logprobs, tail_mass, target_mask)
     if tail == "bin":
-        log_p_tail = log_p_tail.masked_fill(torch.isneginf(log_q_tail), -math.inf)  # no tail bin: ids cover V
-        log_p = _normalise(torch.cat([log_p_kept, log_p_tail[:, None]], dim=1))  # (N, K+1)
-        log_q = torch.cat([log_q_kept, log_q_tail[:, None]], dim=1)  # (N, K+1), sums to 1 already
+        log_p, log_q = _k1_bins(log_p_kept, log_p_tail, log_q_kept, log_q_tail)
     else:
         log_p, log_q = _normalise(log_p_kept), _normalise(log_q_kept)  # (N, K): the biased baseline
 
@@ -331,14 +329,14 @@ def distill_loss(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (1 = soft targets only, 0 = hard labels only), got {alpha}")
-    fused = kind == "forward-kl" and tail == "bin" and position_mask is None
-    if fused and student_logits.dim() == 2 and labels.shape == student_logits.shape[:1]:
+    per_row = student_logits.dim() == 2 and labels.shape == student_logits.shape[:1]  # (N, V) logits, (N,) labels
+    if per_row and kind == "forward-kl" and tail == "bin" and position_mask is None:
         from stages.fused_loss import distill_fused  # imports this module: loaded on first use
 
         return distill_fused(
             student_logits, target_ids, target_logprobs, tail_mass, labels, alpha, temperature, target_mask
         )
-    if temperature == 1.0 and student_logits.dim() == 2 and labels.shape == student_logits.shape[:1]:
+    if per_row and temperature == 1.0:
         return _distill_shared(
             student_logits,
             target_ids,
@@ -403,10 +401,7 @@ def _distill_shared(
         tail=tail,
         student_lse=lse,
     )
-    valid = _labelled(labels, z.shape, position_mask)
-    safe = labels.long().clamp_min(0)[:, None]
-    nll = (lse - z.gather(1, safe)[:, 0]) * valid  # (N,)
-    ce = nll.sum() / valid.sum().clamp_min(1)
+    ce = _mean_nll(z, lse, labels, _labelled(labels, z.shape, position_mask))
     loss = alpha * kd + (1.0 - alpha) * ce
     return loss, {"loss": float(loss.detach()), "kd": float(kd.detach()), "ce": float(ce.detach())}
 
@@ -520,6 +515,22 @@ def _check_shapes(
             f"target_mask must be a bool tensor of shape {expected} like target_ids, "
             f"got {tuple(target_mask.shape)} {target_mask.dtype}"
         )
+
+
+def _k1_bins(log_p_kept: Tensor, log_p_tail: Tensor, log_q_kept: Tensor, log_q_tail: Tensor) -> tuple[Tensor, Tensor]:
+    """Teacher and student as (N, K+1) log-space bins: the teacher's rescaled to sum to 1, and its tail dropped in
+    rows where the kept ids cover the vocabulary (the student has no tail bin there); the student's as they are."""
+    log_p_tail = log_p_tail.masked_fill(torch.isneginf(log_q_tail), -math.inf)  # no tail bin: ids cover V
+    log_p = _normalise(torch.cat([log_p_kept, log_p_tail[:, None]], dim=1))  # (N, K+1)
+    log_q = torch.cat([log_q_kept, log_q_tail[:, None]], dim=1)  # (N, K+1), sums to 1 already
+    return log_p, log_q
+
+
+def _mean_nll(z: Tensor, lse: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+    """Mean cross-entropy lse - z[y] over the ``valid`` rows of (N, C) float32 logits with their logsumexp (N,)."""
+    safe = labels.long().clamp_min(0)[:, None]
+    nll = (lse - z.gather(1, safe)[:, 0]) * valid  # (N,)
+    return nll.sum() / valid.sum().clamp_min(1)
 
 
 def _labelled(labels: Tensor, logits_shape: tuple[int, ...], position_mask: Tensor | None) -> Tensor:

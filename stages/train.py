@@ -361,13 +361,8 @@ _LOW_KEPT_MASS = 0.5
 
 def _check_kept_mass(m: data.Manifest, say: Any) -> None:
     """Say when a top-k store keeps little of the teacher's mass, and what to label instead."""
-    if m.targets.sampled:
-        return
-    count = sum(s.stats.get("count", 0.0) for s in m.shards if "kept_mass_sum" in s.stats)
-    if not count:
-        return
-    kept = sum(s.stats.get("kept_mass_sum", 0.0) for s in m.shards) / count
-    if kept < _LOW_KEPT_MASS:
+    kept = m.kept_mass_mean
+    if not m.targets.sampled and kept is not None and kept < _LOW_KEPT_MASS:
         t = m.targets
         say(
             f"warning: this store's top-{t.k} ids at T={t.temperature:g} hold on average {kept:.2f} of the teacher's "
