@@ -79,7 +79,7 @@ def _no_nll(rows: Any, head: Any, k: int, temperature: float, chunk: int, labels
 
 def _whole_chunk(rows: Any, head: Any, k: int, temperature: float, chunk: int, labels: Any) -> dict[str, Any]:
     """shipped, with its per-row passes on each whole chunk instead of 16-row sub-blocks (the code before)."""
-    import stages.soft_targets as soft_targets
+    import kd_pipeline.stages.soft_targets as soft_targets
 
     saved = soft_targets.CPU_SUB_ROWS
     soft_targets.CPU_SUB_ROWS = max(chunk, 1)
@@ -192,22 +192,22 @@ def labeled_run(
 ) -> dict[str, Any]:
     """One real ``stages.label.run``; returns its own seconds and where the time went.
 
-    ``loaded`` (teacher, tokenizer) is handed to run() in place of loading them again (stages.models.load_model /
+    ``loaded`` (teacher, tokenizer) is handed to run() in place of loading them again (models.load_model /
     load_tokenizer patched for the call): the same warm model the bare forward uses, and no reload per run. Both
     loads happen before run()'s clock starts, so this changes the wall time of the benchmark, not the measurement.
     """
-    import data.writer
-    import stages.models
+    from kd_pipeline.data import writer
+    from kd_pipeline.stages import models
 
     timers = Timers()
     teacher, tokenizer = loaded
-    timers._undo += [(stages.models, n, getattr(stages.models, n)) for n in ("load_model", "load_tokenizer")]
-    stages.models.load_model = lambda *a, **kw: teacher  # type: ignore[assignment]
-    stages.models.load_tokenizer = lambda *a, **kw: tokenizer  # type: ignore[assignment]
+    timers._undo += [(models, n, getattr(models, n)) for n in ("load_model", "load_tokenizer")]
+    models.load_model = lambda *a, **kw: teacher  # type: ignore[assignment]
+    models.load_tokenizer = lambda *a, **kw: tokenizer  # type: ignore[assignment]
     timers.wrap(label, "_label_unit", "compute")
     timers.wrap(label._RowsToShard, "build", "writer_build")
-    timers.wrap(data.writer.StoreWriter, "write_shard", "writer_write")
-    timers.mark_cpu(data.writer.StoreWriter, "__init__", "cpu_start")  # run()'s clock starts right there
+    timers.wrap(writer.StoreWriter, "write_shard", "writer_write")
+    timers.mark_cpu(writer.StoreWriter, "__init__", "cpu_start")  # run()'s clock starts right there
     if record:
         timers.record_batches(label)
     original = label._topk_chunked
@@ -273,7 +273,7 @@ class _NoProgress:
 def profile(label: Any, teacher: Any, units: list[Any], cfg: Any, pad_id: int, device: Any) -> dict[str, Any]:
     """Where the shipped path's time goes: wall-clock wrappers on the real functions over the real units, then
     the top operators of one _topk_chunked call (torch.profiler), by self time."""
-    from stages.models import OutputHead
+    from kd_pipeline.stages.models import OutputHead
 
     head = OutputHead(teacher, "causal-lm")
     timers = Timers(device)
@@ -316,7 +316,7 @@ def profile(label: Any, teacher: Any, units: list[Any], cfg: Any, pad_id: int, d
 def accuracy(label: Any, teacher: Any, unit: list[Any], cfg: Any, pad_id: int, device: Any) -> dict[str, Any]:
     """The shipped outputs on the first 512 positions against a float64 reference; and the whole-chunk variant's
     outputs against shipped's."""
-    from stages.models import OutputHead
+    from kd_pipeline.stages.models import OutputHead
 
     head = OutputHead(teacher, "causal-lm")
     ids, mask = padded([ex.input_ids for ex in unit[: cfg.batch_size]], pad_id)
@@ -387,9 +387,9 @@ def main() -> None:
     if not os.environ.get("KD_PIPELINE_CACHE"):
         print("note: KD_PIPELINE_CACHE is not set; the default teacher comes from ~/.cache/kd-pipeline")
 
-    from stages import label
-    from stages.default_teacher import load_default_teacher_dequantised
-    from stages.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from kd_pipeline.stages import label
+    from kd_pipeline.stages.default_teacher import load_default_teacher_dequantised
+    from kd_pipeline.stages.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
     wall0 = time.perf_counter()
     pin_threads(args.threads)
@@ -415,7 +415,7 @@ def main() -> None:
         "repeats": args.repeats,
         "threads": args.threads,
         "variants": list(variants),
-        "code": code_digests("stages.label", "stages.models"),
+        "code": code_digests("kd_pipeline.stages.label", "kd_pipeline.stages.models"),
     }
     base = {
         "top_k": args.k,

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data import Manifest, ShardData, StoreWriter, TargetSpec, example_key, open_store
-from data.dataset import StoreDataset, collate
-from data.shard import NDArray
+from kd_pipeline.data import Manifest, ShardData, StoreWriter, TargetSpec, example_key, open_store
+from kd_pipeline.data.dataset import StoreDataset, collate
+from kd_pipeline.data.shard import NDArray
 
 TARGET_TOKENS_PER_S = 1_000_000
 

@@ -63,7 +63,7 @@ WITHIN_ONLINE = 0.02
 
 def student_config(vocab_size: int) -> dict[str, Any]:
     """pipeline/demo.py's student, made smaller: 2 layers, hidden 128, tied embeddings."""
-    from pipeline.demo import student_config as demo_config
+    from kd_pipeline.pipeline.demo import student_config as demo_config
 
     cfg = demo_config(vocab_size, layers=2)
     cfg.update(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1)
@@ -78,7 +78,7 @@ def label_store(
 ) -> dict[str, Any]:
     """Label the corpus subset at (k, T) (or with ``samples`` draws per position) with stages.label.run; a
     finished store with this configuration is reused."""
-    from stages import label
+    from kd_pipeline.stages import label
 
     cfg = label.LabelConfig(
         out=str(out),
@@ -108,7 +108,7 @@ def label_store(
 
 def heldout_teacher(store: Path, eval_fraction: float) -> dict[str, float]:
     """The teacher's perplexity on the held-out shards (the split stages.train makes), from the store's stats."""
-    import data
+    from kd_pipeline import data
 
     shards = data.open_store(store).manifest.shards
     held = shards[len(shards) - max(1, round(eval_fraction * len(shards))) :]
@@ -118,7 +118,7 @@ def heldout_teacher(store: Path, eval_fraction: float) -> dict[str, float]:
 
 
 def train_config(store: Path, student: Path, out: Path, method: str, seed: int, args: argparse.Namespace) -> Any:
-    from stages import train
+    from kd_pipeline.stages import train
 
     return train.TrainConfig(
         store=str(store),
@@ -141,7 +141,7 @@ def train_config(store: Path, student: Path, out: Path, method: str, seed: int, 
 
 
 def train_offline(cfg: Any) -> dict[str, Any]:
-    from stages import train
+    from kd_pipeline.stages import train
 
     shutil.rmtree(cfg.out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -155,10 +155,10 @@ def train_online(cfg: Any, teacher: Any, temperature: float) -> dict[str, Any]:
     Same student initialisation (seeded the same way), the same batches in the same order (stages.train's own
     split and batch stream), the same AdamW groups, schedule and clipping, and stages.train.evaluate.
     """
-    import data
-    from data.dataset import StoreDataset
-    from stages import train
-    from stages.models import OutputHead, load_student, resolve_device
+    from kd_pipeline import data
+    from kd_pipeline.data.dataset import StoreDataset
+    from kd_pipeline.stages import train
+    from kd_pipeline.stages.models import OutputHead, load_student, resolve_device
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -275,8 +275,8 @@ def main() -> None:
     if not os.environ.get("KD_PIPELINE_CACHE"):
         print("note: KD_PIPELINE_CACHE is not set; the default teacher comes from ~/.cache/kd-pipeline")
 
-    from stages.default_teacher import load_default_teacher_dequantised
-    from stages.models import load_model, resolve_device, resolve_dtype
+    from kd_pipeline.stages.default_teacher import load_default_teacher_dequantised
+    from kd_pipeline.stages.models import load_model, resolve_device, resolve_dtype
 
     wall0 = time.perf_counter()
     device = resolve_device("auto")
@@ -285,7 +285,9 @@ def main() -> None:
     report["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
     report["config"]["teacher"] = "SmolLM2-135M-Instruct (de-quantised)"
     report["config"]["corpus"] = "stages.label.default_corpus (pydoc_data topics), packed"
-    report["config"]["code"] = code_digests("stages.label", "stages.train", "stages.losses", "data.dataset")
+    report["config"]["code"] = code_digests(
+        "kd_pipeline.stages.label", "kd_pipeline.stages.train", "kd_pipeline.stages.losses", "kd_pipeline.data.dataset"
+    )
 
     def save() -> None:
         report["wall_seconds"] = time.perf_counter() - wall0
@@ -310,7 +312,7 @@ def main() -> None:
             save()
     first = next(iter(stores.values()))
     report["teacher"] = first["heldout_teacher"]
-    import data
+    from kd_pipeline import data
 
     vocab = data.open_store(first["store"]).manifest.vocab_size
     student = args.work / "student"

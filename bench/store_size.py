@@ -47,10 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from data import Manifest, StoreWriter, TargetSpec, open_store
-from data.backends import read_shard
-from data.codecs import decode_shard, encode_shard, zarr_codecs
-from data.shard import NDArray, ShardData
+from kd_pipeline.data import Manifest, StoreWriter, TargetSpec, open_store
+from kd_pipeline.data.backends import read_shard
+from kd_pipeline.data.codecs import decode_shard, encode_shard, zarr_codecs
+from kd_pipeline.data.shard import NDArray, ShardData
 
 Codecs = Callable[[str, NDArray], tuple[list[Any], list[Any]]]
 
@@ -75,7 +75,7 @@ def write_zarr_shards(root: Path, shards: list[ShardData], codecs: Codecs) -> fl
     import zarr
     from zarr.storage import LocalStore
 
-    from data.backends import _INNER_CHUNK
+    from kd_pipeline.data.backends import _INNER_CHUNK
 
     t0 = time.perf_counter()
     for i, data in enumerate(shards):

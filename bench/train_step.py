@@ -57,7 +57,7 @@ MODES = ("store", "hard", "online")
 
 def load_batches(store: str, batch_size: int, n: int, seed: int) -> tuple[list[dict[str, torch.Tensor]], float]:
     """The first ``n`` batches of the store in training order, and the loader's seconds per batch."""
-    from data.dataset import StoreDataset
+    from kd_pipeline.data.dataset import StoreDataset
 
     ds = StoreDataset(store, batch_size=batch_size, seed=seed)
     batches: list[dict[str, torch.Tensor]] = []
@@ -75,8 +75,8 @@ class Trainer:
     """One student with stages.train's optimizer and schedule, stepping in one of the three modes."""
 
     def __init__(self, mode: str, model: Any, teacher: Any, cfg: Any, temperature: float, total: int) -> None:
-        from stages import train
-        from stages.models import OutputHead
+        from kd_pipeline.stages import train
+        from kd_pipeline.stages.models import OutputHead
 
         self.mode, self.model, self.cfg, self.temperature = mode, model, cfg, temperature
         self.net = train._at_positions(model, "causal-lm")
@@ -100,7 +100,7 @@ class Trainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step; returns the wall seconds of its parts (forward+loss, backward, optimizer)."""
-        from stages import train
+        from kd_pipeline.stages import train
 
         sync(self.device)
         r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -160,9 +160,9 @@ def build(
 ) -> tuple[dict[str, Trainer], Any, Any]:
     """Students (one per mode, same initial weights), the teacher if a mode needs it, the store manifest, and the
     initial student (which the last mode trains)."""
-    import data
-    from stages import train
-    from stages.models import load_model, load_student, resolve_dtype
+    from kd_pipeline import data
+    from kd_pipeline.stages import train
+    from kd_pipeline.stages.models import load_model, load_student, resolve_dtype
 
     manifest = data.open_store(args.store).manifest
     torch.manual_seed(args.seed)
@@ -170,7 +170,7 @@ def build(
     student.to(device).train()
     teacher = None
     if "online" in mode_list:
-        from stages.default_teacher import load_default_teacher_dequantised
+        from kd_pipeline.stages.default_teacher import load_default_teacher_dequantised
 
         folder = str(load_default_teacher_dequantised(log=lambda msg: None))
         teacher = load_model(folder, "causal-lm", device=device, dtype=resolve_dtype("auto", device))
@@ -190,7 +190,7 @@ def build(
 
 def memory_child(args: argparse.Namespace) -> None:
     """One mode (or the baseline) in this process alone; prints a JSON line with its peak memory."""
-    from stages.models import resolve_device
+    from kd_pipeline.stages.models import resolve_device
 
     teacher_dir = _teacher_dir()
     opened: set[str] = set()
@@ -243,8 +243,8 @@ def _vm_hwm_mib() -> float | None:
 
 
 def _teacher_dir() -> str:
-    from data.reader import default_cache_dir
-    from stages.default_teacher import HF_FOLDER
+    from kd_pipeline.data.reader import default_cache_dir
+    from kd_pipeline.stages.default_teacher import HF_FOLDER
 
     return str(default_cache_dir() / HF_FOLDER)
 
@@ -316,7 +316,7 @@ def main() -> None:
     if not os.environ.get("KD_PIPELINE_CACHE"):
         print("note: KD_PIPELINE_CACHE is not set; the default teacher comes from ~/.cache/kd-pipeline")
 
-    from stages.models import resolve_device
+    from kd_pipeline.stages.models import resolve_device
 
     wall0 = time.perf_counter()
     device = resolve_device(args.device)
@@ -344,7 +344,12 @@ def main() -> None:
         "steps_timed": args.steps,
         "warmup_steps": args.warmup,
         "threads": args.threads,
-        "code": code_digests("stages.train", "stages.losses", "stages.models", "data.dataset"),
+        "code": code_digests(
+            "kd_pipeline.stages.train",
+            "kd_pipeline.stages.losses",
+            "kd_pipeline.stages.models",
+            "kd_pipeline.data.dataset",
+        ),
         "teacher": "SmolLM2-135M-Instruct (de-quantised), online mode only",
     }
     report: dict[str, Any] = {"benchmark": "train_step", "target_ratio": TARGET_RATIO, **environment(device)}

@@ -2,7 +2,7 @@
 
 Public API::
 
-    import data
+    from kd_pipeline import data
     store = data.open_store("path/or/s3://url")
     len(store); store.manifest; store[i]; iter(store)
     data.check_compatible(store.manifest, vocab_size=..., tokenizer_digest=...)
@@ -11,7 +11,7 @@ Public API::
 No model code and no transformers here; torch is imported only by ``data.dataset`` (the streaming loader).
 """
 
-from data.errors import (
+from .errors import (
     CorruptShardError,
     IncompatibleStoreError,
     IncompleteStoreError,
@@ -23,11 +23,11 @@ from data.errors import (
     StoreNotFoundError,
     UnsupportedFormatError,
 )
-from data.manifest import FORMAT_VERSION, Manifest, ShardRecord, TargetSpec, id_dtype_for
-from data.reader import StoreReader, check_compatible, open_store, read_manifest
-from data.shard import ShardBuilder, ShardData, example_key
-from data.verify import VerifyReport, verify_store
-from data.writer import StoreWriter, shard_name
+from .manifest import FORMAT_VERSION, Manifest, ShardRecord, TargetSpec, id_dtype_for
+from .reader import StoreReader, check_compatible, open_store, read_manifest
+from .shard import ShardBuilder, ShardData, example_key
+from .verify import VerifyReport, verify_store
+from .writer import StoreWriter, shard_name
 
 __all__ = [
     "FORMAT_VERSION",

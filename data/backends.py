@@ -30,10 +30,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from data.codecs import stored_logprob_dtype, zarr_codecs
-from data.errors import CorruptShardError, ManifestError
-from data.manifest import FileRecord, ShardRecord, TargetSpec
-from data.shard import COLUMNS, NDArray, ShardData
+from .codecs import stored_logprob_dtype, zarr_codecs
+from .errors import CorruptShardError, ManifestError
+from .manifest import FileRecord, ShardRecord, TargetSpec
+from .shard import COLUMNS, NDArray, ShardData
 
 __all__ = ["Column", "read_shard", "shard_files", "shard_relpath", "stored_columns", "write_shard"]
 

@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from data.errors import CorruptShardError
-from data.manifest import TargetSpec
-from data.shard import NDArray, ShardData
+from .errors import CorruptShardError
+from .manifest import TargetSpec
+from .shard import NDArray, ShardData
 
 __all__ = [
     "Q8_STEP",

@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.manifest import Manifest
-from data.reader import StoreReader, open_store
-from data.shard import NDArray, ShardData
+from .manifest import Manifest
+from .reader import StoreReader, open_store
+from .shard import NDArray, ShardData
 
 __all__ = ["IGNORE_INDEX", "EpochOrder", "StoreDataset", "collate", "store_fingerprint"]
 

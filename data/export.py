@@ -49,11 +49,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data.errors import StoreExistsError
-from data.location import is_url
-from data.manifest import FORMAT_NAME, Manifest
-from data.reader import StoreReader, open_store
-from data.shard import NDArray, ShardData
+from .errors import StoreExistsError
+from .location import is_url
+from .manifest import FORMAT_NAME, Manifest
+from .reader import StoreReader, open_store
+from .shard import NDArray, ShardData
 
 __all__ = ["EXPORT_FORMATS", "export_schema", "export_store"]
 

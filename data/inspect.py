@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from data.manifest import Manifest
-from data.reader import StoreReader
-from data.shard import ShardData
+from .manifest import Manifest
+from .reader import StoreReader
+from .shard import ShardData
 
 __all__ = ["summarize"]
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from data.errors import ManifestError, UnsupportedFormatError
+from .errors import ManifestError, UnsupportedFormatError
 
 __all__ = [
     "ENCODINGS",

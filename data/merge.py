@@ -14,12 +14,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from data.backends import shard_files
-from data.errors import IncompleteStoreError, StoreError
-from data.location import Location
-from data.manifest import Manifest
-from data.reader import check_files, read_manifest
-from data.writer import StoreWriter, differences
+from .backends import shard_files
+from .errors import IncompleteStoreError, StoreError
+from .location import Location
+from .manifest import Manifest
+from .reader import check_files, read_manifest
+from .writer import StoreWriter, differences
 
 __all__ = ["MergeError", "merge_stores", "without_part"]
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from data.backends import Column, decoded_bytes, read_shard, shard_files, stored_columns
-from data.codecs import decode_shard
-from data.errors import (
+from .backends import Column, decoded_bytes, read_shard, shard_files, stored_columns
+from .codecs import decode_shard
+from .errors import (
     CorruptShardError,
     IncompatibleStoreError,
     IncompleteStoreError,
@@ -43,9 +43,9 @@ from data.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from data.location import Location, sha256_file
-from data.manifest import FileRecord, Manifest, ShardRecord
-from data.shard import NDArray, ShardData
+from .location import Location, sha256_file
+from .manifest import FileRecord, Manifest, ShardRecord
+from .shard import NDArray, ShardData
 
 __all__ = [
     "StoreReadError",

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from data.errors import CorruptShardError
-from data.manifest import TargetSpec
+from .errors import CorruptShardError
+from .manifest import TargetSpec
 
 __all__ = ["ShardBuilder", "ShardData", "example_key"]
 

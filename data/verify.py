@@ -12,10 +12,10 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from data.backends import shard_files
-from data.errors import StoreError
-from data.location import Location
-from data.reader import StoreReader, check_files, read_manifest
+from .backends import shard_files
+from .errors import StoreError
+from .location import Location
+from .reader import StoreReader, check_files, read_manifest
 
 __all__ = ["VerifyReport", "verify_store"]
 

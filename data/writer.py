@@ -31,9 +31,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from data.backends import shard_files, shard_relpath, write_shard
-from data.codecs import encode_shard, resolve_targets
-from data.errors import (
+from .backends import shard_files, shard_relpath, write_shard
+from .codecs import encode_shard, resolve_targets
+from .errors import (
     CorruptShardError,
     NotAStoreError,
     StoreError,
@@ -41,10 +41,10 @@ from data.errors import (
     StoreLockedError,
     StoreWriteError,
 )
-from data.location import Location, sha256_file
-from data.manifest import FileRecord, Manifest, ShardRecord
-from data.reader import read_manifest
-from data.shard import ShardData
+from .location import Location, sha256_file
+from .manifest import FileRecord, Manifest, ShardRecord
+from .reader import read_manifest
+from .shard import ShardData
 
 __all__ = ["StoreWriter", "differences", "shard_name"]
 

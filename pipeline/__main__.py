@@ -1,5 +1,5 @@
-"""``python -m pipeline`` (also what torchrun runs: ``torchrun ... -m pipeline label ...``)."""
+"""``python -m kd_pipeline.pipeline ...``: the same as ``python -m kd_pipeline ...``."""
 
-from pipeline.cli import main
+from .cli import main
 
 main()

@@ -33,7 +33,7 @@ _EXPECTED_NAMES = {"LabelConfigError", "TrainConfigError", "DataError", "ModelLo
 @contextmanager
 def _expected_errors() -> Iterator[None]:
     """Turn the project's typed errors into a one-line ClickException (exit 1)."""
-    from data.errors import StoreError
+    from ..data.errors import StoreError
 
     try:
         yield
@@ -59,7 +59,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def verify(store: str, as_json: bool) -> None:
     """Recompute every checksum and count of STORE; exit 1 naming each bad shard."""
-    from data.verify import verify_store
+    from ..data.verify import verify_store
 
     with _expected_errors():
         report = verify_store(store)
@@ -88,8 +88,8 @@ def verify(store: str, as_json: bool) -> None:
 )
 def inspect(store: str, as_json: bool, max_shards: int | None) -> None:
     """Provenance, counts, bytes per token, and kept mass / entropy of STORE."""
-    from data.inspect import summarize
-    from data.reader import open_store
+    from ..data.inspect import summarize
+    from ..data.reader import open_store
 
     with _expected_errors():
         summary = summarize(open_store(store, allow_incomplete=True), max_shards=max_shards)
@@ -167,7 +167,7 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
 @click.option("--allow-partial", is_flag=True, help="Leave OUT incomplete instead of failing when units are missing.")
 def merge(out: str, parts: tuple[str, ...], allow_partial: bool) -> None:
     """Merge the stores of `label --num-shards N --shard-index I` jobs (PARTS) into one store OUT."""
-    from data.merge import merge_stores
+    from ..data.merge import merge_stores
 
     with _expected_errors():
         manifest = merge_stores(out, list(parts), allow_partial=allow_partial, log=click.echo)
@@ -184,7 +184,7 @@ def merge(out: str, parts: tuple[str, ...], allow_partial: bool) -> None:
 @click.option("--allow-incomplete", is_flag=True, help="Export the shards committed so far by an unfinished run.")
 def export(store: str, out: str, to: str | None, compression: str, overwrite: bool, allow_incomplete: bool) -> None:
     """Write STORE (path or URL) to one Parquet or Arrow IPC file OUT, one row per example, for other stacks."""
-    from data.export import export_store
+    from ..data.export import export_store
 
     if to is None:
         to = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow"}.get(Path(out).suffix.lower())
@@ -209,9 +209,9 @@ def export(store: str, out: str, to: str | None, compression: str, overwrite: bo
 
 
 def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from data.manifest import METHODS, TASKS, VALUE_DTYPES
-    from pipeline.config import config_options
-    from stages.label import LabelConfig
+    from ..data.manifest import METHODS, TASKS, VALUE_DTYPES
+    from ..stages.label import LabelConfig
+    from .config import config_options
 
     choices = {
         "task": tuple(TASKS),
@@ -228,19 +228,19 @@ def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_context
 def label(ctx: click.Context, /, **_: Any) -> None:
     """Stage one: run a teacher once and cache its soft labels (top-k, or sampled ids) in a store."""
-    from pipeline.config import resolve_config
-    from stages.label import LabelConfig
+    from ..stages.label import LabelConfig
+    from .config import resolve_config
 
     cfg = resolve_config(LabelConfig, ctx, "label")
     with _expected_errors():
-        from stages.label import run
+        from ..stages.label import run
 
         run(cfg)
 
 
 def _train_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from pipeline.config import config_options
-    from stages.train import LOSSES, TrainConfig
+    from ..stages.train import LOSSES, TrainConfig
+    from .config import config_options
 
     return config_options(TrainConfig, {"loss": LOSSES, "tail": ("bin", "renormalise")}, config_file=True)(f)
 
@@ -250,19 +250,19 @@ def _train_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_context
 def train(ctx: click.Context, /, **_: Any) -> None:
     """Stage two: train a student from a store's cached soft labels (no teacher needed)."""
-    from pipeline.config import resolve_config
-    from stages.train import TrainConfig
+    from ..stages.train import TrainConfig
+    from .config import resolve_config
 
     cfg = resolve_config(TrainConfig, ctx, "train")
     with _expected_errors():
-        from stages.train import run
+        from ..stages.train import run
 
         run(cfg)
 
 
 def _demo_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from pipeline.config import config_options
-    from pipeline.demo import DemoConfig
+    from .config import config_options
+    from .demo import DemoConfig
 
     return config_options(DemoConfig, {}, config_file=False)(f)
 
@@ -272,8 +272,8 @@ def _demo_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_context
 def demo(ctx: click.Context, /, **_: Any) -> None:
     """Label + train end to end on the built-in default (SmolLM2-135M teacher, Python docs corpus)."""
-    from pipeline.config import resolve_config
-    from pipeline.demo import DemoConfig, run_demo
+    from .config import resolve_config
+    from .demo import DemoConfig, run_demo
 
     cfg = resolve_config(DemoConfig, ctx, "demo")
     with _expected_errors():

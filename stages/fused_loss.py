@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stages.losses import (
+from .losses import (
     _check_id_range,
     _check_shapes,
     _ids_and_mask,

@@ -221,7 +221,7 @@ def default_corpus(say: Any) -> Path:
     """The built-in English corpus as JSONL in the cache (one record per topic, sorted by topic name)."""
     from pydoc_data.topics import topics
 
-    from data.reader import default_cache_dir
+    from ..data.reader import default_cache_dir
 
     path = default_cache_dir() / f"pydoc-topics-py{sys.version_info[0]}{sys.version_info[1]}.jsonl"
     if not path.is_file():

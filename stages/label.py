@@ -33,16 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-import data
-from stages.inputs import DEFAULT_CORPUS, DataError, Example, default_corpus
-from stages.scale_out import already_merged, job_lock, merge_ranks, with_part
-from stages.soft_targets import sample_chunked as _sample_chunked
-from stages.soft_targets import topk_chunked as _topk_chunked
+from .. import data
+from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus
+from .scale_out import already_merged, job_lock, merge_ranks, with_part
+from .soft_targets import sample_chunked as _sample_chunked
+from .soft_targets import topk_chunked as _topk_chunked
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
     import torch
 
-    from stages.models import OutputHead
+    from .models import OutputHead
 
 __all__ = ["LabelConfig", "LabelConfigError", "LabelResult", "run"]
 
@@ -194,8 +194,8 @@ class LabelResult:
 
 def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     """Label ``cfg.data`` with ``cfg.teacher`` into the store ``cfg.out``."""
-    from stages.inputs import load_records, prepare_examples
-    from stages.models import OutputHead, load_model, load_tokenizer, output_width, resolve_device, resolve_dtype
+    from .inputs import load_records, prepare_examples
+    from .models import OutputHead, load_model, load_tokenizer, output_width, resolve_device, resolve_dtype
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     cfg.validate()
@@ -317,7 +317,7 @@ def _part(cfg: LabelConfig) -> tuple[int, int, bool]:
 
 def _teacher_provenance(cfg: LabelConfig, say: Any) -> dict[str, Any]:
     """Where the teacher's files are (``path``) and how the manifest names it."""
-    from stages.models import weights_digest
+    from .models import weights_digest
 
     if cfg.teacher:
         return {
@@ -327,7 +327,7 @@ def _teacher_provenance(cfg: LabelConfig, say: Any) -> dict[str, Any]:
             "revision": cfg.revision,
             "weights_digest": weights_digest(cfg.teacher, cfg.gguf_file),
         }
-    from stages import default_teacher as default
+    from . import default_teacher as default
 
     folder = default.load_default_teacher_dequantised(log=say)
     return {
@@ -352,7 +352,7 @@ def _manifest_template(
 ) -> data.Manifest:
     import importlib.metadata as md
 
-    from stages.models import tokenizer_digest
+    from .models import tokenizer_digest
 
     id_bound = max(width, vocab_rows) if cfg.task != "seq-cls" else vocab_rows
     id_dtype = data.id_dtype_for(max(id_bound, width))

@@ -331,7 +331,7 @@ def distill_loss(
         raise ValueError(f"alpha must be in [0, 1] (1 = soft targets only, 0 = hard labels only), got {alpha}")
     per_row = student_logits.dim() == 2 and labels.shape == student_logits.shape[:1]  # (N, V) logits, (N,) labels
     if per_row and kind == "forward-kl" and tail == "bin" and position_mask is None:
-        from stages.fused_loss import distill_fused  # imports this module: loaded on first use
+        from .fused_loss import distill_fused  # imports this module: loaded on first use
 
         return distill_fused(
             student_logits, target_ids, target_logprobs, tail_mass, labels, alpha, temperature, target_mask

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-import data
+from .. import data
 
 __all__ = [
     "AUTO_CLASSES",

@@ -10,8 +10,8 @@ import dataclasses
 import os
 from typing import Any
 
-import data
-from data.location import Location
+from .. import data
+from ..data.location import Location
 
 __all__ = ["already_merged", "job_lock", "merge_ranks", "with_part"]
 
@@ -26,8 +26,8 @@ def with_part(template: data.Manifest, examples: int, units: int, part: int, par
 
 def already_merged(out: str, template: data.Manifest) -> set[int]:
     """Units already in the merged store of an earlier, interrupted torchrun job with the same configuration."""
-    from data.merge import without_part
-    from data.writer import differences
+    from ..data.merge import without_part
+    from ..data.writer import differences
 
     try:
         existing = data.read_manifest(Location(out))
@@ -44,7 +44,7 @@ def merge_ranks(out: str, world: int, rank: int, say: Any) -> data.Manifest:
 
     import torch.distributed as dist
 
-    from data.merge import merge_stores
+    from ..data.merge import merge_stores
 
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo", timeout=timedelta(hours=24))  # ranks finish hours apart

@@ -14,7 +14,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from stages.models import OutputHead
+    from .models import OutputHead
 
 __all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "PRECISE_TAIL", "sample_chunked", "topk_chunked"]
 

@@ -1,7 +1,7 @@
 """Stage two: train a student from a store of cached soft labels. No teacher is imported, loaded or needed.
 
     pipeline train --store STORE --student PATH_OR_CONFIG --out RUN_DIR [--loss forward-kl] [--alpha 0.5] ...
-    torchrun --nproc-per-node 2 -m pipeline train ...     # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 2 -m kd_pipeline train ...     # DDP (gloo on CPU, nccl on GPU)
 
 Reads top to bottom: setup (config, distributed, store checks) -> model (student, compatibility with the
 store) -> data (streaming loaders, resumable) -> loop (AdamW, warmup + cosine, accumulation, clipping, bf16
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import data
-from stages.run_dir import Metrics, latest_checkpoint, load_checkpoint, plot_metrics, save_checkpoint, truncate_metrics
+from .. import data
+from .run_dir import Metrics, latest_checkpoint, load_checkpoint, plot_metrics, save_checkpoint, truncate_metrics
 
 if TYPE_CHECKING:  # torch loads inside run(), so that `pipeline --help` stays instant
     import torch
@@ -159,8 +159,8 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     """Train ``cfg.student`` on ``cfg.store`` into ``cfg.out``."""
     import torch
 
-    from data.dataset import StoreDataset
-    from stages.models import (
+    from ..data.dataset import StoreDataset
+    from .models import (
         copy_tokenizer,
         declared_task,
         load_student,
@@ -337,7 +337,7 @@ def _check_sampled(cfg: TrainConfig, m: data.Manifest, say: Any) -> None:
     not linear in it and are biased. Such a run still proceeds (it is a valid, if biased, objective, and the
     comparison is worth making); the warning says so.
     """
-    from stages.losses import UNBIASED_WITH_SAMPLES
+    from .losses import UNBIASED_WITH_SAMPLES
 
     if not m.targets.sampled:
         return
@@ -450,7 +450,7 @@ def _loss(
     model: Any, batch: dict[str, torch.Tensor], task: str, cfg: TrainConfig, temperature: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The distillation loss of one collated batch; returns the loss and its parts for logging."""
-    from stages.losses import distill_loss
+    from .losses import distill_loss
 
     select = _selected(batch, task)  # (B, P) bool: real positions of examples that count
     z = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))  # (N, V)
@@ -494,7 +494,7 @@ def _at_positions(model: Any, task: str) -> Any:
     """
     import torch
 
-    from stages.models import OutputHead
+    from .models import OutputHead
 
     class _AtPositions(torch.nn.Module):
         def __init__(self) -> None:
@@ -540,8 +540,8 @@ def evaluate(
     """Held-out metrics: hard-label loss (and perplexity for LMs, accuracy for classification) and the KD loss."""
     import torch
 
-    from data.dataset import StoreDataset
-    from stages.losses import kd_loss
+    from ..data.dataset import StoreDataset
+    from .losses import kd_loss
 
     store, shards = source
     dataset = StoreDataset(store, batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world, shards=shards)

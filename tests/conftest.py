@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import Manifest, ShardBuilder, StoreWriter, TargetSpec
+from kd_pipeline.data import Manifest, ShardBuilder, StoreWriter, TargetSpec
 
 BACKENDS = ("zarr", "arrow")
 

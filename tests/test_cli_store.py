@@ -9,7 +9,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from kd_pipeline.pipeline.cli import cli
 from tests.conftest import write_store
 
 
@@ -56,9 +56,9 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 
 def test_imports_stay_light() -> None:
-    """`import pipeline.cli` pulls no torch; `import data` pulls no transformers or torch."""
+    """`import kd_pipeline.pipeline.cli` pulls no torch; `import kd_pipeline.data` pulls no transformers or torch."""
     code = (
-        "import sys, pipeline.cli, data; "
+        "import sys, kd_pipeline.pipeline.cli, kd_pipeline.data; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "print(','.join(bad))"
     )
@@ -67,5 +67,5 @@ def test_imports_stay_light() -> None:
 
 
 def test_python_dash_m_pipeline_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "kd_pipeline", "--help"], capture_output=True, text=True, check=True)
     assert "verify" in out.stdout and "inspect" in out.stdout

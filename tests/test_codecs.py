@@ -11,9 +11,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import data
-from data import CorruptShardError, ManifestError, ShardBuilder, StoreExistsError, StoreWriter, TargetSpec, open_store
-from data.codecs import (
+from kd_pipeline import data
+from kd_pipeline.data import (
+    CorruptShardError,
+    ManifestError,
+    ShardBuilder,
+    StoreExistsError,
+    StoreWriter,
+    TargetSpec,
+    open_store,
+)
+from kd_pipeline.data.codecs import (
     Q8_STEP,
     decode_logprobs,
     encode_logprobs,
@@ -22,8 +30,8 @@ from data.codecs import (
     resolve_targets,
     stored_logprob_dtype,
 )
-from data.inspect import summarize
-from data.writer import differences
+from kd_pipeline.data.inspect import summarize
+from kd_pipeline.data.writer import differences
 from tests.conftest import make_manifest, write_store
 
 VOCAB = 49152

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data.dataset import IGNORE_INDEX, EpochOrder, StoreDataset, collate
-from data.reader import open_store
+from kd_pipeline.data.dataset import IGNORE_INDEX, EpochOrder, StoreDataset, collate
+from kd_pipeline.data.reader import open_store
 from tests.conftest import write_store
 
 # DataLoader warns when num_workers exceeds the machine's cores; the tests use 2 workers for correctness, not

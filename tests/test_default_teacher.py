@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import stages.default_teacher as dt
+import kd_pipeline.stages.default_teacher as dt
 
 FAKE_GGUF = b"GGUF" + bytes(range(256)) * 40
 

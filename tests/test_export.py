@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import data
-from data import Manifest, ShardBuilder, StoreWriter, open_store
-from data.errors import StoreExistsError
-from data.export import export_store
+from kd_pipeline import data
+from kd_pipeline.data import Manifest, ShardBuilder, StoreWriter, open_store
+from kd_pipeline.data.errors import StoreExistsError
+from kd_pipeline.data.export import export_store
 from tests.conftest import make_manifest, random_example, write_store
 
 TASKS = ("causal-lm", "seq-cls", "masked-lm")
@@ -162,7 +162,7 @@ def test_empty_and_incomplete_stores(tmp_path: Path) -> None:
 def test_cli_export(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from kd_pipeline.pipeline.cli import cli
 
     write_store(tmp_path / "s", shards=2)
     runner = CliRunner()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
+from kd_pipeline import data
 from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -51,7 +51,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _pipeline(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args]
+    return [sys.executable, "-m", "kd_pipeline", *args]
 
 
 def _run_killed(cmd: list[str], when: Callable[[], bool], extra: float) -> int:
@@ -172,7 +172,7 @@ def test_write_failure_keeps_committed_shards(setup: dict[str, Any], tmp_path: P
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000)); "
-        "from pipeline.cli import main; sys.argv = ['pipeline'] + sys.argv[1:]; main()"
+        "from kd_pipeline.pipeline.cli import main; sys.argv = ['pipeline'] + sys.argv[1:]; main()"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, "label", *setup["args"], "--out", str(out), "--format", "arrow"],

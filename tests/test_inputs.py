@@ -11,7 +11,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from stages.inputs import DataError, load_records, prepare_examples
+from kd_pipeline.stages.inputs import DataError, load_records, prepare_examples
 from tests.tiny import SENTENCES, make_tokenizer
 
 ROWS = [{"text": s, "label": i % 3} for i, s in enumerate(SENTENCES)]

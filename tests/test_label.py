@@ -11,9 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import data
-from pipeline.cli import cli
-from stages.label import LabelConfig, LabelConfigError, run
+from kd_pipeline import data
+from kd_pipeline.pipeline.cli import cli
+from kd_pipeline.stages.label import LabelConfig, LabelConfigError, run
 from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
 
 

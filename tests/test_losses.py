@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.losses import (
+from kd_pipeline.stages.losses import (
     LOSS_KINDS,
     UNBIASED_WITH_SAMPLES,
     distill_loss,

@@ -27,9 +27,9 @@ moto_server = pytest.importorskip("moto.server")
 
 import fsspec  # noqa: E402
 
-from data import Manifest, ShardBuilder, ShardData, StoreWriter, open_store, verify_store  # noqa: E402
-from data.errors import CorruptShardError, StoreError, StoreWriteError  # noqa: E402
-from data.reader import StoreReadError  # noqa: E402
+from kd_pipeline.data import Manifest, ShardBuilder, ShardData, StoreWriter, open_store, verify_store  # noqa: E402
+from kd_pipeline.data.errors import CorruptShardError, StoreError, StoreWriteError  # noqa: E402
+from kd_pipeline.data.reader import StoreReadError  # noqa: E402
 from tests.conftest import make_manifest, random_example, write_store  # noqa: E402
 from tests.test_store import assert_same  # noqa: E402
 
@@ -183,7 +183,7 @@ def test_cli_reaches_the_endpoint_through_the_environment(running: S3Server, tmp
     write_store(url, "zarr", shards=2)  # type: ignore[arg-type]
     env = {**os.environ, **CREDENTIALS, "FSSPEC_S3_ENDPOINT_URL": running.endpoint}
     env["KD_PIPELINE_CACHE"] = str(tmp_path / "cli-cache")
-    cmd = [sys.executable, "-m", "pipeline", "verify", "--json", url]
+    cmd = [sys.executable, "-m", "kd_pipeline", "verify", "--json", url]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["ok"] is True
@@ -273,7 +273,7 @@ def test_server_gone_mid_read_then_a_reopen_resumes(
 def test_verify_reads_each_remote_file_once_and_catches_a_flipped_byte(
     running: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
-    from data.location import Location
+    from kd_pipeline.data.location import Location
 
     url = f"s3://{BUCKET}/verify-once-{backend}"
     write_store(url, backend, shards=2)  # type: ignore[arg-type]

@@ -16,15 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import data
-from data import CorruptShardError, ManifestError, ShardBuilder, StoreWriter, open_store, verify_store
-from data.dataset import collate
-from data.inspect import summarize
-from pipeline.cli import cli
-from stages.label import LabelConfig, LabelConfigError
-from stages.label import run as label
-from stages.train import TrainConfig, TrainConfigError
-from stages.train import run as train
+from kd_pipeline import data
+from kd_pipeline.data import CorruptShardError, ManifestError, ShardBuilder, StoreWriter, open_store, verify_store
+from kd_pipeline.data.dataset import collate
+from kd_pipeline.data.inspect import summarize
+from kd_pipeline.pipeline.cli import cli
+from kd_pipeline.stages.label import LabelConfig, LabelConfigError
+from kd_pipeline.stages.label import run as label
+from kd_pipeline.stages.train import TrainConfig, TrainConfigError
+from kd_pipeline.stages.train import run as train
 from tests.conftest import make_manifest
 from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import data
-from pipeline.cli import cli
-from stages.label import LabelConfig
-from stages.label import run as label
-from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
+from kd_pipeline import data
+from kd_pipeline.pipeline.cli import cli
+from kd_pipeline.stages.label import LabelConfig
+from kd_pipeline.stages.label import run as label
+from tests.tiny import SENTENCES, hostile_dir, make_model, make_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m pipeline ARGS`` (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline"]
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m kd_pipeline ARGS`` (gloo on CPU), run
+    from a directory holding its own ``data/`` package and ``pipeline.py`` (as a user's repository does)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kd_pipeline"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
+    cwd = hostile_dir(Path(tempfile.mkdtemp(prefix="user-repo-")))
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
 def assert_same_store(a: Path, b: Path) -> None:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import data
-from data import (
+from kd_pipeline import data
+from kd_pipeline.data import (
     CorruptShardError,
     IncompatibleStoreError,
     IncompleteStoreError,

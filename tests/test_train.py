@@ -12,12 +12,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import data
-from pipeline.cli import cli
-from stages.label import LabelConfig
-from stages.label import run as label
-from stages.train import TrainConfig, TrainConfigError
-from stages.train import run as train
+from kd_pipeline import data
+from kd_pipeline.pipeline.cli import cli
+from kd_pipeline.stages.label import LabelConfig
+from kd_pipeline.stages.label import run as label
+from kd_pipeline.stages.train import TrainConfig, TrainConfigError
+from kd_pipeline.stages.train import run as train
 from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
 
 

@@ -15,9 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-import data.backends
-from data import CorruptShardError, open_store, verify_store
-from data.location import Location
+from kd_pipeline.data import CorruptShardError, backends, open_store, verify_store
+from kd_pipeline.data.location import Location
 from tests.conftest import write_store
 
 
@@ -195,8 +194,8 @@ def test_a_claimed_terabyte_file_is_refused_without_reading(
         raise AssertionError("a shard file was read")
 
     monkeypatch.setattr(Location, "iter_file", no_reading)
-    monkeypatch.setattr(data.backends, "_read_zarr", no_reading)
-    monkeypatch.setattr(data.backends, "_read_arrow", no_reading)
+    monkeypatch.setattr(backends, "_read_zarr", no_reading)
+    monkeypatch.setattr(backends, "_read_arrow", no_reading)
     with pytest.raises(CorruptShardError, match=r"shard-000000: file .* has \d+ bytes, the manifest says 10{12}"):
         open_store(tmp_path / "s")[0]
     monkeypatch.undo()  # verify hashes the other, honest shards

@@ -112,3 +112,15 @@ def make_model(
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def hostile_dir(path: Path) -> Path:
+    """A working directory like a user's ML repository: its own ``data/`` and ``stages/`` packages and a
+    ``pipeline.py`` that exit with status 3 when anything imports them, so a run that picks them up fails."""
+    path.mkdir(parents=True, exist_ok=True)
+    shout = "import sys\nsys.stderr.write('the user\\'s own {} was imported\\n')\nsys.exit(3)\n"
+    for pkg in ("data", "stages"):
+        (path / pkg).mkdir(exist_ok=True)
+        (path / pkg / "__init__.py").write_text(shout.format(pkg + "/"))
+    (path / "pipeline.py").write_text(shout.format("pipeline.py"))
+    return path
