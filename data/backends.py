@@ -142,6 +142,41 @@ def read_shard(backend: str, path: Path, expected: dict[str, Column] | None = No
         raise CorruptShardError(f"{path.name}: cannot be decoded as a {backend} shard ({type(e).__name__}: {e})") from e
 
 
+def read_keys(backend: str, path: Path, rows: int, spec: Column) -> NDArray:
+    """Only the content keys of a local shard, (rows, 16) uint8, without decoding the other columns: zarr opens
+    the one ``keys`` array (its metadata checked first), arrow reads only the ``key`` field's buffers. What a
+    held-out split by content key needs from every shard, at 16 bytes per example.
+
+    Raises:
+        CorruptShardError: the keys cannot be read, or are not (rows, 16) uint8.
+    """
+    import pyarrow as pa
+
+    try:
+        if backend == "zarr":
+            import zarr
+            from zarr.storage import LocalStore
+
+            _check_zarr_array(f"{path.name}: array 'keys'", _read_json(path / "keys" / "zarr.json"), spec)
+            keys = np.asarray(zarr.open_array(store=LocalStore(path / "keys", read_only=True), mode="r")[...])
+        else:
+            with pa.OSFile(str(path), "rb") as source:
+                schema = pa.ipc.open_file(source).schema
+                options = pa.ipc.IpcReadOptions(included_fields=[schema.get_field_index("key")])
+                column = pa.ipc.open_file(source, options=options).read_all().column("key").combine_chunks()
+            if column.type != pa.binary(16) or column.null_count:
+                raise CorruptShardError(f"{path.name}: column 'key' is not a non-null fixed_size_binary(16)")
+            keys = np.frombuffer(column.buffers()[1], dtype=np.uint8)[column.offset * 16 :][: len(column) * 16]
+            keys = keys.reshape(-1, 16)
+    except CorruptShardError:
+        raise
+    except Exception as e:  # a decoder failure on untrusted bytes is a corrupt shard, not a crash
+        raise CorruptShardError(f"{path.name}: cannot read its keys ({type(e).__name__}: {e})") from e
+    if keys.shape != (rows, 16) or keys.dtype != np.uint8:
+        raise CorruptShardError(f"{path.name}: keys of shape {keys.shape} {keys.dtype}, expected ({rows}, 16) uint8")
+    return keys
+
+
 # ---------------------------------------------------------------- zarr
 
 

@@ -31,6 +31,10 @@ The promises (those mosaicml/streaming makes), each tested in tests/test_dataset
    masked, so nothing is counted twice. ``drop_last=True`` drops the final partial global batch instead.
 6. Every batch carries ``index`` (B,) int64, the examples' indices in store order, and ``example_weight``
    (B,) float32 (1, or 0 for the padding example of 5).
+7. Held-out split: ``split="eval"`` with ``eval_fraction=f`` covers the round(f * N) examples (at least one)
+   whose content keys hash lowest, ``split="train"`` the others (:func:`held_out`). The key is a hash of the
+   example's tokens, so the split is the same whatever the shard size, the number of shards, ranks or workers,
+   and copies of an example always land on the same side. Only the keys column of each shard is read for it.
 
 With ``persistent_workers=True`` the workers keep the epoch they started with (they hold copies of the
 dataset); call ``set_epoch`` before creating the DataLoader's iterator and leave persistent workers off.
@@ -43,6 +47,7 @@ This is the only module of ``data`` that imports torch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -63,6 +68,23 @@ IGNORE_INDEX = -100
 
 _STATE_FORMAT = "kd-loader-state"
 _STATE_VERSION = 1
+SPLITS = ("all", "train", "eval")
+
+
+def held_out(keys: NDArray, fraction: float) -> NDArray:
+    """Which examples a held-out split of ``fraction`` takes: (R,) bool, from the content keys (R, 16) uint8 alone.
+
+    The first 8 bytes of a key (BLAKE2b-128 of the example's input ids), read as a little-endian uint64, are a
+    uniform hash; the max(1, round(fraction * R)) examples with the smallest are held out (at most R - 1; copies
+    of an example share its key, so they land on the same side and may add to the count). An exact count, at
+    least one example however small the store, and the same examples whatever the order or sharding of the keys.
+    """
+    words = np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1)  # (R,) uint64
+    n = len(words)
+    if n < 2:
+        return np.zeros(n, dtype=bool)
+    count = min(max(1, round(fraction * n)), n - 1)
+    return words <= np.partition(words, count - 1)[count - 1]
 
 
 def store_fingerprint(manifest: Manifest) -> str:
@@ -153,8 +175,12 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             the process group.
         samples_seen: global examples of ``epoch`` already consumed; iteration starts after them.
         drop_last: drop the final partial global batch instead of splitting it over the ranks.
-        shards: the store-order indices of the shards to cover (e.g. a train / held-out split by shard); all by
-            default. ``batch["index"]`` then counts examples of these shards only, in their store order.
+        shards: the store-order indices of the shards to cover; all by default. ``batch["index"]`` then counts
+            examples of these shards only, in their store order.
+        split: ``"all"`` (default), or ``"train"`` / ``"eval"``: the examples outside / inside the held-out
+            fraction ``eval_fraction`` of the key space (see :func:`held_out`); ``batch["index"]`` then counts
+            the covered examples only, in store order.
+        eval_fraction: the held-out fraction for ``split``, in (0, 1).
     """
 
     def __init__(
@@ -171,6 +197,8 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         samples_seen: int = 0,
         drop_last: bool = False,
         shards: Sequence[int] | None = None,
+        split: str = "all",
+        eval_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         default_rank, default_world = _default_rank_world()
@@ -185,6 +213,10 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             problems.append(f"seed, epoch and samples_seen must be >= 0, got {seed}, {epoch}, {samples_seen}")
         if world_size < 1 or not 0 <= rank < world_size:
             problems.append(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if split not in SPLITS:
+            problems.append(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        elif split != "all" and not 0 < eval_fraction < 1:
+            problems.append(f"split {split!r} needs 0 < eval_fraction < 1, got {eval_fraction}")
         if problems:
             raise ValueError("StoreDataset: " + "; ".join(problems))
         self.reader = store if isinstance(store, StoreReader) else open_store(store)
@@ -193,7 +225,22 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.shard_ids = list(range(n_shards)) if shards is None else [int(i) for i in shards]
         if len(set(self.shard_ids)) != len(self.shard_ids) or not all(0 <= i < n_shards for i in self.shard_ids):
             raise ValueError(f"StoreDataset: shards must be distinct indices in [0, {n_shards}), got {shards}")
-        self._num_examples = sum(self.reader.manifest.shards[i].rows for i in self.shard_ids)
+        self.split, self.eval_fraction = split, (float(eval_fraction) if split != "all" else 0.0)
+        # Rows of each covered shard that the split keeps (store order), or None for every row.
+        self._rows: list[NDArray] | None = None
+        if split != "all":
+            keys = [self.reader.shard_keys(i) for i in self.shard_ids]  # (rows, 16) uint8 each
+            held = held_out(np.concatenate(keys) if keys else np.zeros((0, 16), np.uint8), self.eval_fraction)
+            starts = np.cumsum([0] + [len(k) for k in keys])
+            self._rows = [
+                np.flatnonzero(mine if split == "eval" else ~mine).astype(np.int64)
+                for mine in (held[a:b] for a, b in itertools.pairwise(starts))
+            ]
+        rows = self.reader.manifest.shards
+        self._shard_rows = (
+            [len(r) for r in self._rows] if self._rows is not None else [rows[i].rows for i in self.shard_ids]
+        )
+        self._num_examples = sum(self._shard_rows)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -207,7 +254,7 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     @property
     def num_examples(self) -> int:
-        """Examples in the shards this dataset covers (all of the store's unless ``shards`` was given)."""
+        """Examples this dataset covers (all of the store's unless ``shards`` or ``split`` was given)."""
         return self._num_examples
 
     def __len__(self) -> int:
@@ -242,6 +289,8 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             "shuffle": self.shuffle,
             "block_shards": self.block_shards,
             "shards": self.shard_ids,
+            "split": self.split,
+            "eval_fraction": self.eval_fraction,
             "num_examples": self.num_examples,
             "store_fingerprint": self.fingerprint,
         }
@@ -264,8 +313,9 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
                 f"it was saved for another store (fingerprint {str(state.get('store_fingerprint'))[:12]}, "
                 f"this one is {self.fingerprint[:12]}); resume with the store the run started with"
             )
-        for key in ("seed", "shuffle", "block_shards", "shards"):
-            if state.get(key) != mine[key]:
+        defaults = {"split": "all", "eval_fraction": 0.0}  # states written before the split existed
+        for key in ("seed", "shuffle", "block_shards", "shards", "split", "eval_fraction"):
+            if state.get(key, defaults.get(key)) != mine[key]:
                 problems.append(f"it has {key}={state.get(key)!r}, this dataset {key}={mine[key]!r}")
         epoch, seen = state.get("epoch"), state.get("samples_seen")
         if not isinstance(epoch, int) or not isinstance(seen, int) or epoch < 0 or seen < 0:
@@ -277,9 +327,8 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.samples_seen = seen
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        manifest = self.reader.manifest
         order = EpochOrder(
-            [manifest.shards[i].rows for i in self.shard_ids],
+            self._shard_rows,
             seed=self.seed,
             epoch=self.epoch,
             shuffle=self.shuffle,
@@ -304,6 +353,8 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
                 weight = np.zeros(1, dtype=np.float32)
             indices = order.indices(positions)
             shards, rows = order.shard_of(indices)
+            if self._rows is not None:  # the split's r-th example of a shard is its row self._rows[s][r]
+                rows = np.array([self._rows[s][r] for s, r in zip(shards.tolist(), rows.tolist(), strict=True)])
             self._load(order, loaded, shards)
             examples = [loaded[s].example(r, self.task) for s, r in zip(shards.tolist(), rows.tolist(), strict=True)]
             batch = collate(examples, self.task)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Column, decoded_bytes, read_shard, shard_files, stored_columns
+from .backends import Column, decoded_bytes, read_keys, read_shard, shard_files, stored_columns
 from .codecs import decode_shard
 from .errors import (
     CorruptShardError,
@@ -149,6 +149,7 @@ class StoreReader:
         self._cache: OrderedDict[int, ShardData] = OrderedDict()
         self._max_cached = max_cached_shards
         self._row_starts = np.cumsum([0] + [s.rows for s in manifest.shards])
+        self._keys: dict[int, NDArray] = {}  # shard -> (rows, 16) uint8: 16 bytes per example, kept
         self._remote_cache = None
         if not location.is_local:
             url_digest = hashlib.sha256(location.url.encode()).hexdigest()[:16]
@@ -254,6 +255,36 @@ class StoreReader:
             finally:
                 tmp.unlink(missing_ok=True)
         return folder / record.path.removeprefix("shards/")
+
+    def shard_keys(self, s: int) -> NDArray:
+        """The content keys of shard ``s``, (rows, 16) uint8, read without decoding the rest of the shard (its
+        other files are not read locally; a remote shard is downloaded whole into the cache, as for a read);
+        kept for the reader's lifetime.
+
+        Raises:
+            CorruptShardError: the keys' files or values do not match the manifest.
+            StoreReadError: the store could not be read.
+        """
+        if s in self._keys:
+            return self._keys[s]
+        m, record = self.manifest, self.manifest.shards[s]
+        files = shard_files(m.backend, record)
+        expected = stored_columns(m.task, m.targets, record.rows, record.tokens, record.positions, record.entries)
+        _check_plausible(record, expected)
+        try:
+            if self.location.is_local:
+                if m.backend == "zarr":
+                    files = {rel: f for rel, f in files.items() if rel.startswith(f"{record.path}/keys/")}
+                check_files(self.location, record.name, files, verify=self.verify)
+                path = self.location.local(record.path)
+            else:
+                path = self._fetch(record, files)
+        except StoreError:
+            raise
+        except OSError as e:
+            raise StoreReadError(f"{self.location}: reading {record.name} failed ({e}); retry") from e
+        self._keys[s] = read_keys(m.backend, path, record.rows, expected["keys"])
+        return self._keys[s]
 
     def check_compatible(self, **kwargs: Any) -> None:
         """See :func:`check_compatible`."""

@@ -147,21 +147,13 @@ class StoreWriter:
         """One writing process per store (ranks of one job write their own stores and are merged)."""
         if not self.location.is_local:
             return
-        import fcntl
-
-        fd = os.open(self.location.local(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreLockedError(
-                f"{self.location} is being written by another process; wait for it to finish or stop it"
-            ) from None
+        fd = lock_store(self.location, shared=False)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
     def close(self) -> None:
+        """Release the write lock (the store stays as committed)."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -264,12 +256,15 @@ class StoreWriter:
         return record
 
     def finish(self) -> Manifest:
-        """Mark the store complete. Readers refuse an incomplete store unless asked to read one."""
+        """Mark the store complete and end the writing. Readers refuse an incomplete store unless asked to read
+        one. A finished store keeps no ``.lock``: the next writer (say, ``--overwrite``) may start at once."""
         with self._write_errors("manifest.json"):
             self._write_manifest(replace(self.manifest, complete=True))
         self.manifest = replace(self.manifest, complete=True)
         if self.location.is_local:
             self.location.remove(".staging")
+            if self._lock_fd is not None:  # a finished store keeps no lock file; we hold the lock as we unlink it
+                self.location.local(".lock").unlink(missing_ok=True)
         return self.manifest
 
     def _write_manifest(self, manifest: Manifest) -> None:
@@ -298,3 +293,34 @@ def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
         elif va != vb:
             out.append(f"{prefix}{key}")
     return out
+
+
+def lock_store(location: Location, *, shared: bool) -> int:
+    """Take the ``.lock`` of a local store without waiting: exclusive for a writer, shared by the ranks of one
+    torchrun job. Returns the open descriptor that holds it (close it to release).
+
+    A finished store's lock file is unlinked by its holder, so a process that opened the old file may lock a
+    file no longer in the store: the lock counts only if the path still names the file we locked; else retry.
+
+    Raises:
+        StoreLockedError: another process holds the lock.
+    """
+    import fcntl
+
+    path = location.local(".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"{location} is being written by another process; wait for it to finish or stop it"
+            ) from None
+        try:
+            same = path.stat().st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)

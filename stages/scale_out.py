@@ -7,7 +7,6 @@ and rank 0 merges them into ``OUT`` once every rank is done (``pipeline merge`` 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from .. import data
@@ -61,16 +60,10 @@ def merge_ranks(out: str, world: int, rank: int, say: Any) -> data.Manifest:
 
 def job_lock(out: str) -> int | None:
     """Ranks of one torchrun job share the store's lock, so an unrelated writer of the same store is refused."""
-    import fcntl
+    from ..data.writer import lock_store
 
     location = Location(out)
     if not location.is_local:
         return None
     location.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(location.local(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise data.StoreLockedError(f"{out} is being written by another process; wait for it or stop it") from None
-    return fd
+    return lock_store(location, shared=True)

@@ -84,9 +84,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
     eval_store: str | None = None
-    """A separate store for evaluation (default: hold out the last shards of --store)."""
+    """A separate store for evaluation (default: hold out --eval-fraction of --store's examples)."""
     eval_fraction: float = 0.1
-    """Fraction of --store's shards held out for evaluation when there is no --eval-store (0 disables)."""
+    """Fraction of --store's examples held out for evaluation when there is no --eval-store, chosen by each
+    example's content key, so the same examples whatever the shard size or number of ranks (0 disables)."""
     eval_every: int = 50
     """Evaluate every N optimizer steps (and at the end)."""
     eval_batches: int = 50
@@ -212,7 +213,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         )
 
     # ---- data
-    train_shards, eval_source = _split(cfg, store)
+    train_split, eval_source = _split(cfg, store)
 
     def train_set(epoch: int, samples_seen: int) -> StoreDataset:
         return StoreDataset(
@@ -223,7 +224,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             samples_seen=samples_seen,
             rank=rank,
             world_size=world,
-            shards=train_shards,
+            **train_split,
         )
 
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -406,23 +407,28 @@ def _check_run_dir(out: Path, resume: bool) -> None:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def _split(cfg: TrainConfig, store: data.StoreReader) -> tuple[list[int] | None, Any]:
-    """Training shards of --store, and the evaluation source (a store and its shards), or None."""
+def _split(cfg: TrainConfig, store: data.StoreReader) -> tuple[dict[str, Any], Any]:
+    """The training StoreDataset's split arguments, and the evaluation source (a store and its StoreDataset's
+    split arguments), or None. Without --eval-store, --eval-fraction of the examples is held out by content key
+    (``data.dataset.held_out``): one shard is enough, and the split is the same for any shard size or ranks."""
+    from ..data.dataset import StoreDataset
+
     if cfg.eval_store:
         ev = data.open_store(cfg.eval_store)
         if ev.manifest.task != store.manifest.task:
             raise TrainConfigError(f"--eval-store holds {ev.manifest.task} targets, --store {store.manifest.task}")
-        return None, (ev, None)
+        return {}, (ev, {})
     if cfg.eval_fraction == 0:
-        return None, None
-    n = store.num_shards
-    held = max(1, round(cfg.eval_fraction * n))
-    if n < 2:
+        return {}, None
+    split: dict[str, Any] = {"eval_fraction": cfg.eval_fraction}
+    held = StoreDataset(store, batch_size=1, split="eval", rank=0, world_size=1, **split).num_examples
+    if held in (0, len(store)):
         raise TrainConfigError(
-            f"--store has {n} shard; holding out {cfg.eval_fraction:.0%} of its shards for evaluation needs "
-            "at least 2: pass --eval-store, --eval-fraction 0, or label with a smaller --shard-size"
+            f"holding out {cfg.eval_fraction:.0%} of --store's {len(store)} examples by content key leaves "
+            f"{held} for evaluation and {len(store) - held} for training; pass --eval-store, another "
+            "--eval-fraction, or --eval-fraction 0"
         )
-    return list(range(n - held)), (store, list(range(n - held, n)))
+    return {"split": "train", **split}, (store, {"split": "eval", **split})
 
 
 def _batch_stream(make_dataset: Any, cfg: TrainConfig, world: int, position: dict[str, int]) -> Any:
@@ -543,8 +549,8 @@ def evaluate(
     from ..data.dataset import StoreDataset
     from .losses import kd_loss
 
-    store, shards = source
-    dataset = StoreDataset(store, batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world, shards=shards)
+    store, split = source
+    dataset = StoreDataset(store, batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world, **split)
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce_sum, kd_sum, correct, count
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -183,6 +184,51 @@ def test_second_writer_is_locked_out(tmp_path: Path) -> None:
         with pytest.raises(StoreLockedError, match="another process"):
             StoreWriter(tmp_path / "s", make_manifest())
     StoreWriter(tmp_path / "s", make_manifest()).close()  # released on exit
+
+
+def test_a_finished_store_keeps_no_lock_file(tmp_path: Path) -> None:
+    """The lock exists while a store is written and is gone once it is finished (label runs and merges end with
+    the same finish; test_label.py checks a label run's store)."""
+    with StoreWriter(tmp_path / "s", make_manifest()) as w:
+        assert (tmp_path / "s" / ".lock").is_file()
+        w.finish()
+        assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["manifest.json", "shards"]
+        # finish ends the writing: the store is free for the next writer at once
+        with StoreWriter(tmp_path / "s", make_manifest()) as again:
+            assert (tmp_path / "s" / ".lock").is_file()
+            again.finish()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["manifest.json", "shards"]
+
+
+def test_a_lock_file_replaced_between_open_and_lock_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a finished store's unlinked lock file opens: we open ``.lock``, its holder unlinks it and another
+    writer creates and locks a new one, then our flock succeeds on the unlinked file. lock_store must notice (the
+    path names another file) and try again, so that it ends up refused by the real holder. The race is injected
+    by running the other writer's steps right after our first open."""
+    import os
+
+    from kd_pipeline.data.location import Location
+    from kd_pipeline.data.writer import lock_store
+
+    (tmp_path / "s").mkdir()
+    loc = Location(tmp_path / "s")
+    real_open = os.open
+    other: list[int] = []
+
+    def open_then_race(path: Any, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        if not other:
+            other.append(-1)
+            Path(path).unlink()  # the old holder finished the store ...
+            other[0] = lock_store(loc, shared=False)  # ... and a new writer took a new lock file
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_race)
+    with pytest.raises(StoreLockedError, match="another process"):
+        lock_store(loc, shared=False)
+    os.close(other[0])
 
 
 def test_open_errors(tmp_path: Path) -> None:
