@@ -84,7 +84,8 @@ def held_out(keys: NDArray, fraction: float) -> NDArray:
     if n < 2:
         return np.zeros(n, dtype=bool)
     count = min(max(1, round(fraction * n)), n - 1)
-    return words <= np.partition(words, count - 1)[count - 1]
+    held: NDArray = words <= np.partition(words, count - 1)[count - 1]
+    return held
 
 
 def store_fingerprint(manifest: Manifest) -> str:

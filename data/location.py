@@ -28,16 +28,11 @@ from typing import Any
 
 __all__ = ["Location", "sha256_file"]
 
-_CHUNK = 1 << 22
-
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a local file, streamed in 4 MiB reads."""
-    h = hashlib.sha256()
+    """SHA-256 of a local file, streamed."""
     with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def is_url(path_or_url: str) -> bool:
@@ -155,16 +150,12 @@ class Location:
             data: bytes = self.fs.cat_file(self._remote(rel))
         return data
 
-    def iter_file(self, rel: str) -> Iterator[bytes]:
-        """Stream a file's bytes in 4 MiB blocks (for checksums of remote files without a local copy)."""
+    def sha256(self, rel: str) -> str:
+        """SHA-256 of a file, streamed (a remote file is read once, without a local copy)."""
         if self.is_local:
-            with open(self.local(rel), "rb") as f:
-                while block := f.read(_CHUNK):
-                    yield block
-            return
+            return sha256_file(self.local(rel))
         with self._io("reading", rel), self.fs.open(self._remote(rel), "rb") as f:
-            while block := f.read(_CHUNK):
-                yield block
+            return hashlib.file_digest(f, "sha256").hexdigest()
 
     # ------------------------------------------------------------ writes
 

@@ -336,12 +336,8 @@ def check_files(location: Location, name: str, files: dict[str, Any], *, verify:
                 raise CorruptShardError(f"{name}: file {rel} is missing")
             if size != rec.bytes:
                 raise CorruptShardError(f"{name}: file {rel} has {size} bytes, the manifest says {rec.bytes}")
-            if verify:
-                h = hashlib.sha256()
-                for block in location.iter_file(rel):
-                    h.update(block)
-                if h.hexdigest() != rec.sha256:
-                    raise CorruptShardError(f"{name}: file {rel} does not match its SHA-256 in the manifest")
+            if verify and location.sha256(rel) != rec.sha256:
+                raise CorruptShardError(f"{name}: file {rel} does not match its SHA-256 in the manifest")
     except StoreError:
         raise
     except OSError as e:

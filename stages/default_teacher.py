@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..data.location import sha256_file
 from ..data.reader import default_cache_dir
 from .models import ModelLoadError
 
@@ -95,7 +96,7 @@ def ensure_default_teacher(cache_dir: Path | None = None, log: Callable[[str], N
     _remove_stale(folder, f"{_TMP_PREFIX}*")
 
     # A complete file whose marker was lost (killed between the two renames): hashing it beats a download.
-    if _has_size(target) and _sha256(target) == GGUF_SHA256:
+    if _has_size(target) and sha256_file(target) == GGUF_SHA256:
         _write_marker(folder)
         return folder, GGUF_FILE
 
@@ -252,14 +253,6 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
         os.replace(tmp_name, path)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _remove_stale(folder: Path, pattern: str) -> None:

@@ -113,8 +113,7 @@ def load_records(data: str) -> tuple[list[dict[str, Any]], str]:
     for f, kind in _files(path):
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
+            hashlib.file_digest(fh, lambda: h)  # adds the file's bytes to the running digest
         try:
             records.extend(_read(f, kind))
         except DataError:

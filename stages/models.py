@@ -152,8 +152,7 @@ def weights_digest(name: str, gguf_file: str | None = None) -> str | None:
     for f in files:
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
+            hashlib.file_digest(fh, lambda: h)  # adds the file's bytes to the running digest
     return h.hexdigest()
 
 

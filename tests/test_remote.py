@@ -279,7 +279,7 @@ def test_verify_reads_each_remote_file_once_and_catches_a_flipped_byte(
     write_store(url, backend, shards=2)  # type: ignore[arg-type]
     open_store(url)[0]  # a reader fills the default cache first: verify must not trust that copy
     reads: list[str] = []
-    for name in ("download", "read_bytes", "iter_file"):
+    for name in ("download", "read_bytes", "sha256"):
         monkeypatch.setattr(Location, name, _counting_method(getattr(Location, name), reads))
     report = verify_store(url)
     assert report.ok, report.problems

@@ -193,7 +193,7 @@ def test_a_claimed_terabyte_file_is_refused_without_reading(
     def no_reading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a shard file was read")
 
-    monkeypatch.setattr(Location, "iter_file", no_reading)
+    monkeypatch.setattr(Location, "sha256", no_reading)
     monkeypatch.setattr(backends, "_read_zarr", no_reading)
     monkeypatch.setattr(backends, "_read_arrow", no_reading)
     with pytest.raises(CorruptShardError, match=r"shard-000000: file .* has \d+ bytes, the manifest says 10{12}"):
