@@ -11,17 +11,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .losses import PRECISE_TAIL  # the options only (no torch): the student's tail bin uses the same bound
+
 if TYPE_CHECKING:
     import torch
 
     from .models import OutputHead
 
-__all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "PRECISE_TAIL", "sample_chunked", "topk_chunked"]
+__all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "sample_chunked", "topk_chunked", "topk_rows"]
 
-
-# Below this tail mass, 1 - sum(kept) carries the ~2e-6 rounding of float32 log-probs as >1e-4 relative error:
-# recompute it exactly there (measured in bench/label_overhead.py).
-PRECISE_TAIL = 1e-2
 # The teacher's exact entropy is a statistic for `inspect`, not a target: measure it on every 16th row only.
 ENTROPY_EVERY = 16
 CPU_SUB_ROWS = 16  # 16 x 49,152 x 4 B = 3 MB of float32 logits: stays in cache across the per-row passes
@@ -61,8 +59,9 @@ def topk_rows(
 ) -> dict[str, torch.Tensor]:
     """:func:`topk_chunked` on (r, V) float32 logits whose first row is row ``first`` of the call.
 
-    The tail is 1 - sum(kept) in float64 from the unquantised values; rows where that is below 1e-2 (where the
-    rounding would matter) get exp(logsumexp of the non-kept logits - lse) instead.
+    The tail is 1 - sum(kept) in float64 from the unquantised values; rows where that is below ``PRECISE_TAIL``
+    (1e-2: the ~2e-6 rounding of the float32 log-probs would be >1e-4 of the tail there) get
+    exp(logsumexp of the non-kept logits - lse) instead.
     """
     import torch
 
