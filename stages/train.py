@@ -60,8 +60,7 @@ class TrainConfig:
     out: str = ""
     """Run directory for checkpoints, metrics and the final model."""
     loss: str = "forward-kl"
-    """Soft loss over the k+1 bins: one of ``stages.losses.LOSS_KINDS`` (forward-kl, reverse-kl, jsd, skew-kl,
-    skew-rkl, tvd)."""
+    """Soft loss over the k+1 bins: forward-kl, reverse-kl, jsd, skew-kl, skew-rkl, tvd."""
     beta: float = 0.5
     """jsd: mixture weight in (0, 1); skew-kl / skew-rkl: skew in [0, 1)."""
     alpha: float = 0.5
@@ -69,8 +68,8 @@ class TrainConfig:
     temperature: float | None = None
     """Must equal the store's labeling temperature (default: take it from the store)."""
     tail: str = "bin"
-    """One of ``stages.losses.TAIL_MODES``. bin: the unbiased k+1-bin loss; renormalise: the usual biased top-k loss,
-    for comparison only (training and evaluation both use it)."""
+    """bin: the unbiased k+1-bin loss; renormalise: the usual biased top-k loss, for comparison only (in training
+    and evaluation)."""
     steps: int | None = None
     """Optimizer steps (default: derived from --epochs)."""
     epochs: float = 1.0
