@@ -286,7 +286,13 @@ def main() -> None:
     report["config"]["teacher"] = "SmolLM2-135M-Instruct (de-quantised)"
     report["config"]["corpus"] = "stages.label.default_corpus (pydoc_data topics), packed"
     report["config"]["code"] = code_digests(
-        "kd_pipeline.stages.label", "kd_pipeline.stages.train", "kd_pipeline.stages.losses", "kd_pipeline.data.dataset"
+        "kd_pipeline.stages.label",
+        "kd_pipeline.stages.train",
+        "kd_pipeline.stages.losses.bins",  # the losses package: each module a training step runs
+        "kd_pipeline.stages.losses.divergences",
+        "kd_pipeline.stages.losses.fused",
+        "kd_pipeline.stages.losses.terms",
+        "kd_pipeline.data.dataset",
     )
 
     def save() -> None:

@@ -346,7 +346,10 @@ def main() -> None:
         "threads": args.threads,
         "code": code_digests(
             "kd_pipeline.stages.train",
-            "kd_pipeline.stages.losses",
+            "kd_pipeline.stages.losses.bins",  # the losses package: each module the timed loss runs
+            "kd_pipeline.stages.losses.divergences",
+            "kd_pipeline.stages.losses.fused",
+            "kd_pipeline.stages.losses.terms",
             "kd_pipeline.stages.models",
             "kd_pipeline.data.dataset",
         ),

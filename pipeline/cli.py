@@ -239,10 +239,11 @@ def label(ctx: click.Context, /, **_: Any) -> None:
 
 
 def _train_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from ..stages.train import LOSSES, TrainConfig
+    from ..stages.losses import LOSS_KINDS, TAIL_MODES  # the options only: no torch
+    from ..stages.train import TrainConfig
     from .config import config_options
 
-    return config_options(TrainConfig, {"loss": LOSSES, "tail": ("bin", "renormalise")}, config_file=True)(f)
+    return config_options(TrainConfig, {"loss": LOSS_KINDS, "tail": TAIL_MODES}, config_file=True)(f)
 
 
 @cli.command()

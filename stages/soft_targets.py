@@ -11,17 +11,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .losses import PRECISE_TAIL  # the options only (no torch): the student's tail bin uses the same bound
+
 if TYPE_CHECKING:
     import torch
 
     from .models import OutputHead
 
-__all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "PRECISE_TAIL", "sample_chunked", "topk_chunked"]
+__all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "sample_chunked", "topk_chunked", "topk_rows"]
 
-
-# Below this tail mass, 1 - sum(kept) carries the ~2e-6 rounding of float32 log-probs as >1e-4 relative error:
-# recompute it exactly there (measured in bench/label_overhead.py).
-PRECISE_TAIL = 1e-2
 # The teacher's exact entropy is a statistic for `inspect`, not a target: measure it on every 16th row only.
 ENTROPY_EVERY = 16
 CPU_SUB_ROWS = 16  # 16 x 49,152 x 4 B = 3 MB of float32 logits: stays in cache across the per-row passes
@@ -50,8 +48,10 @@ def topk_chunked(
         raw = head.logits(rows[i : i + chunk])  # (c, V) float32
         sub = CPU_SUB_ROWS if raw.device.type == "cpu" else raw.shape[0]
         for j in range(0, raw.shape[0], sub):
-            lab = labels[i + j : i + j + sub] if labels is not None else None
-            for key, value in topk_rows(raw[j : j + sub], i + j, k, temperature, lab).items():
+            block = raw[j : j + sub]  # (r, V), r <= sub: a chunk's last block may be short
+            # the labels of exactly this block's rows (slicing by ``sub`` ran into the next chunk's labels)
+            lab = labels[i + j : i + j + block.shape[0]] if labels is not None else None
+            for key, value in topk_rows(block, i + j, k, temperature, lab).items():
                 out[key].append(value)
     return {key: torch.cat(parts) for key, parts in out.items() if parts}
 
@@ -61,8 +61,9 @@ def topk_rows(
 ) -> dict[str, torch.Tensor]:
     """:func:`topk_chunked` on (r, V) float32 logits whose first row is row ``first`` of the call.
 
-    The tail is 1 - sum(kept) in float64 from the unquantised values; rows where that is below 1e-2 (where the
-    rounding would matter) get exp(logsumexp of the non-kept logits - lse) instead.
+    The tail is 1 - sum(kept) in float64 from the unquantised values; rows where that is below ``PRECISE_TAIL``
+    (1e-2: the ~2e-6 rounding of the float32 log-probs would be >1e-4 of the tail there) get
+    exp(logsumexp of the non-kept logits - lse) instead.
     """
     import torch
 
@@ -76,7 +77,7 @@ def topk_rows(
     if len(small) and k < z.shape[-1]:
         rest = z[small].scatter(-1, top_id[small], float("-inf"))
         tail[small] = (torch.logsumexp(rest, dim=-1) - lse[small]).double().exp()
-    sub = torch.arange((-first) % ENTROPY_EVERY, z.shape[0], ENTROPY_EVERY, device=z.device)
+    sub = _entropy_rows(first, z.shape[0], z.device)
     if len(sub):
         p = torch.softmax(z[sub], dim=-1)
         out["entropy"] = (lse[sub] - (p * z[sub]).sum(-1)).cpu()
@@ -134,7 +135,7 @@ def sample_chunked(
         row = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), unique)  # (U_c,)
         out["kept"].append(torch.zeros(z.shape[0], device=z.device).index_add_(0, row, probs[row, ids]).cpu())
         lse = torch.logsumexp(z, dim=-1)  # (c,)
-        sub = torch.arange((-i) % ENTROPY_EVERY, z.shape[0], ENTROPY_EVERY, device=z.device)
+        sub = _entropy_rows(i, z.shape[0], z.device)
         out["entropy"].append((lse[sub] - (probs[sub] * z[sub]).sum(-1)).cpu())
         if labels is not None:
             lab = labels[i : i + chunk].to(raw.device)
@@ -144,3 +145,15 @@ def sample_chunked(
         out["counts"].append((ends - flat_starts).cpu())
         out["unique"].append(unique.cpu())
     return {key: torch.cat(parts) for key, parts in out.items() if parts}
+
+
+def _entropy_rows(first: int, rows: int, device: torch.device) -> torch.Tensor:
+    """(M,) int64: the rows of a block whose index in the call (``first`` + row) is a multiple of ENTROPY_EVERY.
+
+    The first such row may lie past the block's end (a block of 10 rows starting at row 20 has none); arange then
+    needs an empty range, not a start beyond its end, which it rejects (``--chunk-positions 10`` crashed here).
+    """
+    import torch
+
+    start = (-first) % ENTROPY_EVERY
+    return torch.arange(start, max(start, rows), ENTROPY_EVERY, device=device)

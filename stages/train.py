@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import data
+from .losses import UNBIASED_WITH_SAMPLES, check_loss_options
 from .run_dir import Metrics, latest_checkpoint, load_checkpoint, plot_metrics, save_checkpoint, truncate_metrics
 
 if TYPE_CHECKING:  # torch loads inside run(), so that `pipeline --help` stays instant
@@ -40,7 +41,8 @@ if TYPE_CHECKING:  # torch loads inside run(), so that `pipeline --help` stays i
 
 __all__ = ["TrainConfig", "TrainConfigError", "TrainResult", "run"]
 
-LOSSES = ("forward-kl", "reverse-kl", "jsd", "skew-kl", "skew-rkl", "tvd")
+# The CLI's flag for each loss option, so that the losses' own validator names them in its messages.
+_LOSS_FLAGS = {"kind": "--loss", "temperature": "--temperature", "beta": "--beta", "tail": "--tail", "alpha": "--alpha"}
 
 
 class TrainConfigError(ValueError):
@@ -66,7 +68,8 @@ class TrainConfig:
     temperature: float | None = None
     """Must equal the store's labeling temperature (default: take it from the store)."""
     tail: str = "bin"
-    """bin: the unbiased k+1-bin loss; renormalise: the usual biased top-k loss, for comparison only."""
+    """bin: the unbiased k+1-bin loss; renormalise: the usual biased top-k loss, for comparison only (in training
+    and evaluation)."""
     steps: int | None = None
     """Optimizer steps (default: derived from --epochs)."""
     epochs: float = 1.0
@@ -115,18 +118,8 @@ class TrainConfig:
         for name in ("store", "student", "out"):
             if not getattr(self, name):
                 p.append(f"--{name} is required")
-        if self.loss not in LOSSES:
-            p.append(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
-        if self.loss == "jsd" and not 0 < self.beta < 1:
-            p.append(f"--beta must be in (0, 1) for jsd, got {self.beta}")
-        if self.loss.startswith("skew") and not 0 <= self.beta < 1:
-            p.append(f"--beta must be in [0, 1) for {self.loss}, got {self.beta}")
-        if not 0 <= self.alpha <= 1:
-            p.append(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature is not None and not self.temperature > 0:
-            p.append(f"--temperature must be > 0, got {self.temperature}")
-        if self.tail not in ("bin", "renormalise"):
-            p.append(f"--tail must be bin or renormalise, got {self.tail!r}")
+        # the losses' one validator: the same rules kd_loss and distill_loss enforce (T None: taken from the store)
+        p += check_loss_options(self.loss, self.temperature, self.beta, self.tail, self.alpha, _LOSS_FLAGS)
         if self.steps is not None and self.steps < 1:
             p.append(f"--steps must be >= 1, got {self.steps}")
         if self.steps is None and not self.epochs > 0:
@@ -338,8 +331,6 @@ def _check_sampled(cfg: TrainConfig, m: data.Manifest, say: Any) -> None:
     not linear in it and are biased. Such a run still proceeds (it is a valid, if biased, objective, and the
     comparison is worth making); the warning says so.
     """
-    from .losses import UNBIASED_WITH_SAMPLES
-
     if not m.targets.sampled:
         return
     if cfg.tail == "renormalise":
@@ -576,6 +567,7 @@ def evaluate(
                 temperature=temperature,
                 beta=cfg.beta,
                 target_mask=batch["target_mask"].reshape(-1, k)[mask] if "target_mask" in batch else None,
+                tail=cfg.tail,  # the KD figure measures the loss being trained, renormalised baseline included
             )
             sums[1] += kd.double() * n
             sums[2] += (z.argmax(-1) == labels).sum().double()

@@ -237,3 +237,54 @@ def test_empty_store_and_existing_run_dir(world: dict[str, Any], tmp_path: Path)
     (tmp_path / "run2" / "config.json").write_text("{}")
     with pytest.raises(TrainConfigError, match="pass --resume"):
         train(_cfg(world, tmp_path / "run2"), log=_quiet)
+
+
+class _Bigram(torch.nn.Module):
+    """A causal-LM student that evaluate() can call like train's wrapper: logits of token i+1 from token i only,
+    at the selected positions, (N, V) float32."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)) * 2)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        select: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.table[input_ids[:, :-1][select]]
+
+
+@pytest.mark.parametrize("tail", ["bin", "renormalise"])
+def test_evaluate_uses_the_configured_tail(tmp_path: Path, tail: str) -> None:
+    """evaluate's KD figure is the loss trained with --tail: the k+1 bins, or the renormalised top-k baseline,
+    each equal to its float64 formula over the store's positions (it used to ignore --tail: always bins)."""
+    from kd_pipeline.data.dataset import StoreDataset
+    from kd_pipeline.stages.train import evaluate
+    from tests.conftest import write_store
+
+    write_store(tmp_path / "store", k=4)  # causal-lm, 50 ids, top-4 at T=2: tails ~0.1-0.6
+    store = data.open_store(tmp_path / "store")
+    student, t = _Bigram(50), 2.0
+    cfg = TrainConfig(tail=tail, batch_size=4, eval_batches=1000)
+    got = evaluate(student, (store, None), cfg, "causal-lm", t, torch.device("cpu"), 0, 1)
+
+    per_position = []
+    for batch in StoreDataset(store, batch_size=4, shuffle=False):
+        select = batch["position_mask"] & (batch["labels"] >= 0)
+        z = student.table.detach().double()[batch["input_ids"][:, :-1][select]]  # (N, V)
+        s = torch.softmax(z / t, -1)
+        ids = batch["target_ids"][select]  # (N, K)
+        p_kept, q_kept = batch["target_logprobs"][select].double().exp(), s.gather(1, ids)
+        if tail == "bin":  # k+1 bins: kept ids, then everything else
+            p = torch.cat([p_kept, batch["tail_mass"][select].double()[:, None]], 1)
+            q = torch.cat([q_kept, 1 - q_kept.sum(-1, keepdim=True)], 1)  # tails ~0.1 here: no cancellation
+        else:  # both renormalised over the kept ids, tail dropped
+            p, q = p_kept, q_kept
+        p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+        per_position.append((p * (p.log() - q.log())).sum(-1) * t**2)
+    expected = torch.cat(per_position)
+    assert got["positions"] == len(expected)
+    assert got["kd"] == pytest.approx(float(expected.mean()), rel=1e-5)
