@@ -14,6 +14,7 @@ Run directory::
     RUN_DIR/loss_curve.png                   training and evaluation loss against step
     RUN_DIR/checkpoints/step-000100/         model.safetensors, optimizer.safetensors, state.json
     RUN_DIR/final/                           the student, loadable with AutoModelFor...from_pretrained
+    RUN_DIR/trace/rank-00000.jsonl           with --trace, per rank: per step the examples seen, a weight digest
 
 Checkpoints hold no pickle: tensors in safetensors, everything else (optimizer hyper-parameters, scheduler
 position, data position, RNG state as a tensor) in JSON.
@@ -111,6 +112,9 @@ class TrainConfig:
     """Verify the store's checksums before training."""
     progress: bool | None = None
     """Show a progress bar (default: when stderr is a terminal)."""
+    trace: bool = False
+    """Write RUN_DIR/trace/rank-NNNNN.jsonl: per step, the [epoch, index] of each example this rank trained on and
+    a SHA-256 of its weights after the step (for debugging data-parallel runs)."""
 
     def validate(self) -> None:
         """Collect every problem into one error."""
@@ -248,6 +252,10 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             if main:
                 truncate_metrics(out / "metrics.jsonl", step)
             say(f"resumed from {ckpt} at step {step}")
+    trace = out / "trace" / f"rank-{rank:05d}.jsonl" if cfg.trace else None
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(trace, step)  # rows after the checkpoint are about to be written again
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
@@ -268,8 +276,12 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         parts_sum: dict[str, float] = {}
         tokens = 0
+        seen: list[list[int]] = []  # [epoch, index] of this step's counted examples (--trace)
         for micro in range(cfg.grad_accum):
             batch, position = next(batches)
+            if trace is not None:
+                counted = batch["index"][batch["example_weight"] > 0].tolist()
+                seen += [[position["epoch"], int(i)] for i in counted]
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = micro == cfg.grad_accum - 1 or world == 1
             ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
@@ -285,6 +297,9 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         optimizer.step()
         scheduler.step()
         step += 1
+        if trace is not None:
+            with open(trace, "a") as f:
+                f.write(json.dumps({"step": step, "examples": seen, "weights_sha256": _weights_digest(model)}) + "\n")
         last_loss = parts_sum.get("loss", float("nan"))
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
@@ -321,6 +336,19 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(out=str(out), steps=step, final_loss=last_loss, eval=eval_result, seconds=seconds)
+
+
+def _weights_digest(model: Any) -> str:
+    """SHA-256 of the parameters as float32 bytes, in ``named_parameters`` order (name included)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode() + b"\0")
+        h.update(p.detach().to("cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _check_sampled(cfg: TrainConfig, m: data.Manifest, say: Any) -> None:

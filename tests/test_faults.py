@@ -161,9 +161,11 @@ def test_train_killed_and_resumed_reaches_the_same_weights(setup: dict[str, Any]
     b = load_file(str(out / "final" / "model.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bitwise, on CPU with one thread
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [s for s in steps if s]  # each step once, in order, after the truncation on resume
-    assert train_steps == sorted(train_steps) and sorted(set(train_steps)) == list(range(1, 301))
+    assert a.keys() == b.keys()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # each step logged once, in order, after the truncation on resume; evaluations at 100, 200, 300 once each
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 301))
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [100, 200, 300]
 
 
 def test_write_failure_keeps_committed_shards(setup: dict[str, Any], tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from kd_pipeline.stages.label import LabelConfig
 from kd_pipeline.stages.label import run as label
 from tests.tiny import SENTENCES, hostile_dir, make_model, make_tokenizer, write_jsonl
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -37,7 +39,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m kd_pipeline ARGS`` (gloo on CPU), run
     from a directory holding its own ``data/`` package and ``pipeline.py`` (as a user's repository does)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kd_pipeline"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the ranks import the kd_pipeline of this checkout (the code under test), not whichever one is installed
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cwd = hostile_dir(Path(tempfile.mkdtemp(prefix="user-repo-")))
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
@@ -95,21 +99,53 @@ def test_torchrun_two_ranks_equal_one_process(setup: dict[str, Any], tmp_path: P
 
 
 def test_torchrun_ddp_training(setup: dict[str, Any], tmp_path: Path) -> None:
-    """Two DDP ranks (gloo) train from the store; rank 0 writes the run, and the two ranks stay in step."""
+    """Two DDP ranks (gloo) train from the store; rank 0 writes the run. The ranks' traces show that they split
+    every epoch into disjoint halves that together cover it exactly, and hold the same weights after every step."""
     from tests.test_train import _student_config
 
+    # 29 examples, 2 ranks x batch 2 = 4 a step: 7 full steps, then 1 example for rank 0 and a weight-0 stand-in
+    # for rank 1 (step 8); 12 steps are one whole epoch and the first 4 steps of the next
+    n_examples, steps = 29, 12
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": s} for s in (SENTENCES * 4)[:n_examples]])
+    store = tmp_path / "store"
+    label(LabelConfig(**{**setup["args"], "data": str(tmp_path / "docs.jsonl")}, out=str(store)), log=lambda m: None)
     student = _student_config(tmp_path / "student", len(make_tokenizer(tmp_path / "tok")))
     out = tmp_path / "run"
     proc = torchrun(
-        "train", "--store", str(setup["root"] / "single"), "--student", str(student), "--out", str(out),
-        "--steps", "4", "--batch-size", "2", "--log-every", "1", "--eval-every", "2", "--save-every", "2",
-        "--eval-fraction", "0.3",
+        "train", "--store", str(store), "--student", str(student), "--out", str(out),
+        "--steps", str(steps), "--batch-size", "2", "--log-every", "1", "--eval-every", "6", "--save-every", "6",
+        "--eval-fraction", "0", "--trace",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if r["split"] == "train"]
-    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    # 2 ranks x batch 2 per step: the global data position advances by 4 examples a step
-    assert [r["samples_seen"] for r in train_rows] == [4, 8, 12, 16]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, steps + 1))
+    # 2 ranks x batch 2 per step: the global data position advances by 4 examples a step, and restarts at epoch 1
+    assert [(r["epoch"], r["samples_seen"]) for r in rows if r["split"] == "train"] == [
+        (0, 4 * s) for s in range(1, 9)
+    ] + [(1, 4 * s) for s in range(1, 5)]
     assert (out / "final" / "config.json").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000012"]
+    assert sorted(p.name for p in (out / "trace").iterdir()) == ["rank-00000.jsonl", "rank-00001.jsonl"]
+    traces = [
+        [json.loads(line) for line in (out / "trace" / f"rank-{r:05d}.jsonl").read_text().splitlines()] for r in (0, 1)
+    ]
+    for trace in traces:
+        assert [t["step"] for t in trace] == list(range(1, steps + 1))
+    seen: dict[int, list[int]] = {0: [], 1: []}  # epoch -> indices seen by either rank, in step order
+    for a, b in zip(*traces, strict=True):
+        epochs = sorted({e for t in (a, b) for e, _ in t["examples"]})
+        assert len(epochs) == 1, (a["step"], epochs)  # both ranks are in the same epoch
+        ia, ib = ([i for _, i in t["examples"]] for t in (a, b))
+        assert not set(ia) & set(ib), (a["step"], ia, ib)  # no example on both ranks in a step
+        seen[epochs[0]] += ia + ib
+        # DDP averaged the gradients: both ranks took the same step, to the same weights
+        assert a["weights_sha256"] == b["weights_sha256"], a["step"]
+    # every example of the epoch exactly once across the two ranks (a repeat would make the list longer)
+    assert sorted(seen[0]) == list(range(n_examples))
+    # the first 4 steps of epoch 1: 16 distinct examples, none twice
+    assert len(seen[1]) == 16 and len(set(seen[1])) == 16 and set(seen[1]) <= set(range(n_examples))
+    # per step: 4 examples, but 1 in step 8 (the last, partial global batch; rank 1's stand-in is not counted)
+    assert [len(a["examples"]) + len(b["examples"]) for a, b in zip(*traces, strict=True)] == [4] * 7 + [1] + [4] * 4
+    # the weights move every step (the digests compare something that changes)
+    digests = [t["weights_sha256"] for t in traces[0]]
+    assert len(set(digests)) == steps

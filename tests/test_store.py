@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -143,8 +144,17 @@ def test_manifest_provenance_and_checksums(tmp_path: Path, backend: str) -> None
         "encoding": "delta" if backend == "zarr" else "plain",  # resolved by the writer (data/codecs.py)
     }
     assert raw["totals"]["rows"] == 15
-    for shard in raw["shards"]:
-        assert shard["files"] and all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in shard["files"].values())
+    for shard in raw["shards"]:  # every file of the shard, with its size and SHA-256, as computed here
+        where = tmp_path / "s" / shard["path"]
+        files = (
+            {where.name: where}
+            if where.is_file()
+            else {f.relative_to(where).as_posix(): f for f in where.rglob("*") if f.is_file()}
+        )
+        assert shard["files"] == {
+            rel: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+            for rel, f in files.items()
+        }
     names = [s["name"] for s in raw["shards"]]
     assert names == ["shard-000000", "shard-000001", "shard-000002"]
 

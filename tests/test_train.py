@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,38 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return out
 
 
+def _held_out_metrics(model_dir: Path, store: Path, task: str, weights: Path | None = None) -> dict[str, float]:
+    """The evaluation metrics recomputed here, independently of stages/train.py: every example of ``store`` run
+    alone (no padding) through the saved model loaded with ``transformers`` (with a checkpoint's ``weights`` if
+    given), in float64 from the logits on."""
+    import transformers
+    from safetensors.torch import load_model
+
+    auto = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "masked-lm": transformers.AutoModelForMaskedLM,
+    }[task]
+    model = auto.from_pretrained(model_dir).eval()
+    if weights is not None:
+        load_model(model, str(weights))
+    nll, correct, count = 0.0, 0, 0
+    for ex in data.open_store(store):
+        ids = torch.as_tensor(ex["input_ids"].astype("int64"))[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double()
+        if task == "causal-lm":
+            logits = logits[:-1]  # position i predicts token i + 1
+        elif task == "masked-lm":
+            logits = logits[torch.as_tensor(ex["positions"].astype("int64"))]
+        labels = torch.as_tensor(ex["label"].astype("int64")).reshape(-1)
+        logp = torch.log_softmax(logits.reshape(len(labels), -1), dim=-1)
+        nll -= float(logp[torch.arange(len(labels)), labels].sum())
+        correct += int((logp.argmax(-1) == labels).sum())
+        count += len(labels)
+    return {"ce": nll / count, "perplexity": math.exp(nll / count), "accuracy": correct / count, "positions": count}
+
+
 def _cfg(world: dict[str, Any], out: Path, task: str = "causal-lm", **kw: Any) -> TrainConfig:
     base: dict[str, Any] = {
         "store": str(world["root"] / task),
@@ -92,7 +125,9 @@ def _cfg(world: dict[str, Any], out: Path, task: str = "causal-lm", **kw: Any) -
 
 
 def test_causal_lm_end_to_end(world: dict[str, Any], tmp_path: Path) -> None:
-    result = train(_cfg(world, tmp_path / "run", steps=30, save_every=10, lr=1e-2), log=_quiet)
+    store = world["root"] / "causal-lm"
+    cfg = _cfg(world, tmp_path / "run", steps=30, save_every=10, eval_every=10, lr=1e-2, eval_store=str(store))
+    result = train(cfg, log=_quiet)
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "loss_curve.png", "checkpoints", "final"}
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010", "step-000020", "step-000030"]
@@ -106,8 +141,15 @@ def test_causal_lm_end_to_end(world: dict[str, Any], tmp_path: Path) -> None:
     assert len(kd) == 30
     assert sum(kd[-5:]) / 5 < 0.8 * sum(kd[:5]) / 5  # the distillation loss falls
     evals = [r for r in rows if r["split"] == "eval"]
-    assert [r["step"] for r in evals] == [6, 12, 18, 24, 30] and all(r["perplexity"] > 1 for r in evals)
+    assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["kd"] < evals[0]["kd"]
+    # each evaluation equals the one recomputed from that step's saved weights
+    for row in evals:
+        weights = run / "checkpoints" / f"step-{row['step']:06d}" / "model.safetensors"
+        want = _held_out_metrics(run / "final", store, "causal-lm", weights)
+        assert row["positions"] == want["positions"]
+        assert row["ce"] == pytest.approx(want["ce"], rel=1e-5)
+        assert row["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
     assert result.steps == 30
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -162,17 +204,26 @@ def test_trains_with_the_teacher_deleted(world: dict[str, Any], tmp_path: Path) 
 
 def test_seq_cls_and_masked_lm(world: dict[str, Any], tmp_path: Path) -> None:
     student = _student_config(tmp_path / "cls-student", world["vocab"], task="seq-cls")
-    train(_cfg(world, tmp_path / "cls", task="seq-cls", student=str(student)), log=_quiet)
+    cls_store = world["root"] / "seq-cls"
+    train(_cfg(world, tmp_path / "cls", task="seq-cls", student=str(student), eval_store=str(cls_store)), log=_quiet)
     rows = [json.loads(line) for line in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
-    assert 0 <= rows[-1]["accuracy"] <= 1 and "perplexity" not in rows[-1]
+    assert rows[-1]["split"] == "eval" and rows[-1]["step"] == 12 and "perplexity" not in rows[-1]
+    want = _held_out_metrics(tmp_path / "cls" / "final", cls_store, "seq-cls")
+    assert rows[-1]["positions"] == want["positions"] == len(SENTENCES) * 4  # one per example
+    assert rows[-1]["accuracy"] == want["accuracy"]  # a ratio of two counts: exact
+    assert rows[-1]["ce"] == pytest.approx(want["ce"], rel=1e-5)
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls" / "final").config.num_labels == 3
     bert = tmp_path / "bert-student"
     make_model(bert, "masked-lm", vocab_size=world["vocab"], layers=1, hidden=16)
-    train(_cfg(world, tmp_path / "mlm", task="masked-lm", student=str(bert)), log=_quiet)
+    mlm_store = world["root"] / "masked-lm"
+    train(_cfg(world, tmp_path / "mlm", task="masked-lm", student=str(bert), eval_store=str(mlm_store)), log=_quiet)
     rows = [json.loads(line) for line in (tmp_path / "mlm" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["split"] == "eval" and rows[-1]["perplexity"] > 1
+    assert rows[-1]["split"] == "eval" and rows[-1]["step"] == 12 and "accuracy" not in rows[-1]
+    want = _held_out_metrics(tmp_path / "mlm" / "final", mlm_store, "masked-lm")
+    assert rows[-1]["positions"] == want["positions"]
+    assert rows[-1]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
 
 
 def test_iterative_distillation(world: dict[str, Any], tmp_path: Path) -> None:
