@@ -413,7 +413,9 @@ def test_cli_train_refuses_in_one_line(bad_store: Path, tmp_path: Path, extra: l
     """Verified (the default): refused before the model loads, one line in all. Unverified: at the loader's
     first read of the bad shard, after the run's own progress line, as one Error line (from a worker too)."""
     args = ["train", "--store", str(bad_store), "--student", str(_student(tmp_path / "student")), "--steps", "3"]
-    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "run"), "--batch-size", "2", *extra])
+    result = CliRunner().invoke(
+        cli, [*args, "--out", str(tmp_path / "run"), "--batch-size", "2", "--eval-fraction", "0", *extra]
+    )
     _one_error_line(result, _in("shard-000001", rf"{AT}: log-prob nan at rank 2 \(NaN\); expected finite"), not extra)
     assert not (tmp_path / "run" / "final").exists()
 
