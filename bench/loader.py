@@ -8,7 +8,8 @@ ids drawn log-uniformly from a 49,152-id vocabulary, so small ids are frequent, 
 distinct ids with log-probabilities sorted in descending order, a kept mass around 0.83 and its exact tail),
 then times ``StoreDataset`` for whole epochs in the main process, pinned to one core with
 ``torch.set_num_threads(1)``. An epoch decodes every shard once (decompression and checks) and collates every
-batch; the time is split into those two parts as well, to show where it goes.
+batch; the time is split into those two parts as well, to show where it goes. Each epoch runs twice, with the
+shard value checks (data/values.py) on and off, interleaved; the ratio of the median epochs is their cost.
 Target (DESIGN.md): >= 1,000,000 tokens/s.
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd_pipeline.data import Manifest, ShardData, StoreWriter, TargetSpec, example_key, open_store
+from kd_pipeline.data import Manifest, ShardData, StoreWriter, TargetSpec, example_key, open_store, values
 from kd_pipeline.data.dataset import StoreDataset, collate
 from kd_pipeline.data.shard import NDArray
 
@@ -47,9 +48,13 @@ def synthetic_shard(rng: np.random.Generator, rows: int, seq_len: int, k: int, v
     input_ids = log_uniform_ids(rng, (rows, seq_len), vocab).astype(np.uint16)
     # k distinct ids per position: draw, sort, redraw duplicates uniformly, then put them in a random order
     ids = np.sort(log_uniform_ids(rng, (P, k), vocab), axis=1)
-    dup = np.zeros_like(ids, dtype=bool)
-    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
-    ids[dup] = rng.integers(0, vocab, int(dup.sum()))
+    while True:  # a redrawn id can hit another one of its row: redraw until none repeats (the reader checks)
+        dup = np.zeros_like(ids, dtype=bool)
+        dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+        if not dup.any():
+            break
+        ids[dup] = rng.integers(0, vocab, int(dup.sum()))
+        ids = np.sort(ids, axis=1)
     ids = np.take_along_axis(ids, np.argsort(rng.random((P, k)), axis=1), axis=1)
     # log-probs over the full vocabulary, most probable first: a peaked, noisy decay, scaled to the kept mass
     sharp = rng.lognormal(0.0, 0.5, (P, 1))
@@ -92,36 +97,49 @@ def write_store(path: Path, backend: str, args: argparse.Namespace) -> None:
 
 
 def time_backend(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Whole epochs with the shard value checks (data/values.py) on and off, interleaved (on, off, off, on, ...)
+    so that the machine's drift hits both alike; medians per variant. Checks on is what every reader runs."""
     reader = open_store(path)
     m = reader.manifest
     ds = StoreDataset(reader, batch_size=args.batch_size, seed=0, block_shards=args.block_shards)
-    epochs = []
-    for epoch in range(args.epochs):
-        ds.set_epoch(epoch)
-        t0 = time.perf_counter()
-        tokens = sum(int(b["attention_mask"].sum()) for b in ds)
-        epochs.append(time.perf_counter() - t0)
-    assert tokens == m.tokens, (tokens, m.tokens)
-    # where the time goes: decoding every shard once (decompression + checks), then collating from memory
-    t0 = time.perf_counter()
-    shards = [reader.load_shard(s, verify=False) for s in m.shards]
-    decode_s = time.perf_counter() - t0
+    epochs: dict[bool, list[float]] = {True: [], False: []}
+    decode: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for epoch in range(args.epochs):
+            for checks in (True, False) if epoch % 2 == 0 else (False, True):
+                values._ENABLED = checks  # private switch, for this measurement only
+                ds.set_epoch(epoch)
+                t0 = time.perf_counter()
+                tokens = sum(int(b["attention_mask"].sum()) for b in ds)
+                epochs[checks].append(time.perf_counter() - t0)
+                assert tokens == m.tokens, (tokens, m.tokens)
+                # where the time goes: decoding every shard once (decompression + checks)
+                t0 = time.perf_counter()
+                shards = [reader.load_shard(s, verify=False) for s in m.shards]
+                decode[checks].append(time.perf_counter() - t0)
+    finally:
+        values._ENABLED = True
+    # then collating from memory
     t0 = time.perf_counter()
     for sh in shards:
         for r0 in range(0, sh.rows, args.batch_size):
             collate([sh.example(r, m.task) for r in range(r0, min(r0 + args.batch_size, sh.rows))], m.task)
     collate_s = time.perf_counter() - t0
-    best = min(epochs)
+    on, off = float(np.median(epochs[True])), float(np.median(epochs[False]))
     return {
         "tokens": m.tokens,
         "examples": m.rows,
         "shards": len(m.shards),
         "store_bytes": m.bytes,
         "bytes_per_token": m.bytes / m.tokens,
-        "epoch_seconds": epochs,
-        "tokens_per_s": m.tokens / best,
-        "tokens_per_s_median": m.tokens / float(np.median(epochs)),
-        "decode_tokens_per_s": m.tokens / decode_s,
+        "epoch_seconds": epochs[True],
+        "epoch_seconds_no_value_checks": epochs[False],
+        "tokens_per_s": m.tokens / min(epochs[True]),
+        "tokens_per_s_median": m.tokens / on,
+        "tokens_per_s_median_no_value_checks": m.tokens / off,
+        "value_checks_throughput_ratio": off / on,  # (tokens/s on) / (tokens/s off), medians
+        "decode_tokens_per_s": m.tokens / float(np.median(decode[True])),
+        "decode_tokens_per_s_no_value_checks": m.tokens / float(np.median(decode[False])),
         "collate_tokens_per_s": m.tokens / collate_s,
     }
 
@@ -135,7 +153,7 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=256, help="examples per shard (pipeline label's default)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-shards", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs; the best and the median are reported")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per variant (value checks on, off)")
     p.add_argument("--backends", nargs="+", default=["zarr", "arrow"], choices=["zarr", "arrow"])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loader.json")
     args = p.parse_args()
@@ -152,11 +170,16 @@ def main() -> None:
             write_store(path, backend, args)
             results[backend] = time_backend(path, args)
 
-    print(f"{'backend':8} {'tokens/s':>12} {'median':>12} {'decode/s':>12} {'collate/s':>12} {'bytes/token':>11}")
+    print(
+        f"{'backend':8} {'tokens/s':>12} {'median':>12} {'median, no checks':>18} {'ratio':>6} "
+        f"{'decode/s':>12} {'no checks':>12} {'collate/s':>12} {'bytes/token':>11}"
+    )
     for backend, r in results.items():
         print(
             f"{backend:8} {r['tokens_per_s']:12,.0f} {r['tokens_per_s_median']:12,.0f} "
-            f"{r['decode_tokens_per_s']:12,.0f} {r['collate_tokens_per_s']:12,.0f} {r['bytes_per_token']:11.1f}"
+            f"{r['tokens_per_s_median_no_value_checks']:18,.0f} {r['value_checks_throughput_ratio']:6.3f} "
+            f"{r['decode_tokens_per_s']:12,.0f} {r['decode_tokens_per_s_no_value_checks']:12,.0f} "
+            f"{r['collate_tokens_per_s']:12,.0f} {r['bytes_per_token']:11.1f}"
         )
     report = {
         "benchmark": "loader",

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from .errors import CorruptShardError
 from .manifest import TargetSpec
+from .values import check_values
 
 __all__ = ["ShardBuilder", "ShardData", "example_key"]
 
@@ -183,49 +184,46 @@ class ShardData:
                 raise bad(f"column '{name}' is {arr.dtype}{tuple(arr.shape)}, expected {dtype}{shape}")
         for name, total in (("token_offsets", T), ("position_offsets", P)):
             off = getattr(self, name)
-            if off[0] != 0 or off[-1] != total or np.any(np.diff(off) < 0):
-                raise bad(f"'{name}' is not a non-decreasing run from 0 to {total}")
+            falls = np.diff(off) < 0
+            if off[0] != 0 or off[-1] != total or np.any(falls):
+                r = int(np.argmax(falls))
+                found = (
+                    f"falls from {int(off[r])} to {int(off[r + 1])} at example {r}"
+                    if falls.any()
+                    else (f"runs from {int(off[0])} to {int(off[-1])}")
+                )
+                raise bad(f"'{name}' {found}; expected a non-decreasing run from 0 to {total}")
         per_row = np.diff(self.position_offsets)
         if task == "seq-cls" and np.any(per_row != 1):
-            raise bad("a per-example store must have exactly one position per row")
-        if task == "causal-lm" and np.any(per_row != np.maximum(np.diff(self.token_offsets) - 1, 0)):
-            raise bad("a causal-lm example of L tokens must have L - 1 positions")
-        if T and int(self.input_ids.max()) >= vocab_size:
-            raise bad(f"an input id is >= vocab_size {vocab_size}")
-        if self.target_ids.size and int(self.target_ids.max()) >= targets.num_classes:
-            raise bad(f"a target id is >= num_classes {targets.num_classes}")
-        if targets.sampled:
-            self._validate_sampled(targets, bad)
+            r = int(np.argmax(per_row != 1))
+            raise bad(f"example {r} has {int(per_row[r])} positions; a per-example store must have exactly one per row")
+        if task == "causal-lm":
+            want = np.maximum(np.diff(self.token_offsets) - 1, 0)
+            if np.any(per_row != want):
+                r = int(np.argmax(per_row != want))
+                raise bad(
+                    f"example {r} has {int(want[r]) + 1} tokens and {int(per_row[r])} positions; a causal-lm example "
+                    "of L tokens must have L - 1 positions"
+                )
         if task == "seq-cls" and self.labels is not None and R:
             lab = self.labels
-            if int(lab.min()) < -1 or int(lab.max()) >= targets.num_classes:
-                raise bad(f"a label is outside [-1, {targets.num_classes})")
+            wrong = (lab < -1) | (lab >= targets.num_classes)
+            if np.any(wrong):
+                r = int(np.argmax(wrong))
+                raise bad(f"example {r}: label {int(lab[r])}; expected a label in [-1, {targets.num_classes})")
         if task == "masked-lm" and P:
             assert self.positions is not None
             lengths = np.repeat(np.diff(self.token_offsets), per_row)
-            if np.any(self.positions < 0) or np.any(self.positions >= lengths):
-                raise bad("a masked position is outside its example")
-
-    def _validate_sampled(self, targets: TargetSpec, bad: Any) -> None:
-        """Ragged sampled targets: offsets run 0..U, every position holds 1..k ids, strictly ascending (so
-        unique), each drawn at least once, and its counts sum to num_samples; no tail."""
-        assert self.target_offsets is not None and self.target_counts is not None
-        off, counts, ids = self.target_offsets, self.target_counts, self.target_ids
-        U, P = int(counts.shape[0]), self.num_positions
-        n = np.diff(off)
-        if off[0] != 0 or off[-1] != U or np.any(n < 1) or np.any(n > targets.k):
-            raise bad(f"'target_offsets' must rise from 0 to {U} by 1..k={targets.k} ids per position")
-        if U and int(counts.min()) < 1:
-            raise bad("a sampled id has a count of 0")
-        if P and np.any(np.add.reduceat(counts.astype(np.int64), off[:-1]) != targets.num_samples):
-            raise bad(f"the counts of a position do not sum to num_samples={targets.num_samples}")
-        rises = np.diff(ids.astype(np.int64)) > 0  # (U - 1,): within a position ids must strictly rise
-        first = np.zeros(U, dtype=bool)
-        first[off[:-1]] = True
-        if not np.all(rises | first[1:]):
-            raise bad("the ids of a position are not unique and ascending")
-        if P and np.any(self.tail_mass != 0):
-            raise bad("a sampled store's tail_mass must be 0 (every draw is stored)")
+            wrong = (self.positions < 0) | (self.positions >= lengths)
+            if np.any(wrong):
+                p = int(np.argmax(wrong))
+                r = int(np.searchsorted(self.position_offsets, p, side="right")) - 1
+                raise bad(
+                    f"example {r}, position {p - int(self.position_offsets[r])}: masked position "
+                    f"{int(self.positions[p])} is outside its example of {int(lengths[p])} tokens"
+                )
+        # ids, log-probs, tail and sampled counts: data/values.py
+        check_values(self, task, targets, vocab_size, where)
 
 
 class ShardBuilder:

@@ -1,7 +1,8 @@
 """``pipeline verify``: recompute every checksum and count of a store and name each bad shard.
 
 Catches a flipped byte (checksum), a truncated or missing file (size), a missing shard, a shard directory
-that the manifest does not list, content whose counts or shapes disagree with the manifest, and a manifest
+that the manifest does not list, content whose counts or shapes disagree with the manifest, insane values
+(data/values.py: NaN or positive log-probs, a wrong tail, repeated ids, bad sampled counts), and a manifest
 whose paths leave the store (rejected when the manifest is parsed, before any file is opened).
 """
 

@@ -462,10 +462,27 @@ def _batch_stream(make_dataset: Any, cfg: TrainConfig, world: int, position: dic
     epoch, seen = position["epoch"], position["samples_seen"]
     while True:
         loader = torch.utils.data.DataLoader(make_dataset(epoch, seen), batch_size=None, num_workers=cfg.workers)
-        for batch in loader:
-            seen += cfg.batch_size * world
-            yield batch, {"epoch": epoch, "samples_seen": seen}
+        try:
+            for batch in loader:
+                seen += cfg.batch_size * world
+                yield batch, {"epoch": epoch, "samples_seen": seen}
+        except data.StoreError as e:
+            raise _unwrapped(e) from None
         epoch, seen = epoch + 1, 0
+
+
+def _unwrapped(e: data.StoreError) -> data.StoreError:
+    """A store error raised in a DataLoader worker, as its one-line message (a bad shard stays one CLI line).
+
+    torch re-raises a worker's exception as the same type whose message is "Caught X in DataLoader worker
+    process N." plus the worker's whole traceback; its last line is "module.X: <the original message>".
+    """
+    text = str(e)
+    if "\n" not in text:
+        return e
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return type(e)(last.removeprefix(prefix))
 
 
 # ---------------------------------------------------------------------------------------------------- loss

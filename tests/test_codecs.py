@@ -310,7 +310,7 @@ def test_the_writer_resolves_auto_and_resumes_an_old_store_in_its_own_encoding(t
     plain = dataclasses.replace(m, targets=dataclasses.replace(m.targets, encoding="plain"))
     with StoreWriter(tmp_path / "s", plain) as w:
         b = ShardBuilder("causal-lm", plain.targets)
-        b.add([1, 2, 3], [[1, 2, 3, 4]] * 2, [[-0.5, -1.0, -2.0, -3.0]] * 2, [0.1, 0.1])
+        b.add([1, 2, 3], [[1, 2, 3, 4]] * 2, [[-1.0, -1.5, -2.0, -3.0]] * 2, [0.2239] * 2)  # kept 0.7761
         w.write_shard(0, b.build())
     raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
     del raw["targets"]["encoding"]
@@ -318,10 +318,10 @@ def test_the_writer_resolves_auto_and_resumes_an_old_store_in_its_own_encoding(t
     with StoreWriter(tmp_path / "s", m) as w:  # the template says "auto"
         assert w.manifest.targets.encoding == "plain" and w.committed_units == {0}
         b = ShardBuilder("causal-lm", m.targets)
-        b.add([4, 5], [[1, 2, 3, 4]], [[-0.25, -1.0, -2.0, -3.0]], [0.1])
+        b.add([4, 5], [[1, 2, 3, 4]], [[-1.25, -1.5, -2.0, -3.0]], [0.3053])  # kept 0.6947
         w.write_shard(1, b.build())
         w.finish()
     store = open_store(tmp_path / "s")
-    assert store[1]["target_logprobs"].tolist() == [[-0.25, -1.0, -2.0, -3.0]]
+    assert store[1]["target_logprobs"].tolist() == [[-1.25, -1.5, -2.0, -3.0]]
     with pytest.raises(StoreExistsError, match=r"targets\.encoding"):
         StoreWriter(tmp_path / "s", dataclasses.replace(m, targets=dataclasses.replace(m.targets, encoding="delta")))

@@ -82,7 +82,9 @@ def test_large_vocab_ids_survive(tmp_path: Path, backend: str) -> None:
     m = data.Manifest(backend=backend, task="causal-lm", targets=spec, vocab_size=300_000)
     with StoreWriter(tmp_path / "s", m) as w:
         b = ShardBuilder("causal-lm", spec)
-        b.add([299_999, 131_073, 5], [[299_998, 131_072], [7, 200_000]], [[-0.1, -3.0]] * 2, [0.1, 0.2])
+        b.add(
+            [299_999, 131_073, 5], [[299_998, 131_072], [7, 200_000]], [[-0.1, -3.0]] * 2, [0.0454] * 2
+        )  # kept 0.9546
         w.write_shard(0, b.build())
         w.finish()
     ex = open_store(tmp_path / "s")[0]
@@ -388,7 +390,7 @@ def test_crashed_staging_is_not_visible_and_is_replaced(tmp_path: Path, backend:
     m = make_manifest(backend)
     with StoreWriter(tmp_path / "s", m) as w:
         b = ShardBuilder("causal-lm", m.targets)
-        b.add([1, 2, 3], [[1, 2, 3, 4]] * 2, [[-1.0] * 4] * 2, [0.5, 0.5])
+        b.add([1, 2, 3], [[1, 2, 3, 4]] * 2, [[-2.0] * 4] * 2, [1 - 4 * np.exp(-2.0)] * 2)
         w.write_shard(1, b.build())
     before = (tmp_path / "s" / "manifest.json").read_bytes()
     raw = json.loads(before)
@@ -399,7 +401,7 @@ def test_crashed_staging_is_not_visible_and_is_replaced(tmp_path: Path, backend:
     with StoreWriter(tmp_path / "s", m) as w:
         assert w.committed_units == {0}
         b = ShardBuilder("causal-lm", m.targets)
-        b.add([4, 5], [[1, 2, 3, 4]], [[-1.0] * 4], [0.5])
+        b.add([4, 5], [[1, 2, 3, 4]], [[-2.0] * 4], [1 - 4 * np.exp(-2.0)])
         w.write_shard(1, b.build())
         w.finish()
     assert verify_store(tmp_path / "s").ok
