@@ -83,7 +83,7 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
             "p95": float(np.percentile(x, 95)),
         }
 
-    unit = "token" if m.granularity == "token" else "example"
+    unit = "position" if m.granularity == "token" else "example"  # what carries one distribution
     sampled: dict[str, Any] | None = None
     if m.targets.sampled:
         sampled = {

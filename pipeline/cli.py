@@ -101,7 +101,7 @@ def inspect(store: str, as_json: bool, max_shards: int | None) -> None:
 
 def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
     t = s["targets"]
-    unit = "token" if s["granularity"] == "token" else "example"
+    unit = "position" if s["granularity"] == "token" else "example"  # what carries one distribution
 
     def fmt(x: float | None, spec: str = ".3f") -> str:
         return "n/a" if x is None else format(x, spec)
@@ -111,7 +111,7 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
         f"store        {s['store']}  (format v{s['format_version']}, {s['backend']}, "
         f"{'complete' if s['complete'] else 'INCOMPLETE'})"
     )
-    echo(f"task         {s['task']} ({unit}-level)")
+    echo(f"task         {s['task']} ({s['granularity']}-level)")
     echo(
         f"teacher      {teacher.get('name_or_path', '?')}  {teacher.get('gguf_file') or ''}  "
         f"weights {str(teacher.get('weights_digest', '?'))[:16]}  dtype {teacher.get('dtype', '?')}"
@@ -134,7 +134,10 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
         f"counts       {s['shards']} shards, {s['rows']:,} examples, {s['tokens']:,} tokens, "
         f"{s['positions']:,} positions"
     )
-    echo(f"size         {s['bytes']:,} bytes = {fmt(s[f'bytes_per_{unit}'], '.1f')} bytes/{unit}")
+    echo(
+        f"size         {s['bytes']:,} bytes = {fmt(s['bytes_per_input_token'], '.1f')} bytes/token "
+        f"({fmt(s[f'bytes_per_{unit}'], '.1f')} bytes/{unit})"
+    )
     columns = s.get(f"column_bytes_per_{unit}")
     if columns:
         echo("columns      " + "  ".join(f"{name} {size:.1f}" for name, size in columns.items()) + f"  (bytes/{unit})")

@@ -131,7 +131,7 @@ def run_demo(cfg: DemoConfig, say: Any = None) -> dict[str, float]:
     say("[3/3] held-out perplexity (same held-out shards, next-token cross-entropy at T=1):")
     say(f"      teacher SmolLM2-135M-Instruct (135M params)  {report['teacher_perplexity']:10.2f}")
     say(f"      distilled student (15.7M params, {cfg.steps} steps) {report['student_perplexity']:10.2f}")
-    say(f"      store: {manifest.bytes / max(1, manifest.positions):.1f} bytes/token; run: {run_dir}")
+    say(f"      store: {manifest.bytes / max(1, manifest.tokens):.1f} bytes/token; run: {run_dir}")
     (work / "demo_result.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 

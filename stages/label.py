@@ -287,7 +287,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         resumed_units=len(done),
         labelled_units=len(todo),
     )
-    per = "token" if cfg.task != "seq-cls" else "example"
+    per = "position" if cfg.task != "seq-cls" else "example"
     new_tokens = sum(len(x.input_ids) for u in todo for x in units[u])
     rate = new_tokens / max(seconds, 1e-9)
     entries = sum(s.entries or 0 for s in manifest.shards)
@@ -299,7 +299,8 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     say(
         f"labelled {len(todo)} shards ({new_tokens:,} tokens) in {seconds:.1f}s = {rate:,.0f} tokens/s; "
         f"store {manifest.rows:,} examples, {manifest.positions:,} positions, {manifest.bytes:,} bytes = "
-        f"{manifest.bytes / max(1, manifest.positions):.1f} bytes/{per}; "
+        f"{manifest.bytes / max(1, manifest.tokens):.1f} bytes/token "
+        f"({manifest.bytes / max(1, manifest.positions):.1f} bytes/{per}); "
         f"mean kept mass {kept:.3f} ({what}, T={cfg.temperature})"
     )
     return result

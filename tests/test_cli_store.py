@@ -40,7 +40,12 @@ def test_inspect_text_and_json(tmp_path: Path, backend: str) -> None:
     summary = json.loads(result.stdout)
     positions = sum(len(ex["tail_mass"]) for ex in written)
     assert summary["positions"] == positions and summary["rows"] == 15
-    assert summary["bytes_per_token"] == summary["bytes"] / positions
+    assert summary["bytes_per_position"] == summary["bytes"] / positions
+    tokens = sum(len(ex["input_ids"]) for ex in written)
+    assert summary["tokens"] == tokens and summary["bytes_per_input_token"] == summary["bytes"] / tokens
+    per_token, per_position = summary["bytes"] / tokens, summary["bytes"] / positions
+    text = runner.invoke(cli, ["inspect", str(tmp_path / "s")]).output
+    assert f"= {per_token:.1f} bytes/token ({per_position:.1f} bytes/position)" in text
     expected_mean = sum(float((1 - ex["tail_mass"].astype("float32")).sum()) for ex in written) / positions
     assert abs(summary["kept_mass"]["mean"] - expected_mean) < 1e-5
     kept = np.concatenate([1 - ex["tail_mass"].astype("float32").astype("float64") for ex in written])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -64,19 +65,13 @@ def test_import_beside_a_user_data_package(user_repo: Path, tmp_path: Path) -> N
 def test_no_top_level_modules_in_the_wheel(tmp_path: Path, user_repo: Path) -> None:
     """A built wheel holds only ``kd_pipeline/...`` (the linked folders copied in), and runs from a user's
     repository without this checkout on the path."""
+    # build from a copy: setuptools writes build/ and *.egg-info beside the sources, which stay untouched
+    src = tmp_path / "src"
+    junk = shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__", "runs", "bench", ".*cache")
+    shutil.copytree(REPO, src, symlinks=True, ignore=junk)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
     build = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
+        [*pip_wheel, str(src)],
         tmp_path,
     )
     assert build.returncode == 0, build.stderr

@@ -424,5 +424,7 @@ def test_cli_train_refuses_a_bad_sampled_store_in_one_line(tmp_path: Path) -> No
     m = sampled_manifest("arrow", n=20)
     _store_with_bad_shard(tmp_path / "s", m, _bad(m, SAMPLED_CASES[1][1]))
     args = ["train", "--store", str(tmp_path / "s"), "--student", str(_student(tmp_path / "student")), "--steps", "3"]
-    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "run"), "--no-verify", "--loss", "forward-kl"])
+    result = CliRunner().invoke(
+        cli, [*args, "--out", str(tmp_path / "run"), "--no-verify", "--loss", "forward-kl", "--eval-fraction", "0"]
+    )
     _one_error_line(result, _in("shard-000001", rf"{AT}: the counts of a position do not sum"), alone=False)
