@@ -275,7 +275,7 @@ def profile(label: Any, teacher: Any, units: list[Any], cfg: Any, pad_id: int, d
     the top operators of one _topk_chunked call (torch.profiler), by self time."""
     from kd_pipeline.stages.models import OutputHead
 
-    head = OutputHead(teacher, "causal-lm")
+    head = OutputHead(teacher, "causal-lm", cfg.head_dtype)  # as the shipped path builds it
     timers = Timers(device)
     timers.wrap(OutputHead, "hidden_or_logits", "backbone")
     timers.wrap(OutputHead, "logits", "head")
@@ -318,7 +318,7 @@ def accuracy(label: Any, teacher: Any, unit: list[Any], cfg: Any, pad_id: int, d
     outputs against shipped's."""
     from kd_pipeline.stages.models import OutputHead
 
-    head = OutputHead(teacher, "causal-lm")
+    head = OutputHead(teacher, "causal-lm", cfg.head_dtype)  # as the shipped path builds it
     ids, mask = padded([ex.input_ids for ex in unit[: cfg.batch_size]], pad_id)
     k, T = cfg.top_k, cfg.temperature
     with torch.inference_mode():

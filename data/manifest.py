@@ -295,7 +295,9 @@ class Manifest:
         task: "causal-lm", "masked-lm" or "seq-cls".
         targets: what the stored distributions are.
         vocab_size: input ids are below this (the tokenizer's size including padded embedding rows).
-        teacher: provenance: name_or_path, revision, weights_digest, dtype, gguf_file.
+        teacher: provenance: name_or_path, revision, weights_digest, dtype, logit_dtype (the precision of the
+            output head's matmul; absent in stores from before it was recorded, whose logits were in ``dtype``),
+            gguf_file.
         tokenizer: provenance: digest, vocab_size, pad/eos ids.
         dataset: provenance: source, fingerprint, fields, max_length, packing.
         config: the resolved labeling configuration.
@@ -358,13 +360,16 @@ class Manifest:
         """The fields that must match for a run to resume into (or merge with) this store.
 
         An "auto" encoding counts as the backend's default, so a template compares equal to the store it made.
+        A teacher without ``logit_dtype`` (stores from before it was recorded) computed its logits in its
+        ``dtype``, so it counts as that: such a store resumes and merges with runs that do the same.
         """
+        teacher = {**self.teacher, "logit_dtype": self.teacher.get("logit_dtype", self.teacher.get("dtype"))}
         return {
             "backend": self.backend,
             "task": self.task,
             "targets": self.targets.resolved(self.backend).to_dict(),
             "vocab_size": self.vocab_size,
-            "teacher": self.teacher,
+            "teacher": teacher,
             "tokenizer": self.tokenizer,
             "dataset": self.dataset,
             "config": self.config,

@@ -114,7 +114,8 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
     echo(f"task         {s['task']} ({s['granularity']}-level)")
     echo(
         f"teacher      {teacher.get('name_or_path', '?')}  {teacher.get('gguf_file') or ''}  "
-        f"weights {str(teacher.get('weights_digest', '?'))[:16]}  dtype {teacher.get('dtype', '?')}"
+        f"weights {str(teacher.get('weights_digest', '?'))[:16]}  dtype {teacher.get('dtype', '?')}  "
+        f"logits {teacher.get('logit_dtype', teacher.get('dtype', '?'))}"
     )
     echo(f"tokenizer    digest {str(s['tokenizer'].get('digest', '?'))[:16]}  vocab {s['vocab_size']}")
     sampled = s.get("sampled")
@@ -214,6 +215,7 @@ def export(store: str, out: str, to: str | None, compression: str, overwrite: bo
 def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
     from ..data.manifest import METHODS, TASKS, VALUE_DTYPES
     from ..stages.label import LabelConfig
+    from ..stages.soft_targets import HEAD_DTYPES
     from .config import config_options
 
     choices = {
@@ -221,6 +223,7 @@ def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "method": METHODS,
         "format": ("zarr", "arrow"),
         "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "head_dtype": HEAD_DTYPES,
         "value_dtype": VALUE_DTYPES,
     }
     return config_options(LabelConfig, choices, config_file=True)(f)

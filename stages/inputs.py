@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_CORPUS", "DataError", "Example", "default_corpus", "load_records", "prepare_examples"]
+__all__ = ["DEFAULT_CORPUS", "DataError", "Example", "default_corpus", "load_records", "prepare_examples", "row_labels"]
 
 _SUFFIXES = {
     ".jsonl": "jsonl",
@@ -214,6 +214,18 @@ def _mask(examples: list[Example], tokenizer: Any, probability: float, seed: int
 
 
 DEFAULT_CORPUS = "pydoc_data.topics (the Python documentation's topics, shipped with Python)"
+
+
+def row_labels(examples: list[Example], batch: list[int], task: str) -> np.ndarray:
+    """(N,) int64 hard labels of the rows a batch of ``examples`` stores, in row order (-1 where there is none):
+    the next tokens (causal-lm), the masked tokens (masked-lm), or one class per example (seq-cls)."""
+    if task == "causal-lm":
+        parts = [examples[i].input_ids[1:] for i in batch]
+    elif task == "masked-lm":
+        parts = [np.asarray(examples[i].mlm_labels) for i in batch]
+    else:
+        parts = [np.array([-1 if examples[i].label is None else examples[i].label]) for i in batch]
+    return np.concatenate(parts).astype(np.int64)
 
 
 def default_corpus(say: Any) -> Path:

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import data
-from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus
+from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus, row_labels
 from .scale_out import already_merged, job_lock, merge_ranks, with_part
+from .soft_targets import HEAD_DTYPES
 from .soft_targets import sample_chunked as _sample_chunked
 from .soft_targets import topk_chunked as _topk_chunked
 
@@ -98,6 +99,11 @@ class LabelConfig:
     """auto (CUDA if available), cpu, cuda, cuda:N."""
     dtype: str = "auto"
     """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
+    head_dtype: str = "auto"
+    """Precision of the output head's matmul. auto: float32 for a bf16/fp16 teacher (bf16 logits above 16 are
+    0.125 apart), through a float32 copy of the head weight (V x H x 4 bytes: 4 GB for 128k x 8k); no change for
+    a float32 teacher or one without a separate linear head (masked-lm, seq-cls). float32: the same, but refused
+    for such a head. model: the teacher's dtype (no copy; logits rounded to it)."""
     value_dtype: str = "float16"
     """Stored log-prob dtype: float16 (default; ~16x finer than bfloat16), float32 (exact), or q8 (lossy 8-bit,
     ~20% smaller; the KL it introduces is measured and shown by `pipeline inspect`)."""
@@ -151,6 +157,8 @@ class LabelConfig:
             problems.append(f"--batch-tokens must be >= 0, got {self.batch_tokens}")
         if self.format not in ("zarr", "arrow"):
             problems.append(f"--format {self.format!r} is not one of zarr, arrow")
+        if self.head_dtype not in HEAD_DTYPES:
+            problems.append(f"--head-dtype {self.head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
         if self.value_dtype not in data.manifest.VALUE_DTYPES:
             problems.append(f"--value-dtype {self.value_dtype!r} is not one of {', '.join(data.manifest.VALUE_DTYPES)}")
         if self.shard_size < 1 or self.chunk_positions < 1:
@@ -169,12 +177,15 @@ class LabelConfig:
     def content_dict(self) -> dict[str, Any]:
         """The resolved configuration that determines the store's content (saved in its manifest).
 
-        A top-k run leaves out ``method`` and ``samples`` (the manifest's targets say "topk"), so that stores
-        labelled before sampled targets existed still resume and merge.
+        A top-k run leaves out ``method`` and ``samples`` (the manifest's targets say "topk"), and a
+        ``head_dtype="model"`` run leaves that out (the teacher's ``logit_dtype`` records the precision), so that
+        stores labelled before those options existed still resume and merge.
         """
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
         if self.method == "topk":
             del out["method"], out["samples"]
+        if self.head_dtype == "model":
+            del out["head_dtype"]
         return out
 
 
@@ -245,6 +256,8 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     if not examples:
         raise DataError(f"--data {cfg.data} gives no example of at least 2 tokens after tokenisation; nothing to label")
     vocab_rows = max(len(tokenizer), int(teacher.get_input_embeddings().weight.shape[0]))
+    head = OutputHead(teacher, cfg.task, cfg.head_dtype)  # a float32 head copy is made here, once
+    provenance["logit_dtype"] = head.logit_dtype
     # ---- the store: created, or resumed when the configuration matches
     template = _manifest_template(
         provenance, cfg, teacher, tokenizer, width, vocab_rows, fingerprint, str(dtype).removeprefix("torch.")
@@ -261,7 +274,6 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         todo = [u for u in range(len(units)) if u % parts == part and u not in done]
         if done:
             say(f"resuming {target}: {len(done)} of {len(units)} shards already committed")
-        head = OutputHead(teacher, cfg.task)
         progress = _progress(
             cfg, sum(len(units[u]) for u in todo), sum(len(x.input_ids) for u in todo for x in units[u])
         )
@@ -458,7 +470,7 @@ def _label_unit(
                 select = []
             # (N, H|V) for per-token tasks, (B, C) for classification
             rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
-            labels = _labels(unit, batch, cfg)
+            labels = torch.from_numpy(row_labels(unit, batch, cfg.task))
             if cfg.method == "sample":
                 seed = [cfg.seed, index, b]
                 top = _sample_chunked(rows, head, cfg.samples, cfg.temperature, cfg.chunk_positions, labels, seed)
@@ -499,19 +511,6 @@ def _label_unit(
             "count": count,
         }
         return _RowsToShard(rows_out), stats
-
-
-def _labels(unit: list[Example], batch: list[int], cfg: LabelConfig) -> torch.Tensor | None:
-    """(N,) hard labels of the batch's stored rows, in row order (-1 where an example has none)."""
-    import torch
-
-    if cfg.task == "causal-lm":
-        parts = [unit[i].input_ids[1:] for i in batch]
-    elif cfg.task == "masked-lm":
-        parts = [np.asarray(unit[i].mlm_labels) for i in batch]
-    else:
-        parts = [np.array([-1 if unit[i].label is None else unit[i].label]) for i in batch]
-    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
 
 class _RowsToShard:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import data
+from .soft_targets import HEAD_DTYPES
 
 __all__ = [
     "AUTO_CLASSES",
@@ -164,17 +165,46 @@ class OutputHead:
     separable linear head
     (masked-lm heads with transforms, classifiers) run their full forward; their logits are small or only a
     few positions are read.
+
+    ``head_dtype`` is the precision of the head's matmul (one of :data:`HEAD_DTYPES`). "model" runs it in the
+    model's own dtype and upcasts the result: for a bf16 teacher the logits are rounded to bf16 first (8
+    significant bits: 0.125 apart between 16 and 32, 8x the float16 spacing there, 0.0156). "float32" and
+    "auto" keep a float32 copy of the head weight (made once, here: V x H x 4 bytes, 4 GB for 128k x 8k) and
+    upcast the hidden rows before the matmul, so the logits are exact to float32 given the hidden states. A
+    float32 model has nothing to upcast: no copy, the same computation as "model". A model whose head is not
+    split off gives its logits from its own forward, in its own dtype: "auto" leaves it so (``logit_dtype`` says
+    which precision resulted), and "float32" is refused for such a model unless it is float32 already.
+    Training uses "model": the student's head must stay its own parameter.
     """
 
-    def __init__(self, model: Any, task: str) -> None:
+    def __init__(self, model: Any, task: str, head_dtype: str = "model") -> None:
+        if head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"head_dtype {head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
         self.model = model
-        head = model.get_output_embeddings() if task == "causal-lm" else None
+        head: Any = model.get_output_embeddings() if task == "causal-lm" else None
         backbone = getattr(model, "base_model", None) if head is not None else None
         self.split = isinstance(head, torch.nn.Linear) and backbone is not None and backbone is not model
         self.head: Any = head
         self.backbone: Any = backbone
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.scale = getattr(model.config, "logit_scale", None)
+        # the float32 copy of the head's weight and bias; None: the head runs as it is
+        self.weight32: torch.Tensor | None = None
+        self.bias32: torch.Tensor | None = None
+        own = head.weight.dtype if self.split else next(model.parameters()).dtype
+        if head_dtype != "model" and own != torch.float32:
+            if self.split:
+                # detached: labeling needs no gradient, and the copy is made once, not per chunk
+                self.weight32 = head.weight.detach().float()
+                self.bias32 = head.bias.detach().float() if head.bias is not None else None
+            elif head_dtype == "float32":
+                raise ModelLoadError(
+                    f"--head-dtype float32 needs a causal-lm teacher with a separate linear output head; "
+                    f"{type(model).__name__} ({task}) computes its logits in its own forward, in "
+                    f"{_dtype_name(own)}: use --dtype float32, or --head-dtype auto / model"
+                )
+        self.logit_dtype = "float32" if self.weight32 is not None else _dtype_name(own)
+        """The precision the logits are computed in: "float32", or the model's dtype (a manifest records it)."""
 
     def hidden_or_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, H) hidden states when the head is split off, else (B, L, V) / (B, C) logits."""
@@ -185,15 +215,22 @@ class OutputHead:
         return logits
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """(N, H) hidden or (N, V) logits -> (N, V) float32 logits."""
+        """(N, H) hidden or (N, V) logits -> (N, V) float32 logits (scale and softcap applied in float32)."""
         if not self.split:
             return rows.float()
-        z: torch.Tensor = self.head(rows).float()
+        if self.weight32 is not None:
+            z = torch.nn.functional.linear(rows.float(), self.weight32, self.bias32)
+        else:
+            z = self.head(rows).float()
         if self.scale:
             z = z * float(self.scale)
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------------------- students

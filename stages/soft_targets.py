@@ -18,7 +18,12 @@ if TYPE_CHECKING:
 
     from .models import OutputHead
 
-__all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "sample_chunked", "topk_chunked", "topk_rows"]
+__all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "HEAD_DTYPES", "sample_chunked", "topk_chunked", "topk_rows"]
+
+# Precision of the output head's matmul (``stages.models.OutputHead``): "auto" = float32 where the head is a
+# separable linear layer of a non-float32 teacher, "float32" = that or refuse, "model" = the teacher's own dtype
+# (the result upcast). Here, without torch, so that the CLI can list the choices.
+HEAD_DTYPES = ("auto", "float32", "model")
 
 # The teacher's exact entropy is a statistic for `inspect`, not a target: measure it on every 16th row only.
 ENTROPY_EVERY = 16
