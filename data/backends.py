@@ -56,14 +56,14 @@ class Column(NamedTuple):
     dtype: str
     required: bool = True
     why: str = ""
-    ragged: bool = False  # a sampled store's (U,) column: in arrow, a list per example of a list per position
+    ragged: bool = False  # a sampled or hybrid store's (U,) column: in arrow, a list per example of a list per position
 
 
 def stored_columns(
     task: str, targets: TargetSpec, rows: int, tokens: int, positions: int, entries: int | None = None
 ) -> dict[str, Column]:
     """The columns a shard of these manifest counts holds on disk (R rows, T tokens, P positions, K kept ids;
-    U ``entries`` (position, unique id) for a sampled store)."""
+    U ``entries`` (position, unique id) for a sampled store, (position, unique tail id) for a hybrid one)."""
     R, T, P, K, ids = rows, tokens, positions, targets.k, targets.id_dtype
     cols = {
         "input_ids": Column((T,), ids),
@@ -90,6 +90,12 @@ def stored_columns(
         cols["target_ids"] = Column((entries,), ids, ragged=True)
         cols["target_counts"] = Column((entries,), targets.count_dtype, ragged=True)
         cols["target_offsets"] = Column((P + 1,), "int64")
+    if targets.hybrid:
+        if entries is None:
+            raise ManifestError("manifest: a shard of a hybrid store must record its 'entries'")
+        cols["tail_ids"] = Column((entries,), ids, ragged=True)
+        cols["tail_counts"] = Column((entries,), targets.count_dtype, ragged=True)
+        cols["tail_offsets"] = Column((P + 1,), "int64")
     return cols
 
 
@@ -340,6 +346,10 @@ def _write_arrow(path: Path, data: ShardData, attrs: dict[str, Any], compression
         assert data.target_logprobs is not None
         cols["target_ids"] = nested(data.target_ids, po)
         cols["target_logprobs"] = nested(data.target_logprobs, po)
+    if data.tail_offsets is not None and data.tail_ids is not None and data.tail_counts is not None:
+        # hybrid: the tail's draws nest as a sampled store's targets do (example -> position -> unique ids)
+        for name, values in (("tail_ids", data.tail_ids), ("tail_counts", data.tail_counts)):
+            cols[name] = pa.LargeListArray.from_arrays(pa.array(po, pa.int64()), nested(values, data.tail_offsets))
     if data.positions is not None:
         cols["positions"] = nested(data.positions, po)
     if data.labels is not None:
@@ -399,6 +409,7 @@ def _read_arrow(path: Path, expected: dict[str, Column] | None) -> ShardData:
         table = reader.read_all().combine_chunks()
     names = set(table.column_names)
     known = {"key", "input_ids", "target_ids", "target_logprobs", "target_counts", "tail_mass", "positions", "label"}
+    known |= {"tail_ids", "tail_counts"}
     if names - known:
         raise CorruptShardError(f"{path.name}: unexpected columns {sorted(names - known)}")
     nulls = [n for n in table.column_names if table.column(n).null_count]
@@ -435,6 +446,13 @@ def _read_arrow(path: Path, expected: dict[str, Column] | None) -> ShardData:
             raise CorruptShardError(f"{path.name}: 'target_counts' and 'target_ids' are not laid out alike")
     else:
         target_ids, position_offsets = flat("target_ids")
+    tail_ids = tail_counts = tail_offsets = None
+    if "tail_counts" in names or "tail_ids" in names:
+        tail_ids, tail_offsets, ids_rows = ragged("tail_ids")
+        tail_counts, counts_offsets, counts_rows = ragged("tail_counts")
+        laid_out = np.array_equal(counts_offsets, tail_offsets) and np.array_equal(counts_rows, ids_rows)
+        if not (laid_out and np.array_equal(ids_rows, position_offsets)):
+            raise CorruptShardError(f"{path.name}: 'tail_ids', 'tail_counts' and 'target_ids' are not laid out alike")
     keys = np.frombuffer(column("key").buffers()[1], dtype=np.uint8)[column("key").offset * 16 :][: table.num_rows * 16]
     cols: dict[str, NDArray | None] = {
         "input_ids": input_ids,
@@ -444,6 +462,9 @@ def _read_arrow(path: Path, expected: dict[str, Column] | None) -> ShardData:
         "target_logprobs": flat("target_logprobs")[0] if "target_logprobs" in names else None,
         "target_counts": target_counts,
         "target_offsets": target_offsets,
+        "tail_ids": tail_ids,
+        "tail_counts": tail_counts,
+        "tail_offsets": tail_offsets,
         "tail_mass": flat("tail_mass")[0],
         "keys": keys.reshape(-1, 16).copy(),
         "positions": flat("positions")[0] if "positions" in names else None,

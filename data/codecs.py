@@ -250,10 +250,11 @@ def zarr_codecs(name: str, arr: NDArray) -> tuple[list[Any], list[Any]]:
 
     * ``target_logprobs`` in a delta/q8 encoding (unsigned ints, (P, K)): ``transpose`` to k-major, so that
       each rank's deltas lie together, then blosc(zstd 7, byte shuffle).
-    * ids (``input_ids``, ``target_ids``, masked-lm ``labels``): zstd 17 without shuffle: a BPE id's high
-      byte depends on its low byte, which shuffling splits apart.
+    * ids (``input_ids``, ``target_ids``, a hybrid store's ``tail_ids``, masked-lm ``labels``): zstd 17 without
+      shuffle: a BPE id's high byte depends on its low byte, which shuffling splits apart.
     * other floats (``tail_mass``, plain log-probs): blosc(zstd 7, byte shuffle): sign and exponent bytes repeat.
-    * ``keys`` (random bytes): blosc(zstd 1), no shuffle; offsets and positions: blosc(zstd 5, byte shuffle).
+    * ``keys`` (random bytes): blosc(zstd 1), no shuffle; offsets, positions and counts (``target_counts``,
+      ``tail_counts``): blosc(zstd 5, byte shuffle).
     """
     from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
@@ -264,7 +265,7 @@ def zarr_codecs(name: str, arr: NDArray) -> tuple[list[Any], list[Any]]:
         return [TransposeCodec(order=(1, 0))], [
             BloscCodec(cname="zstd", clevel=_VALUE_BLOSC_LEVEL, shuffle="shuffle", typesize=size)
         ]
-    if name in ("input_ids", "target_ids", "labels") and arr.dtype.kind == "u":
+    if name in ("input_ids", "target_ids", "tail_ids", "labels") and arr.dtype.kind == "u":
         return [], [ZstdCodec(level=_ID_ZSTD_LEVEL)]
     if arr.dtype.kind == "f":
         return [], [BloscCodec(cname="zstd", clevel=_VALUE_BLOSC_LEVEL, shuffle="shuffle", typesize=size)]

@@ -29,7 +29,10 @@ column                  type                                                  me
 Sampled stores (``targets.method == "sample"``) have no ``target_logprobs`` and ``tail_mass``; their
 ``target_ids`` is ``list<list<uint16|uint32>>`` (P lists of that position's unique ids drawn, ascending) and
 ``target_counts`` ``list<list<uint8|uint16>>`` beside it (how often each was drawn; each list sums to
-``targets.num_samples``).
+``targets.num_samples``). Hybrid stores (``targets.method == "hybrid"``) have every top-k column, plus
+``tail_ids`` ``list<list<uint16|uint32>>`` (P lists of the unique ids drawn from that position's tail, ascending)
+and ``tail_counts`` ``list<list<uint8|uint16>>`` (each list sums to ``targets.num_samples``, or is empty where
+``tail_mass`` is 0).
 
 ``target_logprobs`` holds the *decoded* values, exactly what ``data.open_store`` returns: float16 for float16
 stores (Parquet stores float16 as its FLOAT16 logical type, which pyarrow >= 15 writes and reads), float32 for
@@ -142,6 +145,10 @@ def export_schema(manifest: Manifest, source: str = "") -> Any:
         fields.append(pa.field("target_ids", pa.list_(pa.list_(ids, t.k)), nullable=False))
         fields.append(pa.field("target_logprobs", pa.list_(pa.list_(lp, t.k)), nullable=False))
         fields.append(pa.field("tail_mass", pa.list_(pa.float32()), nullable=False))
+    if t.hybrid:  # ragged per position, as a sampled store's targets: the tail's unique ids drawn and their counts
+        counts = pa.from_numpy_dtype(np.dtype(t.count_dtype))
+        fields.append(pa.field("tail_ids", pa.list_(pa.list_(ids)), nullable=False))
+        fields.append(pa.field("tail_counts", pa.list_(pa.list_(counts)), nullable=False))
     if manifest.task == "seq-cls":
         fields.append(pa.field("label", pa.int64(), nullable=False))  # -1: no label
     elif manifest.task == "masked-lm":
@@ -152,7 +159,8 @@ def export_schema(manifest: Manifest, source: str = "") -> Any:
         "targets": f"{t.num_samples} draws per position at T={t.temperature:g}: unique ids drawn, their counts"
         if t.sampled
         else f"decoded log-probabilities in {t.logprob_dtype} (targets.encoding describes the source store's "
-        "files, not this export)",
+        "files, not this export)"
+        + (f"; tail_ids/tail_counts: {t.num_samples} draws from the tail per position" if t.hybrid else ""),
         "label": "causal-lm: not exported; position i's label is input_ids[i + 1]"
         if manifest.task == "causal-lm"
         else "as stored",
@@ -205,6 +213,10 @@ def _batch(data: ShardData, schema: Any) -> Any:
         cols["target_ids"] = rows(data.target_ids, po)
         cols["target_logprobs"] = rows(data.target_logprobs, po)
         cols["tail_mass"] = rows(data.tail_mass, po)
+    if data.tail_offsets is not None and data.tail_ids is not None and data.tail_counts is not None:  # hybrid
+        inner, outer = data.tail_offsets, pa.array(po.astype(np.int32))
+        cols["tail_ids"] = pa.ListArray.from_arrays(outer, rows(data.tail_ids, inner))
+        cols["tail_counts"] = pa.ListArray.from_arrays(outer, rows(data.tail_counts, inner))
     if "positions" in schema.names:
         assert data.positions is not None and data.labels is not None  # checked against the task by the reader
         cols["positions"] = rows(data.positions, po)

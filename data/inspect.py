@@ -58,12 +58,14 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
     m = reader.manifest
     kept: list[np.ndarray[Any, Any]] = []
     entropy: list[np.ndarray[Any, Any]] = []
-    unique: list[np.ndarray[Any, Any]] = []  # sampled stores: unique ids per position
+    unique: list[np.ndarray[Any, Any]] = []  # sampled stores: unique ids per position; hybrid: unique tail ids
     for s in range(min(reader.num_shards, max_shards or reader.num_shards)):
         data = reader.shard(s)
         if data.target_logprobs is not None:
             kept.append(1.0 - data.tail_mass.astype(np.float64))
             entropy.append(_bin_entropy(data.target_logprobs, data.tail_mass))
+            if data.tail_offsets is not None:
+                unique.append(np.diff(data.tail_offsets).astype(np.float64))
         elif data.target_offsets is not None:
             unique.append(np.diff(data.target_offsets).astype(np.float64))
             entropy.append(_sampled_entropy(data))
@@ -91,6 +93,14 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
             "unique_per_position": dist(np.concatenate(unique) if unique else np.zeros(0)),
             # the teacher's probability mass on the ids drawn, as the labeler measured it
             "teacher_mass_on_sampled_ids": m.kept_mass_mean,
+        }
+    hybrid: dict[str, Any] | None = None
+    if m.targets.hybrid:
+        hybrid = {
+            "k": m.targets.k,
+            "num_samples": m.targets.num_samples,
+            # over every position, those with a zero tail (no draws) included
+            "unique_tail_ids_per_position": dist(np.concatenate(unique) if unique else np.zeros(0)),
         }
     return {
         "store": str(reader.location),
@@ -121,6 +131,7 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
             else None
         ),
         "sampled": sampled,
+        "hybrid": hybrid,
         "kept_mass": dist(kept_all),
         "bin_entropy": dist(ent_all),
         "teacher_entropy_mean": (

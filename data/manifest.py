@@ -39,8 +39,11 @@ FORMAT_VERSION = 1
 # task -> granularity of the stored distributions
 TASKS: dict[str, str] = {"causal-lm": "token", "masked-lm": "token", "seq-cls": "example"}
 # "topk": the k most probable ids with their log-probs and the exact tail mass; "sample": the unique ids of
-# num_samples draws (with replacement) from the teacher at T, with their counts (an unbiased estimate of p).
-METHODS = ("topk", "sample")
+# num_samples draws (with replacement) from the teacher at T, with their counts (an unbiased estimate of p);
+# "hybrid": the top-k exactly as "topk", plus the counts of num_samples draws from the teacher restricted to the
+# other ids (the tail's shape, unbiased, beside an exact head). A reader that predates a method refuses its stores
+# by this list ("targets.method='hybrid' is not one of topk, sample"), so the format version stays 1.
+METHODS = ("topk", "sample", "hybrid")
 _MAX_SAMPLES = (1 << 16) - 1  # counts are stored as uint8 (<= 255 samples) or uint16
 # float16 keeps log-probs ~16x more precisely than bfloat16 for the same 2 bytes; float32 is exact; "q8" is the
 # documented lossy option: 8-bit codes on a 1/16-nat grid, decoded to float32 (see data/codecs.py).
@@ -113,9 +116,11 @@ class TargetSpec:
 
     Attributes:
         method: "topk": the k most probable ids per position; "sample": the unique ids of ``num_samples`` ids
-            drawn with replacement from softmax(logits / T) per position, with their counts (ragged per position).
-        k: ids kept per position (topk); for "sample", a bound on the unique ids of any position,
-            min(num_samples, num_classes).
+            drawn with replacement from softmax(logits / T) per position, with their counts (ragged per position);
+            "hybrid": the k most probable ids as for "topk", plus the unique ids and counts of ``num_samples``
+            draws from softmax(logits / T) restricted to the other ids (ragged ``tail_*`` columns).
+        k: ids kept per position (topk, hybrid: 1 <= k < num_classes, so that a tail exists to draw from); for
+            "sample", a bound on the unique ids of any position, min(num_samples, num_classes).
         temperature: the labeling temperature T; log-probs are log softmax(logits / T) over the full vocabulary.
         num_classes: size of the distribution's support: the teacher's logit width (vocabulary including padded
             embedding rows) for LMs, the number of classes for classification. Every stored id is below it.
@@ -124,8 +129,10 @@ class TargetSpec:
         id_dtype: dtype of the stored ids (and of the input ids), the narrowest that holds them.
         encoding: how the target_logprobs column is stored, one of ENCODINGS (see data/codecs.py); "auto" lets
             the writer choose for its backend (never written to a manifest). Absent in a manifest: "plain".
-        num_samples: "sample" only: draws per position (>= 1); None for "topk" (absent from its manifest). Sampled
-            stores have no log-prob column, so their value_dtype and encoding are unused (always "plain").
+        num_samples: "sample" and "hybrid": draws per position (>= 1; hybrid: from the tail, at every position
+            whose tail_mass is above 0); None for "topk" (absent from its manifest). Sampled stores have no log-prob
+            column, so their value_dtype and encoding are unused (always "plain"); hybrid stores encode their
+            (P, K) log-probs as top-k stores do.
     """
 
     method: str
@@ -143,8 +150,18 @@ class TargetSpec:
         return self.method == "sample"
 
     @property
+    def hybrid(self) -> bool:
+        """True for a store of top-k log-probs plus counts of ids drawn from the tail ("hybrid")."""
+        return self.method == "hybrid"
+
+    @property
+    def tail_bound(self) -> int:
+        """hybrid: the most unique tail ids a position can hold, min(num_samples, num_classes - k); 0 otherwise."""
+        return min(self.num_samples or 0, self.num_classes - self.k) if self.hybrid else 0
+
+    @property
     def count_dtype(self) -> str:
-        """The dtype of a sampled store's counts: uint8 when num_samples <= 255, else uint16."""
+        """The dtype of a sampled or hybrid store's counts: uint8 when num_samples <= 255, else uint16."""
         return "uint8" if (self.num_samples or 0) <= 255 else "uint16"
 
     @property
@@ -186,6 +203,12 @@ class TargetSpec:
                 raise ManifestError(
                     f"manifest: a sampled spec needs k <= num_samples and a plain float encoding, got k={spec.k}, "
                     f"num_samples={spec.num_samples}, value_dtype={spec.value_dtype!r}, encoding={spec.encoding!r}"
+                )
+        elif spec.hybrid:
+            if spec.num_samples is None or spec.num_samples < 1 or spec.k >= spec.num_classes:
+                raise ManifestError(
+                    f"manifest: a hybrid spec needs num_samples in [1, {_MAX_SAMPLES}] and k < num_classes (a tail "
+                    f"to draw from), got num_samples={spec.num_samples}, k={spec.k}, num_classes={spec.num_classes}"
                 )
         elif spec.num_samples is not None:
             raise ManifestError(f"manifest: targets.num_samples is set, but method={spec.method!r} takes none")
@@ -231,8 +254,9 @@ class ShardRecord:
         positions: labelled positions (rows for per-example stores).
         files: every file of the shard, relative to ``path`` (for a single-file shard: its own name).
         stats: sums the labeler measured on exact values (e.g. ``entropy_sum``, ``kept_mass_sum``).
-        entries: sampled stores only: the (position, unique id) entries of the shard, the length U of its ragged
-            ``target_ids`` / ``target_counts`` columns; None (absent from the manifest) for top-k stores.
+        entries: sampled stores: the (position, unique id) entries of the shard, the length U of its ragged
+            ``target_ids`` / ``target_counts`` columns; hybrid stores: the same for its ``tail_ids`` /
+            ``tail_counts``; None (absent from the manifest) for top-k stores.
     """
 
     name: str
@@ -344,8 +368,9 @@ class Manifest:
 
     @property
     def kept_mass_mean(self) -> float | None:
-        """The teacher's mean probability mass on the stored ids per position (top-k: the kept mass; sampled: the
-        mass on the ids drawn), from the labeler's shard stats; None when no shard recorded it."""
+        """The teacher's mean probability mass on the stored ids per position (top-k and hybrid: the kept mass of
+        the top-k; sampled: the mass on the ids drawn), from the labeler's shard stats; None when no shard
+        recorded it."""
         stats = [s.stats for s in self.shards if "kept_mass_sum" in s.stats and s.stats.get("count")]
         if not stats:
             return None
@@ -423,9 +448,15 @@ class Manifest:
         if len(set(names)) != len(names) or len(set(paths)) != len(paths):
             raise ManifestError("manifest: two shards share a name or a path")
         for s in shards:
-            # a sampled shard's ragged columns have `entries` rows: between 1 and k per position
-            if not targets.sampled and s.entries is not None:
+            # a sampled shard's ragged columns have `entries` rows: between 1 and k per position; a hybrid shard's
+            # between 0 (a position whose tail is 0 has no draws) and tail_bound per position
+            if targets.method == "topk" and s.entries is not None:
                 raise ManifestError(f"manifest: shard {s.name} records entries, but a top-k store has none")
+            if targets.hybrid and (s.entries is None or not 0 <= s.entries <= s.positions * targets.tail_bound):
+                raise ManifestError(
+                    f"manifest: shard {s.name} has entries={s.entries}; a hybrid store needs between 0 and "
+                    f"positions * min(num_samples, num_classes - k)={s.positions * targets.tail_bound}"
+                )
             if targets.sampled and (s.entries is None or not s.positions <= s.entries <= s.positions * targets.k):
                 raise ManifestError(
                     f"manifest: shard {s.name} has entries={s.entries}; a sampled store needs between "

@@ -14,6 +14,11 @@ Sampled stores (``targets.method == "sample"``) replace the (P, K) target column
 entries, one per (position, unique sampled id): ``target_ids`` (U,), ``target_counts`` (U,) and
 ``target_offsets`` (P + 1,); position p's ids are ``target_ids[target_offsets[p]:target_offsets[p + 1]]``, sorted
 ascending, and their counts sum to ``num_samples``. They have no ``target_logprobs``; ``tail_mass`` is all 0.
+
+Hybrid stores (``targets.method == "hybrid"``) hold every top-k column, plus the draws from each position's tail
+as the same kind of ragged axis: ``tail_ids`` (U,), ``tail_counts`` (U,) and ``tail_offsets`` (P + 1,); a
+position's tail ids are ascending, none of them among its top-k ids, and their counts sum to ``num_samples``,
+except at a position whose ``tail_mass`` is exactly 0, which holds no draws.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ COLUMNS: dict[str, str] = {
     "target_logprobs": "positions",  # top-k stores only
     "target_counts": "entries",  # sampled stores only: (U,) ragged, one entry per (position, unique id)
     "target_offsets": "positions+1",  # sampled stores only
+    "tail_ids": "entries",  # hybrid stores only: (U,) ragged, one entry per (position, unique tail id)
+    "tail_counts": "entries",  # hybrid stores only
+    "tail_offsets": "positions+1",  # hybrid stores only
     "tail_mass": "positions",
     "keys": "rows",
     "labels": "labels",  # rows (seq-cls) or positions (masked-lm)
@@ -76,6 +84,11 @@ class ShardData:
         target_counts: sampled stores: (U,) ``targets.count_dtype``: how often each id was drawn (>= 1).
         target_offsets: sampled stores: (P + 1,) int64: position p's entries are
             ``[target_offsets[p], target_offsets[p + 1])``.
+        tail_ids: hybrid stores: (U,) id dtype: the unique ids drawn from each position's tail (the teacher's
+            distribution restricted to the ids not in its top-k), ascending within a position.
+        tail_counts: hybrid stores: (U,) ``targets.count_dtype``: how often each tail id was drawn (>= 1).
+        tail_offsets: hybrid stores: (P + 1,) int64: position p's tail entries are
+            ``[tail_offsets[p], tail_offsets[p + 1])``.
     """
 
     input_ids: NDArray
@@ -89,6 +102,9 @@ class ShardData:
     positions: NDArray | None = None
     target_counts: NDArray | None = None
     target_offsets: NDArray | None = None
+    tail_ids: NDArray | None = None
+    tail_counts: NDArray | None = None
+    tail_offsets: NDArray | None = None
 
     @property
     def rows(self) -> int:
@@ -104,8 +120,10 @@ class ShardData:
 
     @property
     def num_entries(self) -> int | None:
-        """Sampled shards: U, the (position, unique id) entries; None for top-k shards."""
-        return None if self.target_counts is None else int(self.target_counts.shape[0])
+        """Sampled shards: U, the (position, unique id) entries; hybrid shards: the (position, unique tail id)
+        entries; None for top-k shards."""
+        counts = self.target_counts if self.target_counts is not None else self.tail_counts
+        return None if counts is None else int(counts.shape[0])
 
     def columns(self) -> dict[str, NDArray]:
         """The arrays that exist, by column name."""
@@ -127,6 +145,12 @@ class ShardData:
             assert self.target_logprobs is not None
             ex["target_ids"] = self.target_ids[p0:p1]
             ex["target_logprobs"] = self.target_logprobs[p0:p1]
+        if self.tail_offsets is not None and self.tail_ids is not None and self.tail_counts is not None:
+            off = self.tail_offsets[p0 : p1 + 1]  # hybrid: (P_e + 1,)
+            e0, e1 = int(off[0]), int(off[-1])
+            ex["tail_ids"] = self.tail_ids[e0:e1]
+            ex["tail_counts"] = self.tail_counts[e0:e1]
+            ex["tail_offsets"] = off - e0  # a new (P_e + 1,) array starting at 0
         ex["tail_mass"] = self.tail_mass[p0:p1]
         ex["key"] = self.keys[r]
         if task == "causal-lm":
@@ -171,6 +195,16 @@ class ShardData:
                 raise bad("a sampled store has no 'target_logprobs' column")
         elif self.target_counts is not None or self.target_offsets is not None:
             raise bad("'target_counts' and 'target_offsets' belong to sampled stores only")
+        tails = (self.tail_ids, self.tail_counts, self.tail_offsets)
+        if targets.hybrid:
+            U = int(self.tail_counts.shape[0]) if self.tail_counts is not None else 0
+            expect |= {
+                "tail_ids": ((U,), targets.id_dtype),
+                "tail_counts": ((U,), targets.count_dtype),
+                "tail_offsets": ((P + 1,), "int64"),
+            }
+        elif any(t is not None for t in tails):
+            raise bad("'tail_ids', 'tail_counts' and 'tail_offsets' belong to hybrid stores only")
         if task == "masked-lm":
             expect["labels"] = ((P,), targets.id_dtype)
             expect["positions"] = ((P,), "int32")
@@ -266,8 +300,8 @@ class ShardBuilder:
         that costs, at commit.
         """
         t = self.targets
-        if t.sampled:
-            raise ValueError("a sampled store takes add_sampled(...), not add(...)")
+        if t.sampled or t.hybrid:
+            raise ValueError(f"a {t.method} store takes add_{t.method}(...), not add(...)")
         ids = np.asarray(input_ids).astype(t.id_dtype, copy=False).reshape(-1)
         tid = np.asarray(target_ids).astype(t.id_dtype, copy=False).reshape(-1, t.k)
         tlp = np.asarray(target_logprobs).astype(t.logprob_dtype, copy=False).reshape(-1, t.k)
@@ -296,6 +330,35 @@ class ShardBuilder:
         self._parts["target_counts"].append(np.asarray(target_counts).astype(t.count_dtype, copy=False).reshape(-1))
         self._parts["target_offsets"].append(per_position)
         self._add_example(ids, np.zeros(per_position.shape[0], dtype=np.float32), label, positions)
+
+    def add_hybrid(
+        self,
+        input_ids: npt.ArrayLike,
+        target_ids: npt.ArrayLike,
+        target_logprobs: npt.ArrayLike,
+        tail_mass: npt.ArrayLike,
+        tail_ids: npt.ArrayLike,
+        tail_counts: npt.ArrayLike,
+        tail_offsets: npt.ArrayLike,
+        label: npt.ArrayLike | None = None,
+        positions: npt.ArrayLike | None = None,
+    ) -> None:
+        """Add one example of a hybrid store: the top-k as for :meth:`add` (``target_*`` (P_e, K), ``tail_mass``
+        (P_e,)), plus ``tail_ids`` and ``tail_counts`` (U_e,), the unique ids drawn from each position's tail
+        (ascending) and their counts, and ``tail_offsets`` (P_e + 1,) from 0, as in the example dict."""
+        t = self.targets
+        if not t.hybrid:
+            raise ValueError(f"add_hybrid(...) is for hybrid stores; this one's method is {t.method!r}")
+        ids = np.asarray(input_ids).astype(t.id_dtype, copy=False).reshape(-1)
+        tail = np.asarray(tail_mass).astype(np.float32, copy=False).reshape(-1)
+        self._parts["target_ids"].append(np.asarray(target_ids).astype(t.id_dtype, copy=False).reshape(-1, t.k))
+        self._parts["target_logprobs"].append(
+            np.asarray(target_logprobs).astype(t.logprob_dtype, copy=False).reshape(-1, t.k)
+        )
+        self._parts["tail_ids"].append(np.asarray(tail_ids).astype(t.id_dtype, copy=False).reshape(-1))
+        self._parts["tail_counts"].append(np.asarray(tail_counts).astype(t.count_dtype, copy=False).reshape(-1))
+        self._parts["tail_offsets"].append(np.diff(np.asarray(tail_offsets, dtype=np.int64).reshape(-1)))
+        self._add_example(ids, tail, label, positions)
 
     def _add_example(
         self, ids: NDArray, tail: NDArray, label: npt.ArrayLike | None, positions: npt.ArrayLike | None
@@ -341,6 +404,9 @@ class ShardBuilder:
             positions=cat("positions", "int32") if self.task == "masked-lm" else None,
             target_counts=cat("target_counts", t.count_dtype) if t.sampled else None,
             target_offsets=offsets("target_offsets") if t.sampled else None,
+            tail_ids=cat("tail_ids", t.id_dtype) if t.hybrid else None,
+            tail_counts=cat("tail_counts", t.count_dtype) if t.hybrid else None,
+            tail_offsets=offsets("tail_offsets") if t.hybrid else None,
         )
         self._reset()
         return data
@@ -354,6 +420,19 @@ def shard_from_examples(task: str, targets: TargetSpec, examples: Iterable[Mappi
         if targets.sampled:
             b.add_sampled(
                 ex["input_ids"], ex["target_ids"], ex["target_counts"], ex["target_offsets"], label, ex.get("positions")
+            )
+            continue
+        if targets.hybrid:
+            b.add_hybrid(
+                ex["input_ids"],
+                ex["target_ids"],
+                ex["target_logprobs"],
+                ex["tail_mass"],
+                ex["tail_ids"],
+                ex["tail_counts"],
+                ex["tail_offsets"],
+                label,
+                ex.get("positions"),
             )
             continue
         b.add(

@@ -2,7 +2,8 @@
 
 A checksum proves a store is what its writer wrote. These checks prove that what it wrote can be trained on:
 log-probs finite, <= 0 and non-increasing along each top-k row; kept mass + tail within a stated tolerance of 1;
-tail in [0, 1]; ids below their bounds and distinct within a position; sampled counts >= 1 summing to N.
+tail in [0, 1]; ids below their bounds and distinct within a position; sampled counts >= 1 summing to N; a hybrid
+store's tail draws as sampled ones, none of them among the position's top-k ids, and none where the tail is 0.
 :meth:`data.shard.ShardData.validate` runs them after the shape and offset checks, so every reader (verify,
 ``StoreReader.shard``, the training loader, export) and the writer run them on every shard.
 
@@ -93,7 +94,14 @@ def check_values(data: ShardData, task: str, targets: TargetSpec, vocab_size: in
     if targets.sampled:
         _check_sampled(data, targets, where)
         return
-    tid, lp = data.target_ids, data.target_logprobs
+    _check_topk(data, targets, where)
+    if targets.hybrid:
+        _check_hybrid_tail(data, targets, where)
+
+
+def _check_topk(data: ShardData, targets: TargetSpec, where: str) -> None:
+    """Top-k ids below num_classes and distinct within a position; their log-probs sane (see the checks below)."""
+    tid, lp, tail = data.target_ids, data.target_logprobs, data.tail_mass
     assert lp is not None  # validate checked the columns against the spec
     if tid.size and int(tid.max()) >= targets.num_classes:
         p, j = divmod(int(np.argmax(tid >= targets.num_classes)), tid.shape[1])
@@ -171,16 +179,11 @@ def _check_kept_mass(data: ShardData, lp: NDArray, tail: NDArray, targets: Targe
 
 
 def _check_sampled(data: ShardData, targets: TargetSpec, where: str) -> None:
-    """Ragged sampled targets: offsets run 0..U, every position holds 1..k ids, strictly ascending (so unique)
-    and below num_classes, each drawn at least once, and its counts sum to num_samples; no tail."""
+    """Ragged sampled targets: every position holds 1..k ids, checked as :func:`_check_draws`; no tail."""
     assert data.target_offsets is not None and data.target_counts is not None
-    off, counts, ids = data.target_offsets, data.target_counts, data.target_ids
-    U, P = int(counts.shape[0]), data.num_positions
-    n = np.diff(off)
-    if off[0] != 0 or off[-1] != U:
-        raise CorruptShardError(
-            f"{where}: 'target_offsets' runs from {int(off[0])} to {int(off[-1])}; expected 0 to {U}"
-        )
+    P = data.num_positions
+    _check_run(data.target_offsets, int(data.target_counts.shape[0]), "target", where)
+    n = np.diff(data.target_offsets)
     wrong = (n < 1) | (n > targets.k)
     if np.any(wrong):
         p = int(np.argmax(wrong))
@@ -188,35 +191,95 @@ def _check_sampled(data: ShardData, targets: TargetSpec, where: str) -> None:
             f"{_at(data, where, p)}: 'target_offsets' gives {int(n[p])} ids; expected 1..k={targets.k} ids per "
             "position (offsets rising from 0)"
         )
-    if U and int(ids.max()) >= targets.num_classes:
-        e = int(np.argmax(ids >= targets.num_classes))
-        raise CorruptShardError(
-            f"{_at_entry(data, where, e)}: target id {int(ids[e])}; expected < num_classes {targets.num_classes}"
-        )
-    if U and int(counts.min()) < 1:
-        e = int(np.argmax(counts < 1))
-        raise CorruptShardError(f"{_at_entry(data, where, e)}: a sampled id has a count of 0; expected >= 1")
-    if P:
-        sums = np.add.reduceat(counts.astype(np.int64), off[:-1])
-        if np.any(sums != targets.num_samples):
-            p = int(np.argmax(sums != targets.num_samples))
-            raise CorruptShardError(
-                f"{_at(data, where, p)}: the counts of a position do not sum to num_samples={targets.num_samples} "
-                f"(they sum to {int(sums[p])})"
-            )
-    falls = np.diff(ids.astype(np.int64)) <= 0  # (U - 1,): within a position ids must strictly rise
-    falls[off[1:-1] - 1] = False  # a position's first id may be anything
-    if np.any(falls):
-        e = int(np.argmax(falls)) + 1
-        raise CorruptShardError(
-            f"{_at_entry(data, where, e)}: target id {int(ids[e])} follows {int(ids[e - 1])}; expected the ids of a "
-            "position unique and ascending"
-        )
+    _check_draws(data, "target", data.target_ids, data.target_counts, data.target_offsets, targets, where)
     if P and np.any(data.tail_mass != 0):
         p = int(np.argmax(data.tail_mass != 0))
         raise CorruptShardError(
             f"{_at(data, where, p)}: tail_mass {float(data.tail_mass[p])!r}; a sampled store's tail_mass must be 0 "
             "(every draw is stored)"
+        )
+
+
+def _check_hybrid_tail(data: ShardData, targets: TargetSpec, where: str) -> None:
+    """A hybrid store's tail draws: 0 ids where the tail mass is 0, else 1..min(num_samples, num_classes - k),
+    checked as :func:`_check_draws`, and none of them among the position's top-k ids (the draws come from the
+    teacher restricted to the other ids, so a kept id there would count its mass twice)."""
+    assert data.tail_offsets is not None and data.tail_counts is not None and data.tail_ids is not None
+    off, ids = data.tail_offsets, data.tail_ids
+    _check_run(off, int(data.tail_counts.shape[0]), "tail", where)
+    n = np.diff(off)  # (P,)
+    empty = data.tail_mass == 0
+    wrong = np.where(empty, n != 0, (n < 1) | (n > targets.tail_bound))
+    if np.any(wrong):
+        p = int(np.argmax(wrong))
+        want = "none (its tail_mass is 0)" if empty[p] else f"1..min(num_samples, num_classes - k)={targets.tail_bound}"
+        raise CorruptShardError(f"{_at(data, where, p)}: 'tail_offsets' gives {int(n[p])} tail ids; expected {want}")
+    _check_draws(data, "tail", ids, data.tail_counts, off, targets, where, skip=empty)
+    if ids.size:
+        pos = np.repeat(np.arange(n.shape[0]), n)  # (U,) the position of each entry
+        kept = (data.target_ids[pos] == ids[:, None]).any(axis=1)  # (U,) the entry repeats a top-k id
+        if np.any(kept):
+            e = int(np.argmax(kept))
+            raise CorruptShardError(
+                f"{_at_entry(data, where, e, off, 'tail')}: tail id {int(ids[e])} is one of the position's top-"
+                f"{targets.k} ids; expected tail ids outside the top-k"
+            )
+
+
+def _check_draws(
+    data: ShardData,
+    kind: str,
+    ids: NDArray,
+    counts: NDArray,
+    off: NDArray,
+    targets: TargetSpec,
+    where: str,
+    skip: NDArray | None = None,
+) -> None:
+    """Ragged draws (``kind`` "target": a sampled store's, "tail": a hybrid store's) whose offsets the caller
+    checked (:func:`_check_run`, and that none falls): ids strictly ascending within a position (so unique) and
+    below num_classes, each drawn at least once, and each position's counts summing to num_samples (except the
+    positions ``skip`` (P,) bool marks, which the caller checked hold no draws)."""
+    U, P = int(counts.shape[0]), data.num_positions
+    name = "target id" if kind == "target" else "tail id"
+    if U and int(ids.max()) >= targets.num_classes:
+        e = int(np.argmax(ids >= targets.num_classes))
+        raise CorruptShardError(
+            f"{_at_entry(data, where, e, off, kind)}: {name} {int(ids[e])}; expected < num_classes "
+            f"{targets.num_classes}"
+        )
+    if U and int(counts.min()) < 1:
+        e = int(np.argmax(counts < 1))
+        raise CorruptShardError(f"{_at_entry(data, where, e, off, kind)}: a sampled id has a count of 0; expected >= 1")
+    if P:
+        # differences of the running sum: a position with no draws (hybrid, tail 0) sums to 0, where reduceat
+        # would return the next entry's count
+        running = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # (U + 1,)
+        sums = running[off[1:]] - running[off[:-1]]  # (P,)
+        wrong = sums != targets.num_samples
+        if skip is not None:
+            wrong &= ~skip
+        if np.any(wrong):
+            p = int(np.argmax(wrong))
+            raise CorruptShardError(
+                f"{_at(data, where, p)}: the counts of a position do not sum to num_samples={targets.num_samples} "
+                f"(they sum to {int(sums[p])})"
+            )
+    falls = np.diff(ids.astype(np.int64)) <= 0  # (U - 1,): within a position ids must strictly rise
+    falls[off[1:-1][(off[1:-1] > 0) & (off[1:-1] < U)] - 1] = False  # a position's first id may be anything
+    if np.any(falls):
+        e = int(np.argmax(falls)) + 1
+        raise CorruptShardError(
+            f"{_at_entry(data, where, e, off, kind)}: {name} {int(ids[e])} follows {int(ids[e - 1])}; expected the "
+            "ids of a position unique and ascending"
+        )
+
+
+def _check_run(off: NDArray, entries: int, kind: str, where: str) -> None:
+    """A ragged axis's (P + 1,) offsets start at 0 and end at its length U."""
+    if off[0] != 0 or off[-1] != entries:
+        raise CorruptShardError(
+            f"{where}: '{kind}_offsets' runs from {int(off[0])} to {int(off[-1])}; expected 0 to {entries}"
         )
 
 
@@ -234,7 +297,8 @@ def _at(data: ShardData, where: str, p: int) -> str:
     return f"{where}: example {r}, position {i}"
 
 
-def _at_entry(data: ShardData, where: str, e: int) -> str:
-    assert data.target_offsets is not None
-    p = int(np.searchsorted(data.target_offsets, e, side="right")) - 1
-    return f"{_at(data, where, p)}, sampled entry {e - int(data.target_offsets[p])}"
+def _at_entry(data: ShardData, where: str, e: int, off: NDArray, kind: str = "target") -> str:
+    """Where flat entry ``e`` of a ragged axis whose position starts are ``off`` lies."""
+    p = int(np.searchsorted(off, e, side="right")) - 1
+    what = "sampled entry" if kind == "target" else "tail entry"
+    return f"{_at(data, where, p)}, {what} {e - int(off[p])}"

@@ -128,6 +128,7 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
         echo(
             f"targets      {t['method']} k={t['k']} T={t['temperature']} over {t['num_classes']} ids, "
             f"values {t['value_dtype']} (encoding {t.get('encoding', 'plain')}), ids {t['id_dtype']}"
+            + (f", plus N={t['num_samples']} draws per {unit} from the tail" if s.get("hybrid") else "")
         )
     ds = s["dataset"]
     echo(f"dataset      {ds.get('source', '?')}  fingerprint {str(ds.get('fingerprint', '?'))[:16]}")
@@ -157,6 +158,13 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
         )
         echo(f"kept mass    mean {fmt(sampled['teacher_mass_on_sampled_ids'])}  (the teacher's mass on the drawn ids)")
     else:
+        hybrid = s.get("hybrid")
+        if hybrid:
+            uq = hybrid["unique_tail_ids_per_position"]
+            echo(
+                f"tail ids     mean {fmt(uq['mean'], '.2f')}  p50 {fmt(uq['p50'], '.0f')}  p95 {fmt(uq['p95'], '.0f')} "
+                f"unique ids drawn from the tail per {unit}"
+            )
         echo(f"kept mass    mean {fmt(km['mean'])}  p5 {fmt(km['p5'])}  p50 {fmt(km['p50'])}  (top-{t['k']} coverage)")
     bins = "the empirical counts" if sampled else "k+1 bins"
     echo(
@@ -233,7 +241,7 @@ def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @_label_options
 @click.pass_context
 def label(ctx: click.Context, /, **_: Any) -> None:
-    """Stage one: run a teacher once and cache its soft labels (top-k, or sampled ids) in a store."""
+    """Stage one: run a teacher once and cache its soft labels (top-k, sampled ids, or both) in a store."""
     from ..stages.label import LabelConfig
     from .config import resolve_config
 

@@ -11,7 +11,9 @@ positions: a (chunk, V) float32 block is the largest thing that exists at once, 
 Only the kept ids and values (and a few scalars) leave the device. With ``--method sample --samples N`` each
 position instead gets N ids drawn with replacement from softmax(z / T) on the device (a generator seeded from
 the labeling seed, the unit, the batch within the unit and the chunk, so resumed and multi-process runs draw the
-same ids), and only their unique ids and counts leave it (``stages.soft_targets`` computes both kinds of targets).
+same ids), and only their unique ids and counts leave it; ``--method hybrid --top-k K --samples N`` keeps the top-k
+exactly as ``topk`` and adds N ids drawn the same way from the teacher restricted to the other ids
+(``stages.soft_targets`` computes every kind of target).
 Writing a unit overlaps computing the next one (a bounded queue of 2 units to one writer thread).
 
 Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units
@@ -37,6 +39,8 @@ from .. import data
 from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus, row_labels
 from .scale_out import already_merged, job_lock, merge_ranks, with_part
 from .soft_targets import HEAD_DTYPES
+from .soft_targets import hybrid_chunked as _hybrid_chunked
+from .soft_targets import per_example as _per_example
 from .soft_targets import sample_chunked as _sample_chunked
 from .soft_targets import topk_chunked as _topk_chunked
 
@@ -67,12 +71,16 @@ class LabelConfig:
     task: str = "causal-lm"
     """causal-lm (per token), masked-lm (per masked token), or seq-cls (per example)."""
     method: str = "topk"
-    """Targets: topk (the top-k log-probs plus the exact tail mass) or sample (the unique ids of --samples draws
-    from the teacher at T, with their counts: unbiased targets, ~12 unique ids per token at 50 draws)."""
+    """Targets: topk (the top-k log-probs plus the exact tail mass), sample (the unique ids of --samples draws
+    from the teacher at T, with their counts: unbiased targets, ~12 unique ids per token at 50 draws), or hybrid
+    (the top-k as topk, plus --samples draws from the teacher restricted to the other ids: an exact head and an
+    unbiased picture of the tail)."""
     top_k: int = 32
-    """Ids kept per position (the rest of the mass goes into the exact tail bin); --method topk."""
+    """Ids kept per position (the rest of the mass goes into the exact tail bin); --method topk and hybrid
+    (hybrid: fewer than the teacher's output ids, so that a tail exists to draw from)."""
     samples: int = 50
-    """--method sample: ids drawn with replacement per position (1..65535); counts are uint8 up to 255 draws."""
+    """--method sample and hybrid: ids drawn with replacement per position (1..65535; hybrid: from the tail);
+    counts are uint8 up to 255 draws."""
     temperature: float = 1.0
     """Labeling temperature T: stored values are log softmax(logits / T) over the full vocabulary."""
     max_length: int = 512
@@ -143,7 +151,7 @@ class LabelConfig:
             problems.append(f"--top-k must be >= 1, got {self.top_k}")
         if self.method not in data.manifest.METHODS:
             problems.append(f"--method {self.method!r} is not one of {', '.join(data.manifest.METHODS)}")
-        if self.method == "sample" and not 1 <= self.samples <= 65535:
+        if self.method in ("sample", "hybrid") and not 1 <= self.samples <= 65535:
             problems.append(f"--samples must be in [1, 65535], got {self.samples}")
         if self.method == "sample" and self.value_dtype == "q8":
             problems.append("--value-dtype q8 applies to --method topk only (sampled stores hold counts)")
@@ -237,6 +245,11 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         raise LabelConfigError(
             f"--top-k {cfg.top_k} is larger than the teacher's {width} output ids; use --top-k <= {width}"
         )
+    if cfg.top_k >= width and cfg.method == "hybrid":
+        raise LabelConfigError(
+            f"--method hybrid draws from the ids outside the top-k, but --top-k {cfg.top_k} keeps all of the "
+            f"teacher's {width} output ids; use --top-k < {width}, or --method topk"
+        )
     label2id = {str(k): int(v) for k, v in (getattr(teacher.config, "label2id", None) or {}).items()}
     examples = prepare_examples(
         records,
@@ -303,11 +316,11 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     new_tokens = sum(len(x.input_ids) for u in todo for x in units[u])
     rate = new_tokens / max(seconds, 1e-9)
     entries = sum(s.entries or 0 for s in manifest.shards)
-    what = (
-        f"{cfg.samples} samples, {entries / max(1, manifest.positions):.1f} unique ids/{per}"
-        if cfg.method == "sample"
-        else f"top-{cfg.top_k}"
-    )
+    what = {
+        "sample": f"{cfg.samples} samples, {entries / max(1, manifest.positions):.1f} unique ids/{per}",
+        "hybrid": f"top-{cfg.top_k} + {cfg.samples} tail samples, "
+        f"{entries / max(1, manifest.positions):.1f} unique tail ids/{per}",
+    }.get(cfg.method, f"top-{cfg.top_k}")
     say(
         f"labelled {len(todo)} shards ({new_tokens:,} tokens) in {seconds:.1f}s = {rate:,.0f} tokens/s; "
         f"store {manifest.rows:,} examples, {manifest.positions:,} positions, {manifest.bytes:,} bytes = "
@@ -417,7 +430,9 @@ def _target_spec(cfg: LabelConfig, width: int, id_dtype: str) -> data.TargetSpec
     if cfg.method == "sample":
         k = min(cfg.samples, width)
         return data.TargetSpec("sample", k, float(cfg.temperature), width, "float16", id_dtype, num_samples=cfg.samples)
-    return data.TargetSpec("topk", cfg.top_k, float(cfg.temperature), width, cfg.value_dtype, id_dtype)
+    samples = cfg.samples if cfg.method == "hybrid" else None
+    T = float(cfg.temperature)
+    return data.TargetSpec(cfg.method, cfg.top_k, T, width, cfg.value_dtype, id_dtype, num_samples=samples)
 
 
 def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
@@ -471,10 +486,14 @@ def _label_unit(
             # (N, H|V) for per-token tasks, (B, C) for classification
             rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
             labels = torch.from_numpy(row_labels(unit, batch, cfg.task))
+            seed = [cfg.seed, index, b]
             if cfg.method == "sample":
-                seed = [cfg.seed, index, b]
                 top = _sample_chunked(rows, head, cfg.samples, cfg.temperature, cfg.chunk_positions, labels, seed)
                 kept_sum += float(top.pop("kept").double().sum())
+            elif cfg.method == "hybrid":
+                k, n = cfg.top_k, cfg.samples
+                top = _hybrid_chunked(rows, head, k, n, cfg.temperature, cfg.chunk_positions, labels, seed)
+                kept_sum += float((1 - top["tail"].double()).sum())
             else:
                 top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, labels)
                 kept_sum += float((1 - top["tail"].double()).sum())
@@ -485,22 +504,9 @@ def _label_unit(
                 nll_sum += float(top.pop("nll").double().sum())
             counts = [len(p) for _, p in select] if select else [1] * len(batch)
             offsets = np.concatenate([[0], np.cumsum(counts)])
-            if cfg.method == "sample":
-                count += top["unique"].shape[0]
-                entry = np.concatenate([[0], np.cumsum(top["unique"].numpy())])  # (N + 1,) each row's first entry
-                for row, i in enumerate(batch):
-                    p0, p1 = offsets[row], offsets[row + 1]
-                    e0, e1 = entry[p0], entry[p1]
-                    results[i] = {
-                        "ids": top["ids"][e0:e1].numpy(),
-                        "counts": top["counts"][e0:e1].numpy(),
-                        "offsets": entry[p0 : p1 + 1] - e0,
-                    }
-            else:
-                count += top["tail"].shape[0]
-                for row, i in enumerate(batch):
-                    p0, p1 = offsets[row], offsets[row + 1]
-                    results[i] = {key: t[p0:p1].numpy() for key, t in top.items()}
+            count += int(offsets[-1])
+            for i, res in zip(batch, _per_example(top, offsets, cfg.method), strict=True):
+                results[i] = res
             progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
         rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]
         stats = {
@@ -525,6 +531,9 @@ class _RowsToShard:
             label = ex.mlm_labels if task == "masked-lm" else ex.label
             if targets.sampled:
                 b.add_sampled(ex.input_ids, res["ids"], res["counts"], res["offsets"], label, ex.positions)
+            elif targets.hybrid:
+                tail = (res["tail_ids"], res["tail_counts"], res["tail_offsets"])
+                b.add_hybrid(ex.input_ids, res["ids"], res["logprobs"], res["tail"], *tail, label, ex.positions)
             else:
                 b.add(ex.input_ids, res["ids"], res["logprobs"], res["tail"], label, ex.positions)
         return b.build()

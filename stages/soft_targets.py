@@ -1,4 +1,5 @@
-"""What the labeler computes from a teacher's output rows: top-k log-probs with the exact tail, or sampled ids.
+"""What the labeler computes from a teacher's output rows: top-k log-probs with the exact tail, sampled ids, or
+both (hybrid: the top-k, plus ids drawn from the teacher restricted to the other ids).
 
 Both take (N, H) hidden states or (N, V) logits of the positions to label, run the output head on ``chunk`` rows
 at a time (a (chunk, V) float32 block is the largest thing that exists), and return CPU tensors: only the kept
@@ -7,7 +8,8 @@ ids and values and a few per-row scalars leave the device. ``stages.label`` call
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import itertools
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +20,16 @@ if TYPE_CHECKING:
 
     from .models import OutputHead
 
-__all__ = ["CPU_SUB_ROWS", "ENTROPY_EVERY", "HEAD_DTYPES", "sample_chunked", "topk_chunked", "topk_rows"]
+__all__ = [
+    "CPU_SUB_ROWS",
+    "ENTROPY_EVERY",
+    "HEAD_DTYPES",
+    "hybrid_chunked",
+    "per_example",
+    "sample_chunked",
+    "topk_chunked",
+    "topk_rows",
+]
 
 # Precision of the output head's matmul (``stages.models.OutputHead``): "auto" = float32 where the head is a
 # separable linear layer of a non-float32 teacher, "float32" = that or refuse, "model" = the teacher's own dtype
@@ -51,14 +62,27 @@ def topk_chunked(
     out: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "tail": [], "entropy": [], "nll": []}
     for i in range(0, rows.shape[0], chunk):
         raw = head.logits(rows[i : i + chunk])  # (c, V) float32
-        sub = CPU_SUB_ROWS if raw.device.type == "cpu" else raw.shape[0]
-        for j in range(0, raw.shape[0], sub):
-            block = raw[j : j + sub]  # (r, V), r <= sub: a chunk's last block may be short
-            # the labels of exactly this block's rows (slicing by ``sub`` ran into the next chunk's labels)
-            lab = labels[i + j : i + j + block.shape[0]] if labels is not None else None
-            for key, value in topk_rows(block, i + j, k, temperature, lab).items():
-                out[key].append(value)
+        _topk_blocks(raw, i, k, temperature, labels, out)
     return {key: torch.cat(parts) for key, parts in out.items() if parts}
+
+
+def _topk_blocks(
+    raw: torch.Tensor,
+    first: int,
+    k: int,
+    temperature: float,
+    labels: torch.Tensor | None,
+    out: dict[str, list[torch.Tensor]],
+) -> None:
+    """:func:`topk_rows` over a (c, V) chunk whose first row is row ``first`` of the call, in blocks of
+    ``CPU_SUB_ROWS`` rows on CPU (the whole chunk on a GPU), appending each result to ``out``."""
+    sub = CPU_SUB_ROWS if raw.device.type == "cpu" else raw.shape[0]
+    for j in range(0, raw.shape[0], sub):
+        block = raw[j : j + sub]  # (r, V), r <= sub: a chunk's last block may be short
+        # the labels of exactly this block's rows (slicing by ``sub`` ran into the next chunk's labels)
+        lab = labels[first + j : first + j + block.shape[0]] if labels is not None else None
+        for key, value in topk_rows(block, first + j, k, temperature, lab).items():
+            out[key].append(value)
 
 
 def topk_rows(
@@ -126,17 +150,7 @@ def sample_chunked(
         raw = head.logits(rows[i : i + chunk])  # (c, V) float32
         z = raw if temperature == 1.0 else raw / temperature
         probs = torch.softmax(z, dim=-1)  # (c, V) float32
-        state = np.random.SeedSequence([*seed, c]).generate_state(2, np.uint32)
-        g = torch.Generator(device=z.device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-        draws = torch.multinomial(probs, num_samples, replacement=True, generator=g)  # (c, S) int64
-        draws = draws.sort(dim=-1).values
-        # a run of equal ids in a sorted row is one unique id: mark where each run starts
-        starts = torch.ones_like(draws, dtype=torch.bool)
-        starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        flat_starts = starts.reshape(-1).nonzero()[:, 0]  # (U_c,) into the flattened (c * S)
-        ends = torch.cat([flat_starts[1:], flat_starts.new_tensor([draws.numel()])])  # row ends are run ends
-        ids = draws.reshape(-1)[flat_starts]  # (U_c,)
-        unique = starts.sum(dim=-1)  # (c,)
+        ids, counts, unique = _draw(probs, num_samples, [*seed, c], None)
         row = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), unique)  # (U_c,)
         out["kept"].append(torch.zeros(z.shape[0], device=z.device).index_add_(0, row, probs[row, ids]).cpu())
         lse = torch.logsumexp(z, dim=-1)  # (c,)
@@ -147,9 +161,104 @@ def sample_chunked(
             lse1 = lse if temperature == 1.0 else torch.logsumexp(raw, dim=-1)
             out["nll"].append(((lse1 - raw.gather(-1, lab.clamp_min(0)[:, None])[:, 0]) * (lab >= 0)).cpu())
         out["ids"].append(ids.cpu())
-        out["counts"].append((ends - flat_starts).cpu())
+        out["counts"].append(counts.cpu())
         out["unique"].append(unique.cpu())
     return {key: torch.cat(parts) for key, parts in out.items() if parts}
+
+
+def hybrid_chunked(
+    rows: torch.Tensor,
+    head: OutputHead,
+    k: int,
+    num_samples: int,
+    temperature: float,
+    chunk: int,
+    labels: torch.Tensor | None,
+    seed: list[int],
+) -> dict[str, torch.Tensor]:
+    """The top-k of :func:`topk_chunked` (the same values, computed the same way), plus ``num_samples`` ids drawn
+    with replacement from softmax(z / T) restricted to the ids outside each row's top-k, kept as unique ids and
+    counts. A row whose stored (float32) tail is exactly 0 keeps no draws: they would carry no mass.
+
+    Args:
+        rows: (N, H) hidden states or (N, V) logits; V > k, so that every row has ids to draw from.
+        labels: as for :func:`topk_chunked`.
+        seed: as for :func:`sample_chunked`: chunk c draws from a generator seeded with SeedSequence(seed + [c]).
+
+    Returns CPU tensors: ids (N, k) int64, logprobs (N, k) float32, tail (N,) float32, nll (N,) and entropy (M,)
+    as for :func:`topk_chunked`; tail_ids (U,) int64 and tail_counts (U,) int64, each row's unique tail ids in
+    ascending order, rows one after another; tail_unique (N,) int64, the unique tail ids of each row.
+    """
+    import torch
+
+    keys = ("ids", "logprobs", "tail", "entropy", "nll", "tail_ids", "tail_counts", "tail_unique")
+    out: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    for c, i in enumerate(range(0, rows.shape[0], chunk)):
+        raw = head.logits(rows[i : i + chunk])  # (c, V) float32
+        n_before = len(out["ids"])
+        _topk_blocks(raw, i, k, temperature, labels, out)
+        top_ids = torch.cat(out["ids"][n_before:]).to(raw.device)  # (c, k)
+        tail = torch.cat(out["tail"][n_before:]).to(raw.device)  # (c,) float32, as stored
+        z = raw if temperature == 1.0 else raw / temperature
+        # the teacher restricted to the unkept ids: softmax over the rest (the kept ids' logits at -inf)
+        probs = torch.softmax(z.scatter(-1, top_ids, float("-inf")), dim=-1)  # (c, V) float32
+        ids, counts, unique = _draw(probs, num_samples, [*seed, c], tail > 0)
+        out["tail_ids"].append(ids.cpu())
+        out["tail_counts"].append(counts.cpu())
+        out["tail_unique"].append(unique.cpu())
+    return {key: torch.cat(parts) for key, parts in out.items() if parts}
+
+
+def _draw(
+    probs: torch.Tensor, num_samples: int, seed: list[int], keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``num_samples`` ids with replacement from each row of ``probs`` (c, V) float32, on its device.
+
+    The generator is seeded with SeedSequence(seed), so the same seed words draw the same ids on the same kind of
+    device. ``keep`` (c,) bool or None: rows to keep (the others' draws are dropped, their unique count is 0).
+
+    Returns:
+        ids (U,) int64 and counts (U,) int64: each kept row's unique ids in ascending order and how often each was
+        drawn, rows one after another; unique (c,) int64: the unique ids of each row.
+    """
+    import torch
+
+    state = np.random.SeedSequence(seed).generate_state(2, np.uint32)
+    g = torch.Generator(device=probs.device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    draws = torch.multinomial(probs, num_samples, replacement=True, generator=g)  # (c, S) int64
+    draws = draws.sort(dim=-1).values
+    # a run of equal ids in a sorted row is one unique id: mark where each run starts
+    starts = torch.ones_like(draws, dtype=torch.bool)
+    starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    if keep is not None:
+        starts &= keep[:, None]
+    flat_starts = starts.reshape(-1).nonzero()[:, 0]  # (U,) into the flattened (c * S)
+    # a run ends where the next starts, or at its row's end (a dropped row's entries never start a run)
+    row_end = (flat_starts // num_samples + 1) * num_samples
+    ends = torch.minimum(torch.cat([flat_starts[1:], flat_starts.new_tensor([draws.numel()])]), row_end)
+    return draws.reshape(-1)[flat_starts], ends - flat_starts, starts.sum(dim=-1)
+
+
+def per_example(top: dict[str, torch.Tensor], offsets: np.ndarray[Any, Any], method: str) -> list[dict[str, Any]]:
+    """Cut a batch's targets (rows in batch order; ``offsets`` (B + 1,) where each example's rows start) into one
+    dict of numpy arrays per example: per-row columns sliced by rows, ragged draws by their entries, with their
+    per-row offsets from 0 (sample: ``ids``/``counts``/``offsets``; hybrid: ``tail_ids``/``tail_counts``/
+    ``tail_offsets`` beside the top-k's ``ids``/``logprobs``/``tail``)."""
+    per_row = () if method == "sample" else ("ids", "logprobs", "tail")
+    ragged, unique, name = {
+        "sample": (("ids", "counts"), "unique", "offsets"),
+        "hybrid": (("tail_ids", "tail_counts"), "tail_unique", "tail_offsets"),
+    }.get(method, ((), "", ""))
+    entry = np.concatenate([[0], np.cumsum(top[unique].numpy())]) if ragged else None  # (N + 1,) row starts
+    out = []
+    for p0, p1 in itertools.pairwise(offsets):
+        res = {key: top[key][p0:p1].numpy() for key in per_row}
+        if entry is not None:
+            e0, e1 = entry[p0], entry[p1]
+            res |= {key: top[key][e0:e1].numpy() for key in ragged}
+            res[name] = entry[p0 : p1 + 1] - e0
+        out.append(res)
+    return out
 
 
 def _entropy_rows(first: int, rows: int, device: torch.device) -> torch.Tensor:

@@ -228,6 +228,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     n_train = train_set(0, 0).num_examples
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
     targets = f"{m.targets.num_samples} samples" if m.targets.sampled else f"top-{m.targets.k}"
+    targets += f" + {m.targets.num_samples} tail samples" if m.targets.hybrid else ""
     say(
         f"student {cfg.student}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
         f"store {cfg.store}: {n_train:,} training examples, {m.task}, {targets} at T={temperature}; "
@@ -352,24 +353,25 @@ def _weights_digest(model: Any) -> str:
 
 
 def _check_sampled(cfg: TrainConfig, m: data.Manifest, say: Any) -> None:
-    """Sampled targets: refuse --tail renormalise, and say (once) when the loss has no unbiased estimator.
+    """Sampled and hybrid targets: refuse --tail renormalise, and say (once) when the loss has no unbiased estimator.
 
     With sampled ids and counts, count / num_samples is an unbiased estimate of the teacher's distribution, so a
     loss linear in it (forward-kl: its student-dependent part is the cross-entropy) is unbiased; the others are
     not linear in it and are biased. Such a run still proceeds (it is a valid, if biased, objective, and the
     comparison is worth making); the warning says so.
     """
-    if not m.targets.sampled:
+    if not (m.targets.sampled or m.targets.hybrid):  # hybrid: the same holds for the draws from the tail
         return
     if cfg.tail == "renormalise":
         raise TrainConfigError(
-            "--tail renormalise compares against the biased top-k loss; a sampled store has no tail to drop "
-            "(every draw is stored): use --tail bin"
+            f"--tail renormalise compares against the biased top-k loss; a {m.targets.method} store has no tail to "
+            "drop (the draws carry it): use --tail bin"
         )
     if cfg.loss not in UNBIASED_WITH_SAMPLES:
+        where = "per position" if m.targets.sampled else "per position from the tail"
         say(
-            f"warning: --loss {cfg.loss} has no unbiased estimator with sampled targets (this store holds "
-            f"{m.targets.num_samples} samples per position); the run proceeds with a biased loss. Unbiased: "
+            f"warning: --loss {cfg.loss} has no unbiased estimator with {m.targets.method} targets (this store "
+            f"holds {m.targets.num_samples} samples {where}); the run proceeds with a biased loss. Unbiased: "
             f"{', '.join(UNBIASED_WITH_SAMPLES)}"
         )
 
@@ -382,7 +384,7 @@ _LOW_KEPT_MASS = 0.5
 def _check_kept_mass(m: data.Manifest, say: Any) -> None:
     """Say when a top-k store keeps little of the teacher's mass, and what to label instead."""
     kept = m.kept_mass_mean
-    if not m.targets.sampled and kept is not None and kept < _LOW_KEPT_MASS:
+    if m.targets.method == "topk" and kept is not None and kept < _LOW_KEPT_MASS:
         t = m.targets
         say(
             f"warning: this store's top-{t.k} ids at T={t.temperature:g} hold on average {kept:.2f} of the teacher's "

@@ -32,6 +32,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     args = {"teacher": str(root / "teacher"), "data": str(root / "docs.jsonl"), "top_k": 4, "shard_size": 5}
     label(LabelConfig(out=str(root / "single"), **args), log=lambda m: None)
     label(LabelConfig(out=str(root / "single-sample"), method="sample", samples=12, **args), log=lambda m: None)
+    label(LabelConfig(out=str(root / "single-hybrid"), method="hybrid", samples=12, **args), log=lambda m: None)
     return {"root": root, "args": args}
 
 
@@ -58,10 +59,10 @@ def assert_same_store(a: Path, b: Path) -> None:
     assert "part" not in sb.manifest.dataset
 
 
-@pytest.mark.parametrize("method", ["topk", "sample"])
+@pytest.mark.parametrize("method", ["topk", "sample", "hybrid"])
 def test_independent_jobs_and_merge(setup: dict[str, Any], tmp_path: Path, method: str) -> None:
-    args = {**setup["args"], **({"method": "sample", "samples": 12} if method == "sample" else {})}
-    single = setup["root"] / ("single" if method == "topk" else "single-sample")
+    args = {**setup["args"], **({"method": method, "samples": 12} if method != "topk" else {})}
+    single = setup["root"] / ("single" if method == "topk" else f"single-{method}")
     parts = []
     for i in range(3):
         out = tmp_path / f"part{i}"
@@ -85,17 +86,17 @@ def test_independent_jobs_and_merge(setup: dict[str, Any], tmp_path: Path, metho
     assert result.exit_code == 1 and "is in both" in result.output
 
 
-@pytest.mark.parametrize("method", ["topk", "sample"])
+@pytest.mark.parametrize("method", ["topk", "sample", "hybrid"])
 def test_torchrun_two_ranks_equal_one_process(setup: dict[str, Any], tmp_path: Path, method: str) -> None:
     out, a = tmp_path / "ranked", setup["args"]
-    extra = ["--method", "sample", "--samples", "12"] if method == "sample" else []
+    extra = ["--method", method, "--samples", "12"] if method != "topk" else []
     proc = torchrun(
         "label", "--teacher", a["teacher"], "--data", a["data"], "--top-k", "4", "--shard-size", "5", *extra,
         "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / ".ranks").exists()
-    assert_same_store(setup["root"] / ("single" if method == "topk" else "single-sample"), out)
+    assert_same_store(setup["root"] / ("single" if method == "topk" else f"single-{method}"), out)
 
 
 def test_torchrun_ddp_training(setup: dict[str, Any], tmp_path: Path) -> None:

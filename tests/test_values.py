@@ -65,6 +65,29 @@ def _sampled_shard(m: data.Manifest) -> ShardData:
     return b.build()
 
 
+def _hybrid_shard(m: data.Manifest) -> ShardData:
+    """A healthy hybrid shard: top-4 of real log-softmax values over 50 ids, and at every position 3 tail ids
+    (the three smallest ids outside its top-4) with counts 10 + 6 + 4 = 20."""
+    assert m.targets.num_samples == 20 and m.targets.k == 4
+    rng = np.random.default_rng(0)
+    b = ShardBuilder(m.task, m.targets)
+    for _ in range(ROWS):
+        logits = rng.normal(size=(LENGTH - 1, m.targets.num_classes)) * 3
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        top = np.argsort(-logp, axis=1)[:, :4]
+        kept = np.take_along_axis(logp, top, axis=1)
+        tail_ids = np.concatenate([np.setdiff1d(np.arange(50), row)[:3] for row in top])
+        tail = 1.0 - np.exp(kept).sum(axis=1)
+        b.add_hybrid(range(LENGTH), top, kept, tail, tail_ids, [10, 6, 4] * (LENGTH - 1), np.arange(LENGTH) * 3)
+    return b.build()
+
+
+def _healthy(m: data.Manifest) -> ShardData:
+    if m.targets.sampled:
+        return _sampled_shard(m)
+    return _hybrid_shard(m) if m.targets.hybrid else _topk_shard(m)
+
+
 def _set_lp(p: int, j: int, value: float) -> Edit:
     def edit(s: ShardData, _: int) -> None:
         assert s.target_logprobs is not None
@@ -226,7 +249,7 @@ def _topk_manifest(backend: str, dtype: str = "float16") -> data.Manifest:
 
 
 def _bad(m: data.Manifest, edit: Edit) -> ShardData:
-    shard = _sampled_shard(m) if m.targets.sampled else _topk_shard(m)
+    shard = _healthy(m)
     shard.validate(m.task, m.targets, m.vocab_size, "healthy")  # the edit alone makes it bad
     edit(shard, P_BAD)
     return shard
@@ -234,7 +257,7 @@ def _bad(m: data.Manifest, edit: Edit) -> ShardData:
 
 def _store_with_bad_shard(path: Path, m: data.Manifest, bad: ShardData) -> None:
     """Two shards through the writer, then shard 1's files replaced by ``bad`` and its checksums recomputed."""
-    healthy = _sampled_shard(m) if m.targets.sampled else _topk_shard(m)
+    healthy = _healthy(m)
     with StoreWriter(path, m) as w:
         w.write_shard(0, healthy)
         w.write_shard(1, healthy)
@@ -254,6 +277,8 @@ def _store_with_bad_shard(path: Path, m: data.Manifest, bad: ShardData) -> None:
         }
         for p in files
     }
+    if bad.num_entries is not None:  # an edit that drops ragged entries changes the count the manifest records
+        raw["shards"][1]["entries"] = bad.num_entries
     (path / "manifest.json").write_text(json.dumps(raw))
 
 
@@ -428,3 +453,125 @@ def test_cli_train_refuses_a_bad_sampled_store_in_one_line(tmp_path: Path) -> No
         cli, [*args, "--out", str(tmp_path / "run"), "--no-verify", "--loss", "forward-kl", "--eval-fraction", "0"]
     )
     _one_error_line(result, _in("shard-000001", rf"{AT}: the counts of a position do not sum"), alone=False)
+
+
+# ---------------------------------------------------------------------------------------------------- hybrid
+
+H0 = (LENGTH - 1) * 3 + 3  # flat tail entry of example 1, position 1's first tail id (3 per position)
+
+
+def _hybrid_edit(fn: Callable[[ShardData], None]) -> Edit:
+    def edit(s: ShardData, _: int) -> None:
+        assert s.tail_ids is not None and s.tail_counts is not None and s.tail_offsets is not None
+        fn(s)
+
+    return edit
+
+
+def _tail_takes_a_kept_id(s: ShardData) -> None:
+    assert s.tail_ids is not None
+    s.tail_ids[H0 : H0 + 3] = np.sort([s.target_ids[P_BAD, 0], *s.tail_ids[H0 + 1 : H0 + 3]])
+
+
+def _drop_tail(s: ShardData) -> None:  # no draws at a position whose tail is not 0
+    assert s.tail_ids is not None and s.tail_counts is not None and s.tail_offsets is not None
+    s.tail_ids = np.delete(s.tail_ids, np.s_[H0 : H0 + 3])
+    s.tail_counts = np.delete(s.tail_counts, np.s_[H0 : H0 + 3])
+    s.tail_offsets[P_BAD + 1 :] -= 3
+
+
+def _zero_tail_with_draws(s: ShardData) -> None:  # the top-4 renormalised to hold all the mass, draws kept
+    assert s.target_logprobs is not None
+    lp = s.target_logprobs[P_BAD].astype(np.float64)
+    s.target_logprobs[P_BAD] = lp - np.log(np.exp(lp).sum())
+    s.tail_mass[P_BAD] = 0.0
+
+
+def _tail_offsets_fall(s: ShardData) -> None:
+    assert s.tail_offsets is not None
+    s.tail_offsets[P_BAD + 1] = s.tail_offsets[P_BAD] - 1
+
+
+HYBRID_CASES: list[tuple[str, Edit, str, tuple[str, ...]]] = [
+    (
+        "tail-id-is-kept",
+        _hybrid_edit(_tail_takes_a_kept_id),
+        rf"{AT}, tail entry \d: tail id \d+ is one of the position's top-4 ids; expected tail ids outside the top-k",
+        ("zarr", "arrow"),
+    ),
+    (
+        "tail-count-zero",
+        _hybrid_edit(lambda s: s.tail_counts.__setitem__(slice(H0, H0 + 3), [16, 0, 4])),
+        rf"{AT}, tail entry 1: a sampled id has a count of 0",
+        ("zarr", "arrow"),
+    ),
+    (
+        "tail-counts-sum",
+        _hybrid_edit(lambda s: s.tail_counts.__setitem__(H0 + 2, 5)),
+        rf"{AT}: the counts of a position do not sum to num_samples=20 \(they sum to 21\)",
+        ("zarr", "arrow"),
+    ),
+    (
+        "tail-ids-not-ascending",
+        _hybrid_edit(lambda s: s.tail_ids.__setitem__(slice(H0, H0 + 2), s.tail_ids[H0 : H0 + 2][::-1].copy())),
+        rf"{AT}, tail entry 1: tail id \d+ follows \d+; expected the ids of a position unique and ascending",
+        ("zarr", "arrow"),
+    ),
+    (
+        "tail-id-too-large",
+        _hybrid_edit(lambda s: s.tail_ids.__setitem__(H0 + 2, 50)),
+        rf"{AT}, tail entry 2: tail id 50; expected < num_classes 50",
+        ("zarr", "arrow"),
+    ),
+    (
+        "no-draws-beside-a-tail",
+        _hybrid_edit(_drop_tail),
+        rf"{AT}: 'tail_offsets' gives 0 tail ids; expected 1..min\(num_samples, num_classes - k\)=20",
+        ("zarr", "arrow"),
+    ),
+    (
+        "draws-beside-a-zero-tail",
+        _hybrid_edit(_zero_tail_with_draws),
+        rf"{AT}: 'tail_offsets' gives 3 tail ids; expected none \(its tail_mass is 0\)",
+        ("zarr", "arrow"),
+    ),
+    (
+        "tail-offsets-fall",
+        _hybrid_edit(_tail_offsets_fall),
+        rf"{AT}: 'tail_offsets' gives -1 tail ids",
+        ("zarr",),
+    ),
+]
+
+
+def _hybrid_manifest(backend: str) -> data.Manifest:
+    m = make_manifest(backend, k=4, num_classes=50)
+    return dataclasses.replace(m, targets=data.TargetSpec("hybrid", 4, 2.0, 50, num_samples=20))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message", "backend"),
+    [
+        pytest.param(edit, msg, backend, id=f"{name}-{backend}")
+        for name, edit, msg, backends in HYBRID_CASES
+        for backend in backends
+    ],
+)
+def test_hybrid_bad_values_are_refused_by_writer_and_readers(
+    tmp_path: Path, edit: Edit, message: str, backend: str
+) -> None:
+    m = _hybrid_manifest(backend)
+    with StoreWriter(tmp_path / "w", m) as w, pytest.raises(CorruptShardError, match=_in("shard-000000", message)):
+        w.write_shard(0, _bad(m, edit))
+    _store_with_bad_shard(tmp_path / "s", m, _bad(m, edit))
+    _assert_readers_refuse(tmp_path / "s", _in("shard-000001", message))
+
+
+def test_hybrid_shard_without_its_tail_columns_is_refused() -> None:
+    m = _hybrid_manifest("zarr")
+    shard = dataclasses.replace(_hybrid_shard(m), tail_ids=None, tail_counts=None, tail_offsets=None)
+    with pytest.raises(CorruptShardError, match="column 'tail_ids' is missing"):
+        shard.validate(m.task, m.targets, m.vocab_size, "x")
+    topk = _topk_manifest("zarr")
+    with pytest.raises(CorruptShardError, match="belong to hybrid stores only"):
+        _hybrid_shard(m).validate(topk.task, topk.targets, topk.vocab_size, "x")

@@ -32,13 +32,19 @@ empirical distribution p̂ = count / N has E[p̂] = p, and the forward KL's stud
 to a student-independent constant (its gradient is unbiased). The other divergences are not linear in p and are
 biased with sampled targets: ``UNBIASED_WITH_SAMPLES`` lists the kinds that are not.
 
+Hybrid targets (``hybrid_targets``): the exact top-k, plus ids drawn from the teacher restricted to the other ids,
+each drawn id weighted tail_mass * count / N. They become K + U "kept" slots with a tail of 0 (the draws carry the
+tail's mass), so every loss, the default fused one included, runs on them unchanged; p̂ is again unbiased with an
+exact head, so forward-kl is unbiased up to the same kind of constant, and the other kinds are biased (less than
+with sampled targets: only the tail is estimated).
+
 Everything is computed in float32 and in log space: mixtures use ``logaddexp``, and empty bins (masked slots, a
 zero tail) are excluded before they can reach an ``exp`` or a gradient, so no input here makes a NaN.
 
 Layout (imports point one way, options <- bins, checks, divergences <- fused <- terms; nothing imports back):
 
     options.py      LOSS_KINDS, TAIL_MODES, UNBIASED_WITH_SAMPLES, PRECISE_TAIL and check_loss_options; no torch
-    bins.py         the teacher's and the student's k+1 bins; sampled_targets
+    bins.py         the teacher's and the student's k+1 bins; sampled_targets, hybrid_targets
     checks.py       checks of the tensors handed in (shapes, dtypes, id and label ranges)
     divergences.py  the per-row divergences and the mean NLL
     fused.py        the default loss (forward-kl + CE) with its gradient in closed form
@@ -56,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from .options import LOSS_KINDS, PRECISE_TAIL, TAIL_MODES, UNBIASED_WITH_SAMPLES, check_loss_options
 
 if TYPE_CHECKING:
-    from .bins import sampled_targets, student_bins, teacher_bins
+    from .bins import hybrid_targets, sampled_targets, student_bins, teacher_bins
     from .terms import distill_loss, hard_ce, kd_loss
 
 __all__ = [
@@ -67,6 +73,7 @@ __all__ = [
     "check_loss_options",
     "distill_loss",
     "hard_ce",
+    "hybrid_targets",
     "kd_loss",
     "sampled_targets",
     "student_bins",
@@ -77,6 +84,7 @@ __all__ = [
 # importing this package for its options (stages.train, the CLI) does not load torch.
 _LAZY = {
     "sampled_targets": "bins",
+    "hybrid_targets": "bins",
     "student_bins": "bins",
     "teacher_bins": "bins",
     "distill_loss": "terms",

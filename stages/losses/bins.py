@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .options import PRECISE_TAIL
 
-__all__ = ["sampled_targets", "student_bins", "teacher_bins"]
+__all__ = ["hybrid_targets", "sampled_targets", "student_bins", "teacher_bins"]
 
 
 def student_bins(
@@ -131,6 +131,66 @@ def sampled_targets(counts: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
         )
     log_p_kept = torch.log(counts.float() / num_samples)  # log(0) = -inf for ids never drawn
     return log_p_kept, torch.zeros(counts.shape[0], dtype=torch.float32, device=counts.device)
+
+
+def hybrid_targets(
+    target_ids: Tensor,
+    target_logprobs: Tensor,
+    tail_mass: Tensor,
+    tail_ids: Tensor,
+    tail_counts: Tensor,
+    num_samples: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Targets from a hybrid store: the exact top-k, plus ids drawn from the teacher restricted to the other ids.
+
+    Pass the results to ``kd_loss`` / ``distill_loss`` as ``target_ids``, ``target_logprobs``, ``target_mask`` and
+    ``tail_mass`` (what ``data.dataset.collate`` builds for a batch). The teacher's probability of a kept id i is
+    exp(lp_i), exactly; of a drawn id j, p̂_j = tail_mass * count_j / num_samples, whose expectation over the draws
+    is tail_mass * p_j / tail_mass = p_j. So p̂ is an unbiased estimate of the teacher's distribution with an exact
+    head, and ``kind="forward-kl"`` (its student-dependent part, -sum p̂ log q, is linear in p̂) has an unbiased
+    value up to a student-independent constant and an unbiased gradient. The constant is the plug-in sum p̂ log p̂,
+    which the loss's value includes (as for sampled targets): it differs from the teacher's sum p log p (biased),
+    with no gradient. reverse-kl, jsd, skew and tvd are not linear in p̂ and are biased with these targets.
+
+    Args:
+        target_ids: (N, K) integer: the top-k ids.
+        target_logprobs: (N, K) float: their log-probs at T over the full vocabulary.
+        tail_mass: (N,) float: 1 - the kept mass, exact.
+        tail_ids: (N, U) integer: each row's ids drawn from its tail (distinct from its top-k ids); any value on a
+            padding slot.
+        tail_counts: (N, U) integer: how often each was drawn; 0 on a padding slot. Each row sums to num_samples,
+            or to 0 where the row's tail is 0 (no draws) or the row is padding.
+        num_samples: N, the draws per row (> 0).
+
+    Returns:
+        ids: (N, K + U) int64: the top-k ids, then the tail ids (0 on padding slots).
+        log_p: (N, K + U) float32: the top-k log-probs, then log(tail_mass * count / num_samples) (-inf on padding).
+        mask: (N, K + U) bool: True on the K head slots and the real tail slots.
+        tail: (N,) float32 zeros: the draws carry the tail's mass, so there is no tail bin.
+
+    Raises:
+        ValueError: shapes that do not agree, non-integer counts, a negative count, or a row of counts that sums to
+            something other than num_samples or 0.
+    """
+    n, k = target_ids.shape
+    if tail_ids.shape != tail_counts.shape or tail_ids.shape[0] != n or tail_mass.shape != (n,):
+        raise ValueError(
+            f"hybrid targets need (N, K) top-k, (N,) tail_mass and (N, U) tail ids and counts, got "
+            f"{tuple(target_ids.shape)}, {tuple(tail_mass.shape)}, {tuple(tail_ids.shape)}, {tuple(tail_counts.shape)}"
+        )
+    if tail_counts.dtype.is_floating_point or tail_counts.dtype == torch.bool or num_samples < 1:
+        raise ValueError(f"tail_counts must be integers and num_samples >= 1, got {tail_counts.dtype}, {num_samples}")
+    counts = tail_counts.long()
+    sums = counts.sum(dim=-1)
+    if bool((counts < 0).any()) or bool(((sums != num_samples) & (sums != 0)).any()):
+        raise ValueError(f"every row of tail_counts must sum to num_samples={num_samples} or to 0")
+    mask = counts > 0  # (N, U)
+    weight = tail_mass.double()[:, None] * counts.double() / num_samples  # float64: a tiny tail stays above 0
+    log_tail = torch.log(weight).float().masked_fill(~mask, -math.inf)  # (N, U)
+    ids = torch.cat([target_ids.long(), tail_ids.long().masked_fill(~mask, 0)], dim=1)
+    log_p = torch.cat([target_logprobs.float(), log_tail], dim=1)
+    full = torch.cat([torch.ones(n, k, dtype=torch.bool, device=mask.device), mask], dim=1)
+    return ids, log_p, full, torch.zeros(n, dtype=torch.float32, device=tail_mass.device)
 
 
 def _k1_bins(log_p_kept: Tensor, log_p_tail: Tensor, log_q_kept: Tensor, log_q_tail: Tensor) -> tuple[Tensor, Tensor]:

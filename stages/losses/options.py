@@ -12,7 +12,8 @@ LOSS_KINDS = ("forward-kl", "reverse-kl", "jsd", "skew-kl", "skew-rkl", "tvd")
 """The divergences ``kd_loss`` knows, by the name the CLI and the train config use."""
 
 UNBIASED_WITH_SAMPLES = ("forward-kl",)
-"""Kinds whose loss on ``sampled_targets`` is an unbiased estimate (up to a constant) of the dense loss."""
+"""Kinds whose loss on ``sampled_targets`` or ``hybrid_targets`` is an unbiased estimate (up to a constant) of the
+dense loss."""
 
 TAIL_MODES = ("bin", "renormalise")
 """bin: the k+1-bin loss (unbiased to the tail); renormalise: the biased top-k baseline, for comparison only."""
