@@ -264,6 +264,6 @@ def test_inspect_hybrid_store(tmp_path: Path) -> None:
     per_position = np.concatenate([np.diff(ex["tail_offsets"]) for ex in written])
     assert s["hybrid"]["num_samples"] == 20 and s["hybrid"]["k"] == 4
     assert s["hybrid"]["unique_tail_ids_per_position"]["mean"] == pytest.approx(per_position.mean())
-    assert s["column_bytes_per_token"]["tail_ids"] > 0 and s["sampled"] is None
+    assert s["column_bytes_per_position"]["tail_ids"] > 0 and s["sampled"] is None
     kept = np.concatenate([1.0 - ex["tail_mass"].astype(np.float64) for ex in written])
     assert s["kept_mass"]["mean"] == pytest.approx(kept.mean())

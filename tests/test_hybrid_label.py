@@ -90,7 +90,7 @@ def test_label_hybrid_head_equals_topk_and_draws_come_from_the_tail(
     assert verify_store(tmp_path / "h").ok
     s = summarize(hybrid)
     assert s["hybrid"]["unique_tail_ids_per_position"]["mean"] == pytest.approx(entries / positions)
-    assert any(f"top-4 + 30 tail samples, {entries / positions:.1f} unique tail ids/token" in line for line in logs)
+    assert any(f"top-4 + 30 tail samples, {entries / positions:.1f} unique tail ids/position" in line for line in logs)
 
 
 def test_label_hybrid_draws_follow_the_restricted_teacher(tiny: dict[str, Any], tmp_path: Path) -> None:
