@@ -326,6 +326,40 @@ def test_tied_embeddings_get_both_gradients() -> None:
 
 
 @pytest.mark.parametrize(
+    ("arch", "extra"),
+    [
+        ("Granite", {"logits_scaling": 4.0}),  # logits / 4
+        ("Cohere", {"logit_scale": 0.5}),  # logits * 0.5
+        # the tiny model's logits are ~0.2: a cap of 0.1 bends them
+        ("Gemma2", {"final_logit_softcapping": 0.1, "head_dim": 8, "query_pre_attn_scalar": 8}),
+    ],
+)
+def test_output_head_applies_the_models_own_transform(arch: str, extra: dict[str, Any]) -> None:
+    """OutputHead (the dense head, and the scale and cap it hands the chunked loss) gives the logits the model's
+    own forward gives, for each head transform transformers applies after the linear layer."""
+    import transformers
+
+    from kd_pipeline.stages.models import OutputHead
+
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=32, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    head = OutputHead(model, "causal-lm")
+    assert head.split
+    input_ids = torch.randint(0, 40, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=input_ids).logits[0]
+        hidden = head.hidden_or_logits(input_ids, torch.ones_like(input_ids))[0]
+        got = head.logits(hidden)
+        z = hidden @ head.head.weight.T  # the linear layer alone
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(z, want, rtol=1e-3, atol=1e-3)  # the transform matters here
+
+
+@pytest.mark.parametrize(
     "problem",
     ["chunk", "softcap", "scale", "width", "bias", "kind", "ids"],
 )
@@ -377,10 +411,14 @@ def rss():  # resident now, bytes
 def peak():  # the process's peak resident so far, bytes
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+def run(rows):
+    args = (hidden[:rows], weight, None, ids[:rows], lp[:rows], tail[:rows], labels[:rows])
+    loss, _ = chunked_distill_loss(*args, alpha=0.5, kind=kind, chunk=chunk, temperature=2.0)
+    loss.backward()
+
+run(chunk)  # warm-up: the code paths' pages resident, so that only the N-row call's own memory counts below
 before = rss()
-loss, _ = chunked_distill_loss(hidden, weight, None, ids, lp, tail, labels, alpha=0.5, kind=kind, chunk=chunk,
-                               temperature=2.0)
-loss.backward()
+run(n)
 chunked = peak() - before
 # the control: what the same measurement sees for ONE dense (N, V) float32 buffer
 before = rss()
