@@ -79,7 +79,7 @@ class Trainer:
         from kd_pipeline.stages.models import OutputHead
 
         self.mode, self.model, self.cfg, self.temperature = mode, model, cfg, temperature
-        self.net = train._at_positions(model, "causal-lm")
+        self.net = train._at_positions(model, "causal-lm", cfg.loss_chunk)
         self.teacher_head = OutputHead(teacher, "causal-lm") if teacher is not None else None
         decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
@@ -116,7 +116,7 @@ class Trainer:
                 select = train._selected(b, "causal-lm")  # (B, L-1): the same positions as (a)
                 labels = b["labels"][select]
                 teacher_lp = self._teacher_logprobs(b, select) if self.mode == "online" else None
-                z = self.net(b["input_ids"], b["attention_mask"], select)  # (N, V) float32
+                z = self.net.logits(self.net(b["input_ids"], b["attention_mask"], select))  # (N, V) float32
                 ce = F.cross_entropy(z, labels)
                 if teacher_lp is None:
                     loss = ce

@@ -161,7 +161,10 @@ class OutputHead:
     """Logits at selected positions only: hidden (N, H) -> logits (N, V) float32.
 
     Causal LMs run their backbone once and apply the output head only to the positions that matter (real, not
-    padding; in chunks when labeling), so the (batch, seq, V) logits tensor is never built. Models without a
+    padding; in chunks when labeling; together with the loss in ``losses.chunked`` when training), so the
+    (batch, seq, V) logits tensor is never built. The head's output transform, as the model's own forward applies
+    it: ``scale`` (Cohere's logit_scale, 1 / Granite's logits_scaling), then ``softcap`` (Gemma 2's
+    final_logit_softcapping). Models without a
     separable linear head
     (masked-lm heads with transforms, classifiers) run their full forward; their logits are small or only a
     few positions are read.
@@ -186,8 +189,12 @@ class OutputHead:
         self.split = isinstance(head, torch.nn.Linear) and backbone is not None and backbone is not model
         self.head: Any = head
         self.backbone: Any = backbone
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.scale = getattr(model.config, "logit_scale", None)
+        self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None) or None
+        # Cohere multiplies the head's output by logit_scale, Granite divides it by logits_scaling: one factor here,
+        # applied before the soft cap, as the models' own forward does
+        scale = getattr(model.config, "logit_scale", None) or 1.0
+        divisor = getattr(model.config, "logits_scaling", None) or 1.0
+        self.scale: float | None = float(scale) / float(divisor) if (scale, divisor) != (1.0, 1.0) else None
         # the float32 copy of the head's weight and bias; None: the head runs as it is
         self.weight32: torch.Tensor | None = None
         self.bias32: torch.Tensor | None = None

@@ -71,6 +71,10 @@ class TrainConfig:
     tail: str = "bin"
     """bin: the unbiased k+1-bin loss; renormalise: the usual biased top-k loss, for comparison only (in training
     and evaluation)."""
+    loss_chunk: int | None = None
+    """Positions per chunk of the output head + loss for students whose head is one linear layer (causal-lm): the
+    (positions x vocabulary) logits are never built. Default: as many as fit one 256 MiB float32 block of logits
+    (512 at a 131,072-id vocabulary); 0: the dense head and loss, for comparison."""
     steps: int | None = None
     """Optimizer steps (default: derived from --epochs)."""
     epochs: float = 1.0
@@ -133,6 +137,8 @@ class TrainConfig:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             p.append(f"--lr must be > 0, got {self.lr}")
+        if self.loss_chunk is not None and self.loss_chunk < 0:
+            p.append(f"--loss-chunk must be >= 0 (0: dense), got {self.loss_chunk}")
         if self.warmup < 0 or self.workers < 0:
             p.append("--warmup and --workers must be >= 0")
         if not 0 <= self.eval_fraction < 1:
@@ -202,7 +208,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         )
     _check_kept_mass(m, say)  # once the run is known to go ahead: a refused run prints its one error line only
     model.to(device)
-    net = _at_positions(model, m.task)
+    net = _at_positions(model, m.task, cfg.loss_chunk)
     ddp_model = net
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -232,7 +238,8 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     say(
         f"student {cfg.student}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
         f"store {cfg.store}: {n_train:,} training examples, {m.task}, {targets} at T={temperature}; "
-        f"{total_steps} steps of {per_step} examples"
+        f"{total_steps} steps of {per_step} examples; "
+        + (f"head and loss in chunks of {net.loss_chunk} positions" if net.loss_chunk else "dense head and loss")
     )
 
     # ---- optimizer, schedule, resume
@@ -493,33 +500,52 @@ def _unwrapped(e: data.StoreError) -> data.StoreError:
 def _loss(
     model: Any, batch: dict[str, torch.Tensor], task: str, cfg: TrainConfig, temperature: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The distillation loss of one collated batch; returns the loss and its parts for logging."""
-    from .losses import distill_loss
+    """The distillation loss of one collated batch; returns the loss and its parts for logging.
 
+    ``model`` is ``_at_positions``'s module, or DDP around it. With a chunked head, the head's weight enters the loss
+    outside the module's forward, as an input of ``chunked_distill_loss``'s autograd Function: its gradient still
+    reaches the parameter through autograd, where DDP's hooks reduce it like any other (for a tied student, summed
+    with the input embedding's own gradient first).
+    """
+    from .losses import chunked_distill_loss, distill_loss
+
+    net = getattr(model, "module", model)  # the module under DDP
     select = _selected(batch, task)  # (B, P) bool: real positions of examples that count
-    z = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))  # (N, V)
+    rows = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))  # (N, H) or (N, V)
+    k = batch["target_ids"].shape[-1]
+    flat = select.reshape(-1)
+    tmask = batch.get("target_mask")  # sampled stores: (B, P, U) bool, False on padding slots
+    targets = (
+        batch["target_ids"].reshape(-1, k)[flat],
+        batch["target_logprobs"].reshape(-1, k)[flat],
+        batch["tail_mass"].reshape(-1)[flat],
+        batch["labels"].reshape(-1)[flat],
+    )
+    options: dict[str, Any] = {
+        "alpha": cfg.alpha,
+        "kind": cfg.loss,
+        "temperature": temperature,
+        "beta": cfg.beta,
+        "tail": cfg.tail,
+        "target_mask": tmask.reshape(-1, k)[flat] if tmask is not None else None,
+    }
+    if net.loss_chunk:  # (N, H) hidden states: head and loss together, never (N, V) logits
+        head = net.head
+        return chunked_distill_loss(
+            rows,
+            head.head.weight,
+            head.head.bias,
+            *targets,
+            logit_scale=head.scale,
+            softcap=head.softcap,
+            chunk=net.loss_chunk,
+            **options,
+        )
+    z = net.logits(rows)  # (N, V) float32
     if z.shape[0] == 0:  # a rank's padding-only batch: contribute zero, keep DDP in step
         zero = z.sum() * 0.0
         return zero, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-    k = batch["target_ids"].shape[-1]
-    tid = batch["target_ids"].reshape(-1, k)[select.reshape(-1)]
-    tlp = batch["target_logprobs"].reshape(-1, k)[select.reshape(-1)]
-    tail = batch["tail_mass"].reshape(-1)[select.reshape(-1)]
-    labels = batch["labels"].reshape(-1)[select.reshape(-1)]
-    tmask = batch.get("target_mask")  # sampled stores: (B, P, U) bool, False on padding slots
-    return distill_loss(
-        z,
-        tid,
-        tlp,
-        tail,
-        labels,
-        alpha=cfg.alpha,
-        kind=cfg.loss,
-        temperature=temperature,
-        beta=cfg.beta,
-        tail=cfg.tail,
-        target_mask=tmask.reshape(-1, k)[select.reshape(-1)] if tmask is not None else None,
-    )
+    return distill_loss(z, *targets, **options)
 
 
 def _selected(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -529,22 +555,33 @@ def _selected(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     return mask & weight.reshape(-1, *([1] * (mask.dim() - 1)))
 
 
-def _at_positions(model: Any, task: str) -> Any:
-    """The student as a module that returns logits only at the selected positions: (N, V) float32.
+def _at_positions(model: Any, task: str, loss_chunk: int | None = None) -> Any:
+    """The student as a module that returns its output at the selected positions only, and the head to apply to it.
 
-    A causal LM runs its backbone once and applies its output head to the selected (N, H) hidden states only, so
-    the (B, L, V) logits are never built; other students run their full forward and are indexed. An
-    ``nn.Module``, so that DDP can wrap it; its parameters are the student's.
+    A causal LM runs its backbone once and returns the (N, H) hidden states of the selected positions; its output
+    head (``logits``, or the chunked head and loss) is applied to those rows only, so the (B, L, V) logits are never
+    built. Other students run their full forward and are indexed: (N, V) or (N, C) logits. An ``nn.Module``, so
+    that DDP can wrap it; its parameters are the student's.
+
+    Args:
+        model: the Hugging Face student.
+        task: the store's task.
+        loss_chunk: ``TrainConfig.loss_chunk``: rows per chunk of the head + loss, None to size them by
+            ``losses.rows_per_chunk``, 0 for the dense head. Resolved to the module's ``loss_chunk``, which is 0
+            (dense) for a student whose head is not one linear layer.
     """
     import torch
 
-    from .models import OutputHead
+    from .losses import rows_per_chunk
+    from .models import OutputHead, output_width
 
     class _AtPositions(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
             self.head = OutputHead(model, task)
+            chunk = rows_per_chunk(output_width(model)) if loss_chunk is None else loss_chunk
+            self.loss_chunk = chunk if self.head.split else 0
 
         def forward(
             self,
@@ -553,20 +590,23 @@ def _at_positions(model: Any, task: str) -> Any:
             select: torch.Tensor,
             positions: torch.Tensor | None = None,
         ) -> torch.Tensor:
+            """(N, H) hidden states where the head is split off, else (N, V) / (N, C) logits."""
             # the loader pads with 0; the model must see its own pad id there (classifiers locate the last
             # token by it)
             pad = int(model.config.pad_token_id or 0)
             input_ids = input_ids.masked_fill(attention_mask == 0, pad)
             out = self.head.hidden_or_logits(input_ids, attention_mask)  # (B, L, H) or (B, L, V) or (B, C)
             if task == "causal-lm":
-                rows = out[:, :-1][select]  # position i predicts token i + 1
-            elif task == "masked-lm":
+                return out[:, :-1][select]  # position i predicts token i + 1
+            if task == "masked-lm":
                 assert positions is not None
                 idx = positions.unsqueeze(-1).expand(-1, -1, out.shape[-1])
-                rows = out.gather(1, idx)[select]  # (N, V)
-            else:
-                rows = out[select]  # (N, C)
-            return self.head.logits(rows)  # (N, V) float32
+                return out.gather(1, idx)[select]  # (N, V)
+            return out[select]  # (N, C)
+
+        def logits(self, rows: torch.Tensor) -> torch.Tensor:
+            """``forward``'s rows -> (N, V) float32 logits (the dense head)."""
+            return self.head.logits(rows)
 
     return _AtPositions()
 
@@ -600,25 +640,33 @@ def evaluate(
             if not bool(select.any()):
                 continue
             mask = select.reshape(-1)
-            z = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))
-            labels = batch["labels"].reshape(-1)[mask]
+            rows = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))
             k = batch["target_ids"].shape[-1]
-            n = z.shape[0]
-            sums[0] += torch.nn.functional.cross_entropy(z, labels, reduction="sum").double()
-            kd = kd_loss(
-                z,
-                batch["target_ids"].reshape(-1, k)[mask],
-                batch["target_logprobs"].reshape(-1, k)[mask],
-                batch["tail_mass"].reshape(-1)[mask],
-                kind=cfg.loss,
-                temperature=temperature,
-                beta=cfg.beta,
-                target_mask=batch["target_mask"].reshape(-1, k)[mask] if "target_mask" in batch else None,
-                tail=cfg.tail,  # the KD figure measures the loss being trained, renormalised baseline included
-            )
-            sums[1] += kd.double() * n
-            sums[2] += (z.argmax(-1) == labels).sum().double()
-            sums[3] += n
+            tid = batch["target_ids"].reshape(-1, k)[mask]
+            tlp = batch["target_logprobs"].reshape(-1, k)[mask]
+            tail = batch["tail_mass"].reshape(-1)[mask]
+            tmask = batch["target_mask"].reshape(-1, k)[mask] if "target_mask" in batch else None
+            labels = batch["labels"].reshape(-1)[mask]
+            step = model.loss_chunk or rows.shape[0]  # as in training: (step, V) logits at a time, never (N, V)
+            for c in range(0, rows.shape[0], step):
+                part = slice(c, c + step)
+                z = model.logits(rows[part])  # (n, V) float32
+                n = z.shape[0]
+                sums[0] += torch.nn.functional.cross_entropy(z, labels[part], reduction="sum").double()
+                kd = kd_loss(
+                    z,
+                    tid[part],
+                    tlp[part],
+                    tail[part],
+                    kind=cfg.loss,
+                    temperature=temperature,
+                    beta=cfg.beta,
+                    target_mask=tmask[part] if tmask is not None else None,
+                    tail=cfg.tail,  # the KD figure measures the loss being trained, renormalised baseline included
+                )
+                sums[1] += kd.double() * n
+                sums[2] += (z.argmax(-1) == labels[part]).sum().double()
+                sums[3] += n
     if world > 1:
         torch.distributed.all_reduce(sums)
     ce_sum, kd_sum, correct, count = (float(x) for x in sums)

@@ -41,7 +41,8 @@ with sampled targets: only the tail is estimated).
 Everything is computed in float32 and in log space: mixtures use ``logaddexp``, and empty bins (masked slots, a
 zero tail) are excluded before they can reach an ``exp`` or a gradient, so no input here makes a NaN.
 
-Layout (imports point one way, options <- bins, checks, divergences <- fused <- terms; nothing imports back):
+Layout (imports point one way, options <- bins, checks, divergences <- fused <- terms, chunked; nothing imports
+back):
 
     options.py      LOSS_KINDS, TAIL_MODES, UNBIASED_WITH_SAMPLES, PRECISE_TAIL and check_loss_options; no torch
     bins.py         the teacher's and the student's k+1 bins; sampled_targets, hybrid_targets
@@ -49,6 +50,8 @@ Layout (imports point one way, options <- bins, checks, divergences <- fused <- 
     divergences.py  the per-row divergences and the mean NLL
     fused.py        the default loss (forward-kl + CE) with its gradient in closed form
     terms.py        kd_loss, hard_ce, distill_loss
+    chunked.py      chunked_distill_loss: the output head and any of these losses, a chunk of rows at a time, so
+                    that (positions x vocabulary) logits never exist (what ``pipeline train`` uses)
 
 The options load eagerly and without torch (``TrainConfig`` and the CLI's ``--help`` use them); the losses, which
 need torch, load on first access (``from kd_pipeline.stages.losses import distill_loss`` works as usual).
@@ -63,6 +66,7 @@ from .options import LOSS_KINDS, PRECISE_TAIL, TAIL_MODES, UNBIASED_WITH_SAMPLES
 
 if TYPE_CHECKING:
     from .bins import hybrid_targets, sampled_targets, student_bins, teacher_bins
+    from .chunked import chunked_distill_loss, rows_per_chunk
     from .terms import distill_loss, hard_ce, kd_loss
 
 __all__ = [
@@ -71,10 +75,12 @@ __all__ = [
     "TAIL_MODES",
     "UNBIASED_WITH_SAMPLES",
     "check_loss_options",
+    "chunked_distill_loss",
     "distill_loss",
     "hard_ce",
     "hybrid_targets",
     "kd_loss",
+    "rows_per_chunk",
     "sampled_targets",
     "student_bins",
     "teacher_bins",
@@ -90,6 +96,8 @@ _LAZY = {
     "distill_loss": "terms",
     "hard_ce": "terms",
     "kd_loss": "terms",
+    "chunked_distill_loss": "chunked",
+    "rows_per_chunk": "chunked",
 }
 
 
