@@ -6,6 +6,7 @@
     pipeline verify STORE                                      # checksums and counts
     pipeline merge OUT PART...                                 # the parts of --num-shards jobs, as one store
     pipeline export STORE OUT.parquet                          # one Parquet / Arrow file for other stacks
+    pipeline init-student --num-layers N --out DIR             # a student cut from the teacher's blocks
 
 The CLI is a thin adapter: misuse is a usage error (exit 2), an expected failure (bad store, bad data,
 missing teacher) a one-line error (exit 1), never a traceback. Heavy imports (torch, transformers) happen
@@ -27,7 +28,14 @@ __all__ = ["main"]
 
 # Expected failures raised by the stages (bad config, bad data, a model that cannot load, an incompatible store):
 # matched by name so that this module does not import the stages (and torch) before a command runs.
-_EXPECTED_NAMES = {"LabelConfigError", "TrainConfigError", "DataError", "ModelLoadError", "DefaultTeacherError"}
+_EXPECTED_NAMES = {
+    "LabelConfigError",
+    "TrainConfigError",
+    "DataError",
+    "ModelLoadError",
+    "DefaultTeacherError",
+    "InitStudentError",
+}
 
 
 @contextmanager
@@ -273,6 +281,40 @@ def train(ctx: click.Context, /, **_: Any) -> None:
         from ..stages.train import run
 
         run(cfg)
+
+
+def _init_student_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from ..stages.init_student import METHODS, InitStudentConfig  # the config only: no torch
+    from .config import config_options
+
+    choices = {"method": METHODS, "dtype": ("auto", "float32", "bfloat16", "float16")}
+    return config_options(InitStudentConfig, choices, config_file=True)(f)
+
+
+@cli.command("init-student")
+@_init_student_options
+@click.pass_context
+def init_student(ctx: click.Context, /, **_: Any) -> None:
+    """A student cut from the teacher: a subset of its blocks (chosen by measured importance, or --layers)."""
+    from ..stages.init_student import InitStudentConfig
+    from .config import resolve_config
+
+    cfg = resolve_config(InitStudentConfig, ctx, "init-student")
+    with _expected_errors():
+        from ..stages.init_student import run
+
+        result = run(cfg)
+    metric = result.metric
+    click.echo(f"kept blocks  {result.kept_layers} of {result.teacher_layers} ({result.method})")
+    click.echo(
+        f"{metric:<12} teacher {result.teacher_score:.4g}  student {result.student_score:.4g}  "
+        f"({result.calibration_tokens:,} calibration tokens)"
+    )
+    click.echo(
+        f"parameters   teacher {result.teacher_params:,}  student {result.student_params:,} "
+        f"({result.student_params / result.teacher_params:.0%})"
+    )
+    click.echo(f"student      {result.out}  ({result.seconds['total']:.1f}s)")
 
 
 def _demo_options(f: Callable[..., Any]) -> Callable[..., Any]:
