@@ -416,8 +416,10 @@ def run(rows):
     loss, _ = chunked_distill_loss(*args, alpha=0.5, kind=kind, chunk=chunk, temperature=2.0)
     loss.backward()
 
-run(chunk)  # warm-up: the code paths' pages resident, so that only the N-row call's own memory counts below
-before = rss()
+run(chunk)  # warm-up: one chunk's working set, and the code paths' pages resident
+# what N rows need beyond one chunk's peak (a peak minus a peak: transient pages of the warm-up, or of other load
+# on the machine before it, do not count as growth)
+before = peak()
 run(n)
 chunked = peak() - before
 # the control: what the same measurement sees for ONE dense (N, V) float32 buffer
