@@ -17,6 +17,7 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StoreReadError",
     "StoreWriteError",
     "UnsupportedFormatError",
 ]
@@ -60,6 +61,10 @@ class CorruptShardError(StoreError, OSError):
 
 class IncompatibleStoreError(StoreError, ValueError):
     """The store cannot be used with the given student (vocabulary, tokenizer, task or temperature)."""
+
+
+class StoreReadError(StoreError, OSError):
+    """Reading the store failed (an unreachable server, a local I/O error); the store itself is unchanged."""
 
 
 class StoreWriteError(StoreError, OSError):

@@ -2,6 +2,8 @@
 
 ``manifest.json`` is the commit point of a store. A shard that is not listed in it does not exist for
 readers; the file is replaced atomically after every committed shard and marked ``complete`` at the end.
+Version 1 lists every shard record inline; version 2 (written by default) names immutable segment files that
+hold the records (data/segments.py), so that a commit and an open cost the same at any store size.
 
 A manifest from another team is untrusted input, so :meth:`Manifest.from_dict` checks every field a reader
 relies on (types, ranges, dtypes, and that every path stays inside the store) before anything is read.
@@ -12,6 +14,7 @@ written and never interpreted beyond the few keys named here.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -29,12 +32,17 @@ __all__ = [
     "Manifest",
     "ShardRecord",
     "TargetSpec",
+    "Totals",
+    "check_entries",
     "default_encoding",
     "id_dtype_for",
 ]
 
 FORMAT_NAME = "kd-soft-labels"
-FORMAT_VERSION = 1
+# Version 2 keeps shard records in segment files named by a small root (data/segments.py); version 1 (every
+# record inline in manifest.json) stays readable, and a version-1 store resumes as version 1.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 # task -> granularity of the stored distributions
 TASKS: dict[str, str] = {"causal-lm": "token", "masked-lm": "token", "seq-cls": "example"}
@@ -310,6 +318,93 @@ class ShardRecord:
         )
 
 
+def check_entries(targets: TargetSpec, s: ShardRecord) -> None:
+    """Refuse a shard record whose ``entries`` do not fit the store's method.
+
+    A sampled shard's ragged columns have ``entries`` rows: between 1 and k per position; a hybrid shard's between
+    0 (a position whose tail is 0 has no draws) and tail_bound per position; a top-k shard has none.
+    """
+    if targets.method == "topk" and s.entries is not None:
+        raise ManifestError(f"manifest: shard {s.name} records entries, but a top-k store has none")
+    if targets.hybrid and (s.entries is None or not 0 <= s.entries <= s.positions * targets.tail_bound):
+        raise ManifestError(
+            f"manifest: shard {s.name} has entries={s.entries}; a hybrid store needs between 0 and "
+            f"positions * min(num_samples, num_classes - k)={s.positions * targets.tail_bound}"
+        )
+    if targets.sampled and (s.entries is None or not s.positions <= s.entries <= s.positions * targets.k):
+        raise ManifestError(
+            f"manifest: shard {s.name} has entries={s.entries}; a sampled store needs between "
+            f"positions={s.positions} and positions * k={s.positions * targets.k}"
+        )
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Sums over a store's shard records, kept in a version-2 root so that summaries read no segment.
+
+    Attributes:
+        shards, rows, tokens, positions, bytes, entries: sums of the records' fields (``bytes`` over their files;
+            ``entries`` counts 0 for records without).
+        stats: each stats key summed over the records that have it; keys ending in ``_max`` take the maximum.
+        kept_mass_count: the ``count`` of the records that have ``kept_mass_sum`` (the denominator of the mean
+            kept mass).
+    """
+
+    shards: int = 0
+    rows: int = 0
+    tokens: int = 0
+    positions: int = 0
+    bytes: int = 0
+    entries: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+    kept_mass_count: float = 0.0
+
+    def plus(self, s: ShardRecord) -> Totals:
+        """These totals with one more record (O(stats keys): a commit never sums over the store)."""
+        stats = dict(self.stats)
+        for key, value in s.stats.items():
+            old = stats.get(key)
+            stats[key] = value if old is None else (max(old, value) if key.endswith("_max") else old + value)
+        counted = "kept_mass_sum" in s.stats and bool(s.stats.get("count"))
+        return Totals(
+            shards=self.shards + 1,
+            rows=self.rows + s.rows,
+            tokens=self.tokens + s.tokens,
+            positions=self.positions + s.positions,
+            bytes=self.bytes + sum(f.bytes for f in s.files.values()),
+            entries=self.entries + (s.entries or 0),
+            stats=stats,
+            kept_mass_count=self.kept_mass_count + (s.stats["count"] if counted else 0.0),
+        )
+
+    @classmethod
+    def of(cls, records: Iterable[ShardRecord]) -> Totals:
+        t = cls()
+        for s in records:
+            t = t.plus(s)
+        return t
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Totals:
+        w = "totals"
+        stats = _get(d, "stats", dict, w)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in stats.values()):
+            raise ManifestError("manifest: totals.stats must map names to numbers")
+        return cls(
+            shards=_count(d, "shards", w),
+            rows=_count(d, "rows", w),
+            tokens=_count(d, "tokens", w),
+            positions=_count(d, "positions", w),
+            bytes=_count(d, "bytes", w, 1 << 62),
+            entries=_count(d, "entries", w, 1 << 62),
+            stats={str(k): float(v) for k, v in stats.items()},
+            kept_mass_count=float(_get(d, "kept_mass_count", (int, float), w)),
+        )
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The whole manifest. Frozen: a writer derives a new one per commit with :meth:`with_shard`.
@@ -328,7 +423,9 @@ class Manifest:
         versions: library versions of the labeling run.
         created: ISO-8601 UTC time the store was started.
         complete: True once the labeling run finished; readers refuse incomplete stores unless asked.
-        shards: committed shards, in unit order.
+        shards: committed shards, in unit order: a tuple (version 1, templates), or a version-2 store's lazy
+            sequence (data/segments.py) that reads segment files on demand and carries the root's ``totals``.
+        format_version: 1 or 2; a new store is written in FORMAT_VERSION.
     """
 
     backend: str
@@ -342,7 +439,7 @@ class Manifest:
     versions: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     complete: bool = False
-    shards: tuple[ShardRecord, ...] = ()
+    shards: Sequence[ShardRecord] = ()
     format_version: int = FORMAT_VERSION
 
     @property
@@ -351,30 +448,41 @@ class Manifest:
         return TASKS[self.task]
 
     @property
+    def totals(self) -> Totals:
+        """Sums over the shard records: a version-2 store's come from its root (no segment is read)."""
+        lazy = getattr(self.shards, "totals", None)
+        return lazy if isinstance(lazy, Totals) else Totals.of(self.shards)
+
+    @property
     def rows(self) -> int:
-        return sum(s.rows for s in self.shards)
+        return self.totals.rows
 
     @property
     def tokens(self) -> int:
-        return sum(s.tokens for s in self.shards)
+        return self.totals.tokens
 
     @property
     def positions(self) -> int:
-        return sum(s.positions for s in self.shards)
+        return self.totals.positions
 
     @property
     def bytes(self) -> int:
-        return sum(f.bytes for s in self.shards for f in s.files.values())
+        return self.totals.bytes
+
+    @property
+    def entries(self) -> int:
+        """Sampled and hybrid stores: the (position, id) entries of every shard; 0 for top-k stores."""
+        return self.totals.entries
 
     @property
     def kept_mass_mean(self) -> float | None:
         """The teacher's mean probability mass on the stored ids per position (top-k and hybrid: the kept mass of
         the top-k; sampled: the mass on the ids drawn), from the labeler's shard stats; None when no shard
         recorded it."""
-        stats = [s.stats for s in self.shards if "kept_mass_sum" in s.stats and s.stats.get("count")]
-        if not stats:
+        t = self.totals
+        if not t.kept_mass_count or "kept_mass_sum" not in t.stats:
             return None
-        return sum(s["kept_mass_sum"] for s in stats) / sum(s["count"] for s in stats)
+        return t.stats["kept_mass_sum"] / t.kept_mass_count
 
     def with_shard(self, shard: ShardRecord) -> Manifest:
         """A new manifest with ``shard`` added (replacing a shard of the same name), kept in unit order."""
@@ -401,6 +509,8 @@ class Manifest:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, the shard records inline (the version-1 layout; for a version-2 store this reads every
+        segment: writers of version 2 write the root of data/segments.py instead)."""
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -427,15 +537,20 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
-        """Parse and check an untrusted manifest; raises ManifestError / UnsupportedFormatError."""
+        """Parse and check an untrusted manifest with its shard records inline (a version-1 manifest, or the
+        copy of any manifest an export embeds); raises ManifestError / UnsupportedFormatError. A version-2 root
+        names segment files instead: read it with ``read_manifest`` (data/segments.py)."""
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise ManifestError(f"manifest: not a {FORMAT_NAME} manifest (its 'format' field is missing or wrong)")
         version = _get(d, "format_version", int, "manifest")
-        if version != FORMAT_VERSION:
+        if version not in SUPPORTED_VERSIONS:
             raise UnsupportedFormatError(
-                f"store format version {version} is not supported (this code reads version {FORMAT_VERSION}); "
-                "upgrade kd-pipeline, or re-label the data with this version"
+                f"store format version {version} is not supported (this code reads versions "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade kd-pipeline, or re-label the "
+                "data with this version"
             )
+        if "shards" not in d and "segments" in d:
+            raise ManifestError("manifest: a version-2 root keeps its shard records in segment files; open its store")
         task = _choice(d, "task", "manifest", tuple(TASKS))
         targets = TargetSpec.from_dict(_get(d, "targets", dict, "manifest"))
         vocab_size = _count(d, "vocab_size", "manifest", _MAX_VOCAB)
@@ -448,20 +563,7 @@ class Manifest:
         if len(set(names)) != len(names) or len(set(paths)) != len(paths):
             raise ManifestError("manifest: two shards share a name or a path")
         for s in shards:
-            # a sampled shard's ragged columns have `entries` rows: between 1 and k per position; a hybrid shard's
-            # between 0 (a position whose tail is 0 has no draws) and tail_bound per position
-            if targets.method == "topk" and s.entries is not None:
-                raise ManifestError(f"manifest: shard {s.name} records entries, but a top-k store has none")
-            if targets.hybrid and (s.entries is None or not 0 <= s.entries <= s.positions * targets.tail_bound):
-                raise ManifestError(
-                    f"manifest: shard {s.name} has entries={s.entries}; a hybrid store needs between 0 and "
-                    f"positions * min(num_samples, num_classes - k)={s.positions * targets.tail_bound}"
-                )
-            if targets.sampled and (s.entries is None or not s.positions <= s.entries <= s.positions * targets.k):
-                raise ManifestError(
-                    f"manifest: shard {s.name} has entries={s.entries}; a sampled store needs between "
-                    f"positions={s.positions} and positions * k={s.positions * targets.k}"
-                )
+            check_entries(targets, s)
         return cls(
             backend=_choice(d, "backend", "manifest", BACKENDS),
             task=task,

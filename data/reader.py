@@ -30,8 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .backends import Column, decoded_bytes, read_keys, read_shard, shard_files, stored_columns
 from .codecs import decode_shard
 from .errors import (
@@ -42,9 +40,11 @@ from .errors import (
     NotAStoreError,
     StoreError,
     StoreNotFoundError,
+    StoreReadError,
 )
 from .location import Location, sha256_file
 from .manifest import FileRecord, Manifest, ShardRecord
+from .segments import LazyShards, RowIndex, parse_root
 from .shard import NDArray, ShardData
 
 __all__ = [
@@ -57,7 +57,8 @@ __all__ = [
     "read_manifest",
 ]
 
-# A manifest is small (a few hundred bytes per shard); anything far larger is not one.
+# A version-1 manifest is a few KB per shard (a version-2 root ~170 KB at 1,000,000 shards); anything far larger
+# is not one.
 _MAX_MANIFEST_BYTES = 256 << 20
 # A real shard's columns compress a few times over (~3x on a real teacher). Counts that imply more decoded bytes
 # than this many per stored byte, beyond a fixed allowance, are refused before anything is read or allocated.
@@ -65,16 +66,13 @@ _MAX_EXPANSION = 1024
 _EXPANSION_ALLOWANCE = 256 << 20
 
 
-class StoreReadError(StoreError, OSError):
-    """Reading the store failed (an unreachable server, a local I/O error); the store itself is unchanged."""
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KD_PIPELINE_CACHE", Path.home() / ".cache" / "kd-pipeline"))
 
 
 def read_manifest(location: Location) -> Manifest:
-    """Read and check ``manifest.json``.
+    """Read and check ``manifest.json``: a version-1 manifest whole, a version-2 root alone (its shard records
+    are read from their segments when first used, data/segments.py).
 
     Raises StoreNotFoundError, NotAStoreError, ManifestError, and StoreReadError when the store cannot be reached.
     """
@@ -97,6 +95,8 @@ def read_manifest(location: Location) -> Manifest:
         raw = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NotAStoreError(f"{location}: manifest.json is not valid JSON ({e})") from e
+    if isinstance(raw, dict) and raw.get("format_version") == 2 and "segments" in raw:
+        return parse_root(raw, location)
     return Manifest.from_dict(raw)
 
 
@@ -148,15 +148,17 @@ class StoreReader:
         self.verify = verify
         self._cache: OrderedDict[int, ShardData] = OrderedDict()
         self._max_cached = max_cached_shards
-        self._row_starts = np.cumsum([0] + [s.rows for s in manifest.shards])
+        self._rows = RowIndex(manifest.shards)  # reads no shard record up front (version 2: segment by segment)
         self._keys: dict[int, NDArray] = {}  # shard -> (rows, 16) uint8: 16 bytes per example, kept
         self._remote_cache = None
         if not location.is_local:
             url_digest = hashlib.sha256(location.url.encode()).hexdigest()[:16]
             self._remote_cache = Path(cache_dir or default_cache_dir()) / "stores" / url_digest
+            if isinstance(manifest.shards, LazyShards):
+                manifest.shards.cache_dir = self._remote_cache / "records"
 
     def __len__(self) -> int:
-        return int(self._row_starts[-1])
+        return self._rows.total
 
     @property
     def num_shards(self) -> int:
@@ -167,8 +169,8 @@ class StoreReader:
         if not -n <= index < n:
             raise IndexError(f"example {index} is out of range for a store of {n} examples")
         index %= n
-        s = int(np.searchsorted(self._row_starts, index, side="right")) - 1
-        return self.shard(s).example(index - int(self._row_starts[s]), self.manifest.task)
+        s, row = self._rows.find(index)
+        return self.shard(s).example(row, self.manifest.task)
 
     def __iter__(self) -> Iterator[dict[str, NDArray]]:
         for s in range(self.num_shards):

@@ -1,4 +1,4 @@
-"""Writing a store: one shard per work unit, each committed by rewriting the manifest.
+"""Writing a store: one shard per work unit, each committed by replacing the manifest's root.
 
     with StoreWriter(path, manifest_template) as w:
         for unit in range(n_units):
@@ -8,8 +8,11 @@
         w.finish()                          # marks the manifest complete
 
 Commit protocol: the shard is written in full into a staging path, checksummed, moved to its final name,
-and only then listed in ``manifest.json``, which is replaced atomically. A crash at any point leaves the
-previous manifest valid and every listed shard intact; an unlisted leftover shard is overwritten on resume.
+and only then listed: its record goes into a new immutable segment file (data/segments.py) and
+``manifest.json``, the root that names the segments, is replaced atomically. A crash at any point leaves the
+previous root valid and every listed shard intact; an unlisted leftover (shard or segment) is overwritten on
+resume. New stores are format version 2; a version-1 store resumes as version 1 (every record inline in the
+manifest, rewritten at each commit), so that the code that wrote it can still read it.
 
 On an object store (an fsspec URL) there is no rename: the staged files are PUT once under their final names,
 then the manifest is replaced by one PUT (data/location.py). A failed write (a full disk, a server that went
@@ -25,7 +28,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -42,14 +45,15 @@ from .errors import (
     StoreWriteError,
 )
 from .location import Location, sha256_file
-from .manifest import FileRecord, Manifest, ShardRecord
-from .reader import read_manifest
+from .manifest import FileRecord, Manifest, ShardRecord, Totals
+from .reader import check_files, read_manifest
+from .segments import SEGMENT_SHARDS, LazyShards, RecordLog
 from .shard import ShardData
 
 __all__ = ["StoreWriter", "differences", "shard_name"]
 
 # Entries a store directory may hold besides its shards and manifest (ours, so an --overwrite may remove them).
-_OWN_ENTRIES = {"manifest.json", "shards", ".staging", ".lock", ".ranks"}
+_OWN_ENTRIES = {"manifest.json", "shards", "records", ".staging", ".lock", ".ranks"}
 
 
 def shard_name(unit: int) -> str:
@@ -83,8 +87,12 @@ class StoreWriter:
     ) -> None:
         self.location = Location(path_or_url, storage_options)
         self._lock_fd: int | None = None
+        self._log: RecordLog | None = None  # version 2; None: a version-1 store, whole in self._v1
+        self._v1 = template
+        self._view: Manifest | None = None
+        self._units: set[int] | None = None
         try:
-            self.manifest = self._open(template, overwrite)
+            self._start(self._open(template, overwrite))
         except StoreError:
             self.close()
             raise
@@ -106,7 +114,7 @@ class StoreWriter:
         if loc.root_exists() and not loc.is_dir_root():
             raise StoreExistsError(f"{loc} exists and is a file, not a store; choose another output path")
         if entries and "manifest.json" not in entries:
-            if set(entries) <= {".staging", ".lock", "shards", ".ranks"} and not loc.list_shard_entries():
+            if set(entries) <= {".staging", ".lock", "shards", "records", ".ranks"} and not loc.list_shard_entries():
                 entries = []  # an interrupted create of our own, before its first manifest
             else:
                 raise StoreExistsError(
@@ -140,8 +148,33 @@ class StoreWriter:
                 return existing
         targets = resolve_targets(template.backend, template.targets)
         manifest = replace(template, targets=targets, shards=(), complete=False)
-        self._write_manifest(manifest)
+        if manifest.format_version == 1:
+            self._write_manifest(manifest)
+        else:
+            RecordLog(loc, [], [], Totals()).write_root(manifest)
         return manifest
+
+    def _start(self, manifest: Manifest) -> None:
+        """Keep a version-1 manifest whole; keep a version-2 one as its provenance plus the log of its records."""
+        if manifest.format_version == 1:
+            self._v1 = manifest
+            return
+        shards = manifest.shards
+        self._log = (
+            RecordLog.resume(self.location, shards)
+            if isinstance(shards, LazyShards)
+            else RecordLog(self.location, [], [], Totals())
+        )
+        self._v1 = replace(manifest, shards=())
+
+    @property
+    def manifest(self) -> Manifest:
+        """The committed manifest (version 2: shard records read back from their segments when used)."""
+        if self._log is None:
+            return self._v1
+        if self._view is None:
+            self._view = replace(self._v1, shards=self._log.view(self._v1.targets))
+        return self._view
 
     def _acquire_lock(self) -> None:
         """One writing process per store (ranks of one job write their own stores and are merged)."""
@@ -170,7 +203,31 @@ class StoreWriter:
 
     @property
     def committed_units(self) -> set[int]:
-        return {s.unit for s in self.manifest.shards}
+        """Units committed so far (built once from the records, then kept up to date: a merge asks per shard)."""
+        if self._units is None:
+            self._units = {s.unit for s in self.manifest.shards}
+        return self._units
+
+    def _commit(self, records: list[ShardRecord], name: str) -> None:
+        """List published shards: version 2 appends them to the log and writes one root; version 1 rewrites
+        the whole manifest per record."""
+        with self._write_errors(name):
+            if self._log is None:
+                for record in records:
+                    self._write_manifest(self._v1.with_shard(record))
+                    self._v1 = self._v1.with_shard(record)
+            else:
+                saved = self._log.state()
+                self._view = None
+                try:
+                    for record in records:
+                        self._log.append(record)
+                    self._log.flush(self._v1)
+                except BaseException:
+                    self._log.restore(saved)  # the previous root stands: so must the log that wrote it
+                    raise
+        if self._units is not None:
+            self._units.update(r.unit for r in records)
 
     def write_shard(self, unit: int, data: ShardData, stats: dict[str, float] | None = None) -> ShardRecord:
         """Write and commit one shard. Returns its manifest record.
@@ -178,8 +235,12 @@ class StoreWriter:
         ``data`` holds exact values (log-probs in ``targets.logprob_dtype``); they are encoded here
         (data/codecs.py), and a lossy encoding adds the KL divergence it measured to ``stats``.
         """
-        m = self.manifest
+        m = self._v1
         name = shard_name(unit)
+        if self._log is not None and unit <= self._log.last_unit:
+            raise ValueError(
+                f"{name}: units are committed in rising order; the last committed is {self._log.last_unit}"
+            )
         data.validate(m.task, m.targets, m.vocab_size, name)
         rel = shard_relpath(m.backend, name)
         staging_root = self.location.local(".staging") if self.location.is_local else None
@@ -203,9 +264,7 @@ class StoreWriter:
             stats={**(stats or {}), **codec_stats},
             entries=data.num_entries,
         )
-        with self._write_errors(name):
-            self._write_manifest(m.with_shard(record))
-        self.manifest = m.with_shard(record)
+        self._commit([record], name)
         return record
 
     @contextlib.contextmanager
@@ -223,14 +282,47 @@ class StoreWriter:
             ) from e
 
     def adopt_shard(self, source: Location, record: ShardRecord, *, move: bool = False) -> ShardRecord:
-        """Commit a shard of another store (already checked by the caller) under the same name and unit.
+        """Commit one shard of another store; see :meth:`adopt_shards`."""
+        self.adopt_shards([(source, record)], move=move)
+        return record
 
-        Local to local, the files are copied (or moved) into staging and published like a new shard; any other
-        combination downloads them through a local staging folder.
+    def adopt_shards(self, items: Sequence[tuple[Location, ShardRecord]], *, move: bool = False) -> None:
+        """Commit shards of other stores (each with the store it comes from) under the same names and units, in
+        rising unit order.
+
+        Each shard's files are hashed once: moved local files at the source before the move (a rename keeps
+        them), copied or downloaded ones in staging, after the copy (what is checked is what gets published).
+        Version 2 commits once per ``SEGMENT_SHARDS`` shards and once at the end, so that merging n shards
+        writes O(n / SEGMENT_SHARDS) roots. A moved shard whose commit was cut short by a crash is found at its
+        destination on the next run and adopted there, after its checksums are checked.
+
+        Raises:
+            CorruptShardError: a file does not match the record's size or SHA-256.
         """
-        m = self.manifest
+        batch: list[ShardRecord] = []
+        for source, record in items:
+            self._adopt_files(source, record, move)
+            batch.append(record)
+            if self._log is None or len(batch) >= SEGMENT_SHARDS:
+                self._commit(batch, record.name)
+                batch = []
+        if batch:
+            self._commit(batch, batch[-1].name)
+
+    def _adopt_files(self, source: Location, record: ShardRecord, move: bool) -> None:
+        m = self._v1
         if record.path != shard_relpath(m.backend, record.name):
             raise ValueError(f"{record.name}: path {record.path} does not follow the {m.backend} layout")
+        files = shard_files(m.backend, record)
+        if (
+            source.is_local
+            and move
+            and self.location.is_local
+            and not source.local(record.path).exists()
+            and self.location.local(record.path).exists()
+        ):
+            check_files(self.location, record.name, files, verify=True)  # moved by a merge that then crashed
+            return
         staging_root = self.location.local(".staging") if self.location.is_local else None
         if staging_root is not None:
             staging_root.mkdir(exist_ok=True)
@@ -240,27 +332,31 @@ class StoreWriter:
         ):
             staged = Path(tmp) / record.path.rsplit("/", 1)[-1]
             if source.is_local and move:
+                check_files(source, record.name, files, verify=True)
                 os.replace(source.local(record.path), staged)
-            elif source.is_local:
-                src = source.local(record.path)
-                shutil.copytree(src, staged) if src.is_dir() else shutil.copy2(src, staged)
             else:
-                for rel in shard_files(m.backend, record):
-                    source.download(rel, Path(tmp) / rel.removeprefix("shards/"))
-            if _file_records(staged) != record.files:
-                raise CorruptShardError(f"{record.name}: files changed while being merged")
+                check_files(source, record.name, files, verify=False)  # sizes: fail before copying a wrong file
+                if source.is_local:
+                    src = source.local(record.path)
+                    shutil.copytree(src, staged) if src.is_dir() else shutil.copy2(src, staged)
+                else:
+                    for rel in files:
+                        source.download(rel, Path(tmp) / rel.removeprefix("shards/"))
+                if _file_records(staged) != record.files:
+                    raise CorruptShardError(f"{record.name}: a file does not match its SHA-256 in {source}")
             self.location.publish(staged, record.path)
-        with self._write_errors(record.name):
-            self._write_manifest(m.with_shard(record))
-        self.manifest = m.with_shard(record)
-        return record
 
     def finish(self) -> Manifest:
         """Mark the store complete and end the writing. Readers refuse an incomplete store unless asked to read
         one. A finished store keeps no ``.lock``: the next writer (say, ``--overwrite``) may start at once."""
         with self._write_errors("manifest.json"):
-            self._write_manifest(replace(self.manifest, complete=True))
-        self.manifest = replace(self.manifest, complete=True)
+            if self._log is None:
+                self._write_manifest(replace(self._v1, complete=True))
+            else:
+                self._log.write_root(replace(self._v1, complete=True))
+                self._log.sweep()  # superseded segments and a crashed run's leftovers
+        self._v1 = replace(self._v1, complete=True)
+        self._view = None
         if self.location.is_local:
             self.location.remove(".staging")
             if self._lock_fd is not None:  # a finished store keeps no lock file; we hold the lock as we unlink it

@@ -32,6 +32,7 @@ from kd_pipeline.data.codecs import (
 )
 from kd_pipeline.data.inspect import summarize
 from kd_pipeline.data.writer import differences
+from tests import rawstore
 from tests.conftest import make_manifest, write_store
 
 VOCAB = 49152
@@ -138,7 +139,7 @@ def test_zarr_store_needs_only_standard_codecs_and_the_documented_inverse(tmp_pa
     import zarr
 
     written = write_store(tmp_path / "s", "zarr", k=4)
-    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    m = rawstore.load(tmp_path / "s")
     assert m["targets"]["encoding"] == "delta" and m["targets"]["value_dtype"] == "float16"
     shard = tmp_path / "s" / m["shards"][0]["path"]
     for meta in shard.glob("*/zarr.json"):
@@ -156,9 +157,9 @@ def test_zarr_store_needs_only_standard_codecs_and_the_documented_inverse(tmp_pa
 
 def test_a_stored_column_that_does_not_fit_the_encoding_is_corrupt(tmp_path: Path) -> None:
     write_store(tmp_path / "s", "zarr", shards=1)
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
     raw["targets"]["encoding"] = "plain"  # the column holds uint16 deltas, not float16 values
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "s", raw)
     with pytest.raises(CorruptShardError, match="encoding 'plain' stores float16"):
         open_store(tmp_path / "s")[0]
     with pytest.raises(CorruptShardError, match="encoding 'delta' stores uint16"):
@@ -312,9 +313,9 @@ def test_the_writer_resolves_auto_and_resumes_an_old_store_in_its_own_encoding(t
         b = ShardBuilder("causal-lm", plain.targets)
         b.add([1, 2, 3], [[1, 2, 3, 4]] * 2, [[-1.0, -1.5, -2.0, -3.0]] * 2, [0.2239] * 2)  # kept 0.7761
         w.write_shard(0, b.build())
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
     del raw["targets"]["encoding"]
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "s", raw)
     with StoreWriter(tmp_path / "s", m) as w:  # the template says "auto"
         assert w.manifest.targets.encoding == "plain" and w.committed_units == {0}
         b = ShardBuilder("causal-lm", m.targets)

@@ -10,7 +10,6 @@ see the same shapes) upcast to float64, times the float64 head weight, log-softm
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from kd_pipeline import data
 from kd_pipeline.pipeline.cli import cli
 from kd_pipeline.stages.label import LabelConfig, LabelConfigError, run
 from kd_pipeline.stages.models import ModelLoadError, load_model
+from tests import rawstore
 from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
 
 T = 2.0
@@ -142,9 +142,9 @@ def test_resume_with_another_head_dtype_is_refused(
 ) -> None:
     store = tmp_path / "s"
     run(_cfg(sharp, store, head_dtype="auto"), log=_quiet)
-    raw = json.loads((store / "manifest.json").read_text())
+    raw = rawstore.load(store)
     raw["complete"], raw["shards"] = False, raw["shards"][:2]
-    (store / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(store, raw)
     args = ["label", "--teacher", str(sharp["teacher"]), "--data", str(sharp["data"]), "--out", str(store)]
     args += ["--top-k", str(K), "--temperature", str(T), "--batch-size", "1", "--shard-size", "4"]
     args += ["--chunk-positions", "16", "--dtype", "bfloat16", "--device", "cpu"]
@@ -170,12 +170,12 @@ def test_a_store_from_before_logit_dtype_reads_and_resumes(
     resumed by the run that computes what it did: the head in the teacher's dtype."""
     store = tmp_path / "old"
     run(_cfg(sharp, store, head_dtype="model"), log=_quiet)
-    raw = json.loads((store / "manifest.json").read_text())
+    raw = rawstore.load(store)
     del raw["teacher"]["logit_dtype"]
-    (store / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(store, raw)
     assert "logit_dtype" not in data.open_store(store).manifest.teacher and data.verify_store(store).ok
     raw["complete"], raw["shards"] = False, raw["shards"][:2]
-    (store / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(store, raw)
     with pytest.raises(data.StoreExistsError, match="head_dtype"):
         run(_cfg(sharp, store), log=_quiet)  # the default, auto: float32 logits, not what the store holds
     result = run(_cfg(sharp, store, head_dtype="model"), log=_quiet)

@@ -19,6 +19,7 @@ from kd_pipeline import data
 from kd_pipeline.data import ManifestError, ShardBuilder, StoreWriter, open_store, verify_store
 from kd_pipeline.data.export import export_store
 from kd_pipeline.data.inspect import summarize
+from tests import rawstore
 from tests.conftest import make_manifest
 
 TASKS = ("causal-lm", "seq-cls", "masked-lm")
@@ -132,7 +133,7 @@ def test_hybrid_round_trip(tmp_path: Path, backend: str, task: str) -> None:
     for i, (r, w) in enumerate(zip(store, written, strict=True)):
         assert_same_hybrid(r, w, store.manifest.targets)
         assert_same_hybrid(store[i], w, store.manifest.targets)
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
     assert raw["targets"]["method"] == "hybrid" and raw["targets"]["num_samples"] == 20 and raw["targets"]["k"] == 4
     assert raw["targets"]["encoding"] == ("delta" if backend == "zarr" else "plain")
     assert [s["entries"] for s in raw["shards"]] == [
@@ -202,7 +203,7 @@ def test_hybrid_hypothesis_round_trip(
 
 def test_hybrid_manifest_checks(tmp_path: Path) -> None:
     write_hybrid_store(tmp_path / "s", hybrid_manifest(), [3])
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
 
     def refused(edit: Any, match: str) -> None:
         bad = json.loads(json.dumps(raw))

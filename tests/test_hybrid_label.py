@@ -3,7 +3,6 @@ ids; reproducible, resumable (torchrun and merge: tests/test_scale_out.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from kd_pipeline.data import open_store, verify_store
 from kd_pipeline.data.inspect import summarize
 from kd_pipeline.stages.label import LabelConfig, LabelConfigError
 from kd_pipeline.stages.label import run as label
+from tests import rawstore
 from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
 
 
@@ -126,10 +126,10 @@ def _within(freq: np.ndarray, expected: np.ndarray, n: int) -> bool:
 def test_label_hybrid_is_reproducible_and_resumes_exactly(tiny: dict[str, Any], tmp_path: Path) -> None:
     label(label_cfg(tiny, tmp_path / "a"), log=_quiet)
     label(label_cfg(tiny, tmp_path / "b"), log=_quiet)
-    raw = json.loads((tmp_path / "b" / "manifest.json").read_text())  # the state a crash leaves after 2 of 4 units
+    raw = rawstore.load(tmp_path / "b")  # the state a crash leaves after 2 of 4 units
     raw["complete"] = False
     raw["shards"] = raw["shards"][:2]
-    (tmp_path / "b" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "b", raw)
     with pytest.raises(data.StoreExistsError, match="samples"):
         label(label_cfg(tiny, tmp_path / "b", samples=31), log=_quiet)
     result = label(label_cfg(tiny, tmp_path / "b"), log=_quiet)

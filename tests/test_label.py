@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from kd_pipeline import data
 from kd_pipeline.pipeline.cli import cli
 from kd_pipeline.stages.label import LabelConfig, LabelConfigError, run
+from tests import rawstore
 from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
 
 
@@ -103,10 +104,10 @@ def test_resume_after_a_partial_run_equals_one_run(tiny: dict[str, Any], tmp_pat
     run(_cfg(tiny, tmp_path / "part"), log=_quiet)
     # the state a crash leaves after committing 2 of 4 units: an older manifest, and (at most) leftover
     # files of the uncommitted shards, which readers ignore and the resumed run replaces
-    raw = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "part")
     raw["complete"] = False
     raw["shards"] = raw["shards"][:2]
-    (tmp_path / "part" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "part", raw)
     victim = next(p for p in (tmp_path / "part" / "shards" / "shard-000003").rglob("*") if p.is_file())
     victim.write_bytes(b"garbage")
     # a different configuration is refused, naming what differs

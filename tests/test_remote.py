@@ -9,6 +9,7 @@ retries are off (``total_max_attempts`` 1) so that an unreachable server fails a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -210,7 +211,8 @@ def test_server_gone_mid_write_then_the_same_writer_resumes(
     if when == "uploading the shard":  # zarr: after the shard's first file is up; arrow: before its only file
         monkeypatch.setattr(fs, "put_file", _stop_on_call(running, fs.put_file, 2 if backend == "zarr" else 1))
     else:
-        monkeypatch.setattr(fs, "pipe_file", _stop_on_call(running, fs.pipe_file, 1))
+        # the shard's record segment is PUT first, then the root that names it: the server stops before the root
+        monkeypatch.setattr(fs, "pipe_file", _stop_on_call(running, fs.pipe_file, 2))
     with pytest.raises(StoreWriteError, match=rf"writing shard-000002 to {url} failed .*2 shards committed") as info:
         writer.write_shard(2, shards[2][0])
     assert isinstance(info.value, OSError) and "127.0.0.1" in str(info.value)  # names the endpoint it could not reach
@@ -311,7 +313,12 @@ def test_a_claimed_terabyte_object_is_refused_before_downloading(
     write_store(url, "arrow", shards=1)  # type: ignore[arg-type]
     fs, root = fsspec.core.url_to_fs(url)
     raw = json.loads(fs.cat_file(f"{root}/manifest.json"))
-    raw["shards"][0]["files"]["shard-000000.arrow"]["bytes"] = 10**12
+    ref = raw["segments"][0]  # a consistent forgery: the segment's checksum in the root matches the edit
+    segment = json.loads(fs.cat_file(f"{root}/{ref['path']}"))
+    segment["shards"][0]["files"]["shard-000000.arrow"]["bytes"] = 10**12
+    body = json.dumps(segment).encode()
+    fs.pipe_file(f"{root}/{ref['path']}", body)
+    ref["bytes"], ref["sha256"] = len(body), hashlib.sha256(body).hexdigest()
     fs.pipe_file(f"{root}/manifest.json", json.dumps(raw).encode())
     downloads: list[str] = []
     monkeypatch.setattr(fs, "get_file", _counting(fs.get_file, downloads))

@@ -25,6 +25,7 @@ from kd_pipeline.stages.label import LabelConfig, LabelConfigError
 from kd_pipeline.stages.label import run as label
 from kd_pipeline.stages.train import TrainConfig, TrainConfigError
 from kd_pipeline.stages.train import run as train
+from tests import rawstore
 from tests.conftest import make_manifest
 from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
 
@@ -119,7 +120,7 @@ def test_sampled_round_trip(tmp_path: Path, backend: str, task: str) -> None:
     for i, (r, w) in enumerate(zip(store, written, strict=True)):
         assert_same_sampled(r, w, store.manifest.targets)
         assert_same_sampled(store[i], w, store.manifest.targets)
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
     assert raw["targets"]["num_samples"] == 20 and raw["targets"]["encoding"] == "plain"
     assert [s["entries"] for s in raw["shards"]] == [
         sum(len(ex["target_ids"]) for ex in part) for part in (written[:5], written[5:9], written[9:])
@@ -196,7 +197,7 @@ def test_sampled_zero_count_is_refused() -> None:
 
 def test_sampled_manifest_checks(tmp_path: Path) -> None:
     write_sampled_store(tmp_path / "s", sampled_manifest(), [2])
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
 
     def parse(edit: Any) -> None:
         d = json.loads(json.dumps(raw))
@@ -217,7 +218,7 @@ def test_sampled_manifest_checks(tmp_path: Path) -> None:
     from tests.conftest import write_store
 
     write_store(tmp_path / "t", shards=1)
-    topk = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    topk = rawstore.load(tmp_path / "t")
     assert "num_samples" not in topk["targets"] and "entries" not in topk["shards"][0]
     assert data.Manifest.from_dict(topk).targets.num_samples is None
 
@@ -318,10 +319,10 @@ def test_label_sample_is_reproducible_and_resumes_exactly(tiny: dict[str, Any], 
     label(_label_cfg(tiny, tmp_path / "a"), log=_quiet)
     label(_label_cfg(tiny, tmp_path / "b"), log=_quiet)
     # the state a crash leaves after committing 2 of 4 units
-    raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "b")
     raw["complete"] = False
     raw["shards"] = raw["shards"][:2]
-    (tmp_path / "b" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "b", raw)
     with pytest.raises(data.StoreExistsError, match="samples"):
         label(_label_cfg(tiny, tmp_path / "b", samples=31), log=_quiet)
     result = label(_label_cfg(tiny, tmp_path / "b"), log=_quiet)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from kd_pipeline.data import (
     open_store,
     verify_store,
 )
+from tests import rawstore
 from tests.conftest import make_manifest, random_example, write_store
 
 TASKS = ("causal-lm", "seq-cls", "masked-lm")
@@ -133,7 +133,7 @@ def test_hypothesis_round_trip(
 
 def test_manifest_provenance_and_checksums(tmp_path: Path, backend: str) -> None:
     write_store(tmp_path / "s", backend)
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
     assert raw["format"] == "kd-soft-labels" and raw["format_version"] == data.FORMAT_VERSION
     assert raw["complete"] is True and raw["granularity"] == "token"
     assert raw["targets"] == {
@@ -253,17 +253,17 @@ def test_open_errors(tmp_path: Path) -> None:
     with pytest.raises(NotAStoreError, match="not valid JSON"):
         open_store(tmp_path / "empty")
     write_store(tmp_path / "s")
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
     raw["format_version"] = 99
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "s", raw)
     with pytest.raises(UnsupportedFormatError, match="version 99 is not supported"):
         open_store(tmp_path / "s")
 
 
 def _edit_manifest(path: Path, edit: object) -> None:
-    raw = json.loads((path / "manifest.json").read_text())
+    raw = rawstore.load(path)
     edit(raw)  # type: ignore[operator]
-    (path / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(path, raw)
 
 
 @pytest.mark.parametrize(
@@ -356,10 +356,10 @@ def test_consistent_but_wrong_content_is_caught(tmp_path: Path, backend: str) ->
     """A shard swapped for another valid shard fails the manifest's counts even if checksums were forged."""
     write_store(tmp_path / "s", backend, rows=5)
     write_store(tmp_path / "t", backend, rows=4)
-    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    other = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    raw = rawstore.load(tmp_path / "s")
+    other = rawstore.load(tmp_path / "t")
     raw["shards"][0]["files"] = other["shards"][0]["files"]
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "s", raw)
     target = tmp_path / "s" / raw["shards"][0]["path"]
     source = tmp_path / "t" / other["shards"][0]["path"]
     shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -392,10 +392,9 @@ def test_crashed_staging_is_not_visible_and_is_replaced(tmp_path: Path, backend:
         b = ShardBuilder("causal-lm", m.targets)
         b.add([1, 2, 3], [[1, 2, 3, 4]] * 2, [[-2.0] * 4] * 2, [1 - 4 * np.exp(-2.0)] * 2)
         w.write_shard(1, b.build())
-    before = (tmp_path / "s" / "manifest.json").read_bytes()
-    raw = json.loads(before)
+    raw = rawstore.load(tmp_path / "s")
     raw["shards"] = raw["shards"][:1]  # the commit of shard 1 "never happened"
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "s", raw)
     assert len(open_store(tmp_path / "s", allow_incomplete=True)) == 5
     assert any("not listed" in p for p in verify_store(tmp_path / "s").problems)
     with StoreWriter(tmp_path / "s", m) as w:

@@ -17,11 +17,12 @@ import pytest
 
 from kd_pipeline.data import CorruptShardError, backends, open_store, verify_store
 from kd_pipeline.data.location import Location
+from tests import rawstore
 from tests.conftest import write_store
 
 
 def _manifest(store: Path) -> dict[str, Any]:
-    raw: dict[str, Any] = json.loads((store / "manifest.json").read_text())
+    raw: dict[str, Any] = rawstore.load(store)
     return raw
 
 
@@ -37,7 +38,7 @@ def _forge(store: Path, rel: str, content: bytes) -> None:
         else:
             continue
         shard["files"][key] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
-    (store / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(store, raw)
 
 
 def _edit_zarr_json(store: Path, column: str, edit: Any) -> None:
@@ -124,7 +125,7 @@ def test_zarr_consolidated_metadata_and_unexpected_arrays_are_refused(tmp_path: 
     raw = _manifest(tmp_path / "t")
     files = raw["shards"][0]["files"]
     files.update({k.replace("tail_mass/", "labels/"): v for k, v in files.items() if k.startswith("tail_mass/")})
-    (tmp_path / "t" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "t", raw)
     _refused(tmp_path / "t", "array 'labels' does not belong")
 
 
@@ -188,7 +189,7 @@ def test_a_claimed_terabyte_file_is_refused_without_reading(
     files = raw["shards"][0]["files"]
     victim = max(files, key=lambda k: files[k]["bytes"])
     files[victim]["bytes"] = 10**12
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "s", raw)
 
     def no_reading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a shard file was read")
@@ -210,7 +211,7 @@ def test_absurd_counts_are_refused_before_any_read(
     write_store(tmp_path / "s", backend, shards=2)
     raw = _manifest(tmp_path / "s")
     raw["shards"][0].update(rows=1 << 30, tokens=1 << 36, positions=1 << 36)
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(tmp_path / "s", raw)
     store = open_store(tmp_path / "s")
     monkeypatch.setattr(Location, "size", lambda *a: pytest.fail("a file was looked at"))
     with pytest.raises(CorruptShardError, match="shard-000000: the manifest's counts .* refusing to decode it"):

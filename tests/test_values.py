@@ -30,6 +30,7 @@ from kd_pipeline.data.dataset import StoreDataset
 from kd_pipeline.data.export import export_store
 from kd_pipeline.data.values import kept_mass_tolerance
 from kd_pipeline.pipeline.cli import cli
+from tests import rawstore
 from tests.conftest import make_manifest
 from tests.test_sampled import sampled_manifest
 
@@ -269,7 +270,7 @@ def _store_with_bad_shard(path: Path, m: data.Manifest, bad: ShardData) -> None:
     write_shard(m.backend, target, encode_shard(targets, bad)[0], {"format": "kd-soft-labels", "shard": "x", "unit": 1})
     files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
     base = target.parent if target.is_file() else target
-    raw = json.loads((path / "manifest.json").read_text())
+    raw = rawstore.load(path)
     raw["shards"][1]["files"] = {
         p.relative_to(base).as_posix(): {
             "bytes": p.stat().st_size,
@@ -279,7 +280,7 @@ def _store_with_bad_shard(path: Path, m: data.Manifest, bad: ShardData) -> None:
     }
     if bad.num_entries is not None:  # an edit that drops ragged entries changes the count the manifest records
         raw["shards"][1]["entries"] = bad.num_entries
-    (path / "manifest.json").write_text(json.dumps(raw))
+    rawstore.save(path, raw)
 
 
 def _assert_readers_refuse(path: Path, message: str) -> None:

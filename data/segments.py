@@ -1,0 +1,445 @@
+"""Store format version 2: shard records in immutable segment files named by a small root.
+
+``manifest.json`` stays the single commit point, but it no longer lists every shard: it holds the provenance,
+the ``totals`` over all records, and a list of *segment references* ``{path, shards, rows, first_unit,
+last_unit, bytes, sha256}``. A segment (``records/segment-<start>-<count>.json``) is a JSON file of ``count``
+consecutive shard records, written once and never changed. A commit writes one new segment and replaces the
+root, so its cost does not grow with the store:
+
+* the segments form a base-``FANOUT`` counter: a commit adds a segment of 1 record; when the root's last
+  ``FANOUT`` segments have the same size below ``SEGMENT_SHARDS`` they are replaced by one segment of all their
+  records (written from the writer's memory, never read back). A commit thus writes ~3 records' worth of
+  segment bytes on average, and the root names at most ``2 * (FANOUT - 1)`` small segments plus one per
+  ``SEGMENT_SHARDS`` sealed records (~1,000 references, ~170 KB, at 1,000,000 shards);
+* a segment's name is unique to its content (its first record's index and its size, records being committed in
+  unit order and never changed), so on an object store every segment is a write-once PUT and a crash between
+  the segment write and the root PUT leaves the previous root naming only intact files. A segment the root
+  stops naming is deleted one commit later (a reader that opened the store just before has time to read it).
+
+Readers parse only the root; :class:`LazyShards` loads a segment on demand (a few kept in an LRU cache), after
+checking its size and SHA-256 against the root, and checks every record as a version-1 manifest's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, overload
+
+from .errors import ManifestError, StoreError, StoreReadError
+from .location import Location
+from .manifest import Manifest, ShardRecord, Totals, _count, _get, check_entries
+
+__all__ = ["FANOUT", "SEGMENT_SHARDS", "LazyShards", "RecordLog", "RowIndex", "SegmentRef", "parse_root", "root_dict"]
+
+# 32 x 32: a sealed segment of 1,024 records is ~2.3 MB of JSON (zarr shards list ~20 files each), read in ~20 ms.
+FANOUT = 32
+SEGMENT_SHARDS = 1024
+SEGMENT_FORMAT = "kd-soft-labels-segment"
+# Bounds no honest store reaches: a hostile root cannot make a reader allocate or download without limit.
+_MAX_SEGMENT_SHARDS = 1 << 16
+_MAX_SEGMENT_BYTES = 256 << 20
+_MAX_SEGMENTS = 1 << 22
+_SEGMENT_PATH = re.compile(r"^records/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CACHED_SEGMENTS = 4
+
+
+def segment_path(start: int, count: int) -> str:
+    """Zero-padded, so that names sort in store order: ``records/segment-000001024-01024.json``."""
+    return f"records/segment-{start:09d}-{count:05d}.json"
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """A segment as the root names it.
+
+    Attributes:
+        path: ``records/<plain-name>``, relative to the store root.
+        shards: records in the segment (1 .. 65,536).
+        rows: examples in those shards (lets a reader find an example's segment without reading any).
+        first_unit, last_unit: the units of its first and last record (records are in strictly rising unit order).
+        bytes, sha256: the segment file's size and SHA-256, checked before it is parsed.
+    """
+
+    path: str
+    shards: int
+    rows: int
+    first_unit: int
+    last_unit: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "shards": self.shards,
+            "rows": self.rows,
+            "first_unit": self.first_unit,
+            "last_unit": self.last_unit,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], i: int) -> SegmentRef:
+        w = f"segments[{i}]"
+        path = _get(d, "path", str, w)
+        if not _SEGMENT_PATH.match(path):
+            raise ManifestError(f"manifest: {w}.path={path!r} is not a plain 'records/<name>' path; refusing it")
+        digest = _get(d, "sha256", str, w)
+        if not _SHA256.match(digest):
+            raise ManifestError(f"manifest: {w}.sha256 is not a hex SHA-256")
+        ref = cls(
+            path=path,
+            shards=_count(d, "shards", w, _MAX_SEGMENT_SHARDS),
+            rows=_count(d, "rows", w),
+            first_unit=_count(d, "first_unit", w),
+            last_unit=_count(d, "last_unit", w),
+            bytes=_count(d, "bytes", w, _MAX_SEGMENT_BYTES),
+            sha256=digest,
+        )
+        if ref.shards < 1 or ref.last_unit - ref.first_unit + 1 < ref.shards:
+            raise ManifestError(
+                f"manifest: {w} holds {ref.shards} records for units {ref.first_unit}..{ref.last_unit}; "
+                "expected 1 or more records with distinct units"
+            )
+        return ref
+
+
+class LazyShards(Sequence[ShardRecord]):
+    """The shard records of a version-2 store, in unit order, read segment by segment on demand.
+
+    ``len`` and ``totals`` come from the root; indexing or iterating reads (and checks) only the segments it
+    touches, keeping the last few parsed. Compares equal to any sequence of the same records.
+    """
+
+    def __init__(self, location: Location, refs: Sequence[SegmentRef], totals: Totals, targets: Any) -> None:
+        self.location = location
+        self.refs = tuple(refs)
+        self.totals = totals
+        self._targets = targets
+        self._starts = [0]  # (segments + 1,) index of each segment's first record
+        for ref in self.refs:
+            self._starts.append(self._starts[-1] + ref.shards)
+        self._cache: OrderedDict[int, tuple[ShardRecord, ...]] = OrderedDict()
+        # where a remote store's segments are kept once read (set by the reader): they never change, so a later
+        # reader of the same store reads them from there, offline if need be
+        self.cache_dir: Path | None = None
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @overload
+    def __getitem__(self, i: int) -> ShardRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[ShardRecord, ...]: ...
+    def __getitem__(self, i: int | slice) -> ShardRecord | tuple[ShardRecord, ...]:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"shard {i} is out of range for a store of {n} shards")
+        i %= n
+        j = bisect.bisect_right(self._starts, i) - 1
+        return self.segment(j)[i - self._starts[j]]
+
+    def __iter__(self) -> Iterator[ShardRecord]:
+        for j in range(len(self.refs)):
+            yield from self.segment(j)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable cache, compared by content
+
+    def __repr__(self) -> str:
+        return f"LazyShards({len(self)} shards in {len(self.refs)} segments of {self.location})"
+
+    def segment(self, j: int) -> tuple[ShardRecord, ...]:
+        """The records of segment ``j``, read, checked and cached.
+
+        Raises:
+            ManifestError: the segment is missing, has the wrong size or checksum, or holds invalid records.
+            StoreReadError: the store could not be read.
+        """
+        if j in self._cache:
+            self._cache.move_to_end(j)
+            return self._cache[j]
+        records = read_segment(self.location, self.refs[j], self._starts[j], self._targets, self.cache_dir)
+        self._cache[j] = records
+        while len(self._cache) > _CACHED_SEGMENTS:
+            self._cache.popitem(last=False)
+        return records
+
+
+def read_segment(
+    location: Location, ref: SegmentRef, start: int, targets: Any, cache_dir: Path | None = None
+) -> tuple[ShardRecord, ...]:
+    """Read one segment file and check it against its reference in the root (size and SHA-256 before parsing);
+    with ``cache_dir``, keep a copy there under its SHA-256 and read that copy when it is already there."""
+    where = f"{location}: {ref.path}"
+    cached = cache_dir / f"{ref.sha256}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file() and cached.stat().st_size == ref.bytes:
+        raw = cached.read_bytes()
+        if hashlib.sha256(raw).hexdigest() == ref.sha256:
+            return _parse_segment(raw, where, ref, start, targets)
+    try:
+        size = location.size(ref.path)
+        if size != ref.bytes:
+            raise ManifestError(
+                f"{where} has {size} bytes, the manifest says {ref.bytes}; the store's records are corrupt"
+            )
+        raw = location.read_bytes(ref.path)
+    except StoreError:
+        raise
+    except OSError as e:
+        raise StoreReadError(f"{where}: reading failed ({e}); check that the store is reachable and retry") from e
+    if len(raw) != ref.bytes or hashlib.sha256(raw).hexdigest() != ref.sha256:
+        raise ManifestError(f"{where} does not match its SHA-256 in the manifest; the store's records are corrupt")
+    records = _parse_segment(raw, where, ref, start, targets)
+    if cached is not None:  # unique temp name: DataLoader workers may cache the same segment at once
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(raw)
+        os.replace(tmp, cached)
+    return records
+
+
+def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets: Any) -> tuple[ShardRecord, ...]:
+    try:
+        d = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{where} is not valid JSON ({e})") from e
+    if not isinstance(d, dict) or d.get("format") != SEGMENT_FORMAT:
+        raise ManifestError(f"{where} is not a {SEGMENT_FORMAT} file")
+    items = _get(d, "shards", list, ref.path)
+    if len(items) != ref.shards:
+        raise ManifestError(f"{where} holds {len(items)} records, the manifest says {ref.shards}")
+    records = tuple(ShardRecord.from_dict(item, start + i) for i, item in enumerate(items))
+    prev = ref.first_unit - 1
+    for s in records:
+        check_entries(targets, s)
+        # names and paths follow from the units, which rise strictly: no two shards share a name or a path
+        if (
+            s.unit <= prev
+            or s.name != f"shard-{s.unit:06d}"
+            or s.path not in (f"shards/{s.name}", f"shards/{s.name}.arrow")
+        ):
+            raise ManifestError(
+                f"{where}: record {s.name} (unit {s.unit}, path {s.path}) is out of unit order or misnamed"
+            )
+        prev = s.unit
+    if records[-1].unit != ref.last_unit or sum(s.rows for s in records) != ref.rows:
+        raise ManifestError(f"{where}: its records do not match the manifest's last_unit / rows")
+    return records
+
+
+def parse_root(d: dict[str, Any], location: Location) -> Manifest:
+    """Parse and check an untrusted version-2 root; its shard records stay in their segments until used."""
+    base = Manifest.from_dict({**{k: v for k, v in d.items() if k != "segments"}, "shards": []})
+    raw_refs = _get(d, "segments", list, "manifest")
+    if len(raw_refs) > _MAX_SEGMENTS:
+        raise ManifestError(f"manifest: {len(raw_refs)} segments, more than any real store ({_MAX_SEGMENTS})")
+    refs = [SegmentRef.from_dict(r, i) for i, r in enumerate(raw_refs)]
+    for i in range(1, len(refs)):
+        if refs[i].first_unit <= refs[i - 1].last_unit:
+            raise ManifestError(f"manifest: segments[{i}] does not follow segments[{i - 1}] in unit order")
+    if len({r.path for r in refs}) != len(refs):
+        raise ManifestError("manifest: two segments share a path")
+    totals = Totals.from_dict(_get(d, "totals", dict, "manifest"))
+    if totals.shards != sum(r.shards for r in refs) or totals.rows != sum(r.rows for r in refs):
+        raise ManifestError("manifest: totals.shards / totals.rows do not match the segments")
+    return replace(base, shards=LazyShards(location, refs, totals, base.targets))
+
+
+def root_dict(base: Manifest, refs: Sequence[SegmentRef], totals: Totals) -> dict[str, Any]:
+    """The version-2 root of ``base`` (its provenance) with these segments and totals."""
+    d = replace(base, shards=()).to_dict()
+    del d["shards"]
+    d["format_version"] = 2
+    d["totals"] = totals.to_dict()
+    d["segments"] = [r.to_dict() for r in refs]
+    return d
+
+
+def segment_bytes(records: Sequence[ShardRecord]) -> bytes:
+    # compact: segments are read by programs; the root stays indented for people
+    body = {"format": SEGMENT_FORMAT, "shards": [s.to_dict() for s in records]}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class RowIndex:
+    """Finds the shard that holds an example without reading every record: by segment (the root's row counts),
+    then within the one segment it needs."""
+
+    def __init__(self, shards: Sequence[ShardRecord]) -> None:
+        self.shards = shards
+        lazy = shards if isinstance(shards, LazyShards) else None
+        sizes = [r.rows for r in lazy.refs] if lazy is not None else [s.rows for s in shards]
+        self._group_starts = [0]
+        for n in sizes:
+            self._group_starts.append(self._group_starts[-1] + n)
+        self._lazy = lazy
+        self._inner: dict[int, list[int]] = {}
+
+    @property
+    def total(self) -> int:
+        return self._group_starts[-1]
+
+    def find(self, index: int) -> tuple[int, int]:
+        """(shard index, row within the shard) of example ``index`` (0 <= index < total)."""
+        g = bisect.bisect_right(self._group_starts, index) - 1
+        offset = index - self._group_starts[g]
+        if self._lazy is None:
+            return g, offset
+        if g not in self._inner:
+            starts = [0]
+            for s in self._lazy.segment(g):
+                starts.append(starts[-1] + s.rows)
+            if len(self._inner) >= _CACHED_SEGMENTS:
+                self._inner.pop(next(iter(self._inner)))
+            self._inner[g] = starts
+        starts = self._inner[g]
+        i = bisect.bisect_right(starts, offset) - 1
+        return self._lazy._starts[g] + i, offset - starts[i]
+
+
+class RecordLog:
+    """The writer's side of version 2: appends records, writes segments and the root.
+
+    Args:
+        location: the store.
+        refs: the segments of the committed root.
+        pending: the records of the segments after the last sealed one (at most ~2 * FANOUT * FANOUT).
+        totals: the committed totals.
+    """
+
+    def __init__(
+        self, location: Location, refs: Sequence[SegmentRef], pending: Sequence[ShardRecord], totals: Totals
+    ) -> None:
+        self.location = location
+        self.fanout, self.seal = FANOUT, SEGMENT_SHARDS  # read here, so that a test may shrink them
+        # committed (SegmentRef) or not yet written (an int: its number of records, the last of `pending`)
+        self._refs: list[SegmentRef | int] = list(refs)
+        self._pending = list(pending)
+        self.totals = totals
+        self.last_unit = refs[-1].last_unit if refs else -1
+        self._superseded: list[str] = []  # segment files the next root no longer names
+        self._doomed: list[str] = []  # named by no root since the previous commit: deleted after this one
+
+    @classmethod
+    def resume(cls, location: Location, shards: LazyShards) -> RecordLog:
+        """The log of a committed root: only the segments after the last sealed one are read."""
+        refs = list(shards.refs)
+        first = max((i + 1 for i, r in enumerate(refs) if r.shards >= SEGMENT_SHARDS), default=0)
+        pending = [s for j in range(first, len(refs)) for s in shards.segment(j)]
+        return cls(location, refs, pending, shards.totals)
+
+    def state(self) -> tuple[Any, ...]:
+        """A copy of the log's state (O(segments + pending)), to :meth:`restore` when a commit fails."""
+        return (list(self._refs), list(self._pending), self.totals, self.last_unit, list(self._superseded))
+
+    def restore(self, state: tuple[Any, ...]) -> None:
+        """Back to the state of the last commit: nothing the failed one did is named, so it is all leftovers."""
+        refs, pending, self.totals, self.last_unit, superseded = state
+        self._refs, self._pending, self._superseded = list(refs), list(pending), list(superseded)
+
+    @property
+    def refs(self) -> list[SegmentRef]:
+        """The committed segments (call after :meth:`flush`)."""
+        assert all(isinstance(r, SegmentRef) for r in self._refs)
+        return [r for r in self._refs if isinstance(r, SegmentRef)]
+
+    def append(self, record: ShardRecord) -> None:
+        """Add a record (in memory until :meth:`flush`). Units must rise: segments never change once written."""
+        if record.unit <= self.last_unit:
+            raise ValueError(
+                f"{record.name}: unit {record.unit} is not above the last committed unit {self.last_unit}; a "
+                "version-2 store commits units in rising order"
+            )
+        self.last_unit = record.unit
+        self._pending.append(record)
+        self.totals = self.totals.plus(record)
+        size = 1
+        # the base-FANOUT carry: FANOUT - 1 segments of this size before the new one merge with it
+        while size * self.fanout <= self.seal and self._tail_sizes(self.fanout - 1) == [size] * (self.fanout - 1):
+            for r in self._refs[-(self.fanout - 1) :]:
+                if isinstance(r, SegmentRef):
+                    self._superseded.append(r.path)
+            del self._refs[-(self.fanout - 1) :]
+            size *= self.fanout
+        self._refs.append(size)
+
+    def _tail_sizes(self, n: int) -> list[int]:
+        tail = self._refs[-n:] if len(self._refs) >= n else []
+        return [r.shards if isinstance(r, SegmentRef) else r for r in tail]
+
+    def flush(self, base: Manifest) -> None:
+        """Write every new segment, then replace the root (the commit point), then delete the segments that the
+        root before the previous one named and this one does not."""
+        first = self._first_pending_ref()
+        index = sum(r.shards for r in self._refs[:first] if isinstance(r, SegmentRef))  # of pending[0] in the store
+        offset = sealed_upto = 0
+        for i in range(first, len(self._refs)):
+            r = self._refs[i]
+            size = r.shards if isinstance(r, SegmentRef) else r
+            if not isinstance(r, SegmentRef):
+                records = self._pending[offset : offset + size]
+                body = segment_bytes(records)
+                path = segment_path(index, size)
+                self.location.write_once(path, body)
+                self._refs[i] = SegmentRef(
+                    path=path,
+                    shards=size,
+                    rows=sum(s.rows for s in records),
+                    first_unit=records[0].unit,
+                    last_unit=records[-1].unit,
+                    bytes=len(body),
+                    sha256=hashlib.sha256(body).hexdigest(),
+                )
+            offset += size
+            index += size
+            if size >= self.seal:
+                sealed_upto = offset
+        self.write_root(base)
+        self._pending = self._pending[sealed_upto:]
+        with contextlib.suppress(OSError):  # committed already: a file left behind is swept by finish
+            for path in self._doomed:
+                self.location.remove(path)
+        self._doomed, self._superseded = self._superseded, []
+
+    def _first_pending_ref(self) -> int:
+        """Index of the first segment whose records are in ``pending`` (the one after the last sealed one)."""
+        for i in range(len(self._refs) - 1, -1, -1):
+            r = self._refs[i]
+            if isinstance(r, SegmentRef) and r.shards >= self.seal:
+                return i + 1
+        return 0
+
+    def write_root(self, base: Manifest) -> None:
+        text = json.dumps(root_dict(base, self.refs, self.totals), indent=1) + "\n"
+        self.location.write_atomic("manifest.json", text.encode())
+
+    def sweep(self) -> None:
+        """Delete every segment file the root does not name (superseded ones, leftovers of a crash)."""
+        named = {r.path.removeprefix("records/") for r in self.refs}
+        for name in self.location.list_entries("records"):
+            if name not in named:
+                self.location.remove(f"records/{name}")
+        self._doomed, self._superseded = [], []
+
+    def view(self, targets: Any) -> LazyShards:
+        """The committed records as a reader sees them."""
+        return LazyShards(self.location, self.refs, self.totals, targets)
