@@ -17,7 +17,8 @@ exactly as ``topk`` and adds N ids drawn the same way from the teacher restricte
 Writing a unit overlaps computing the next one (a bounded queue of 2 units to one writer thread).
 
 Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units
-are fixed ranges of the input examples, so the store is identical whether it was written in one go or not.
+are fixed ranges of the input (``stages.units``: records, or packed sequences), streamed one at a time, so the
+store is identical whether it was written in one go or not, and memory is flat in the input's size.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class LabelConfig:
     seed: int = 0
     """Seed of the MLM masking."""
     limit: int | None = None
-    """Label only the first N examples (after tokenisation and packing)."""
+    """Label only the first N input records (with --pack: the first N packed sequences)."""
     num_shards: int = 1
     """Split the work units over N independent jobs (e.g. a cluster array job); merge with `pipeline merge`."""
     shard_index: int = 0
