@@ -150,6 +150,8 @@ class StoreReader:
         self._max_cached = max_cached_shards
         self._rows = RowIndex(manifest.shards)  # reads no shard record up front (version 2: segment by segment)
         self._keys: dict[int, NDArray] = {}  # shard -> (rows, 16) uint8: 16 bytes per example, kept
+        # shards whose local files this process has hashed: checksums on first read, not on every epoch's read
+        self._verified: set[str] = set()
         self._remote_cache = None
         if not location.is_local:
             url_digest = hashlib.sha256(location.url.encode()).hexdigest()[:16]
@@ -202,7 +204,10 @@ class StoreReader:
         _check_plausible(record, expected)
         try:
             if self.location.is_local:
-                check_files(self.location, record.name, files, verify=verify)
+                first = verify and record.name not in self._verified
+                check_files(self.location, record.name, files, verify=first)
+                if first:
+                    self._verified.add(record.name)
                 path = self.location.local(record.path)
             else:
                 path = self._fetch(record, files)
@@ -277,7 +282,9 @@ class StoreReader:
             if self.location.is_local:
                 if m.backend == "zarr":
                     files = {rel: f for rel, f in files.items() if rel.startswith(f"{record.path}/keys/")}
-                check_files(self.location, record.name, files, verify=self.verify)
+                # a shard whose files were all hashed already (by load_shard) is not hashed again
+                verify = self.verify and record.name not in self._verified
+                check_files(self.location, record.name, files, verify=verify)
                 path = self.location.local(record.path)
             else:
                 path = self._fetch(record, files)

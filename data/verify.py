@@ -9,8 +9,10 @@ whose paths leave the store (rejected when the manifest is parsed, before any fi
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .backends import shard_files
@@ -59,8 +61,9 @@ def verify_store(path_or_url: str | os.PathLike[str], storage_options: dict[str,
     for entry in location.list_shard_entries():
         if entry not in listed:
             report.problems.append(f"shards/{entry}: present in the store but not listed in the manifest")
-    # A remote store's files are downloaded once, into a cache of this call's own (never one a reader filled
-    # earlier, which would check the copy instead of the store), checked against their SHA-256 there, and decoded.
+    # A remote store is checked one shard at a time: its files are downloaded once, into a folder of this call's
+    # own (never a cache a reader filled earlier, which would check the copy instead of the store), hashed there,
+    # decoded, and deleted before the next shard, so the disk holds at most one shard, not a copy of the store.
     with tempfile.TemporaryDirectory(prefix="kd-verify-") as tmp:
         reader = StoreReader(location, manifest, cache_dir=None if location.is_local else tmp)
         for record in manifest.shards:
@@ -71,6 +74,9 @@ def verify_store(path_or_url: str | os.PathLike[str], storage_options: dict[str,
                 reader.load_shard(record, verify=False)
             except StoreError as e:
                 report.problems.append(str(e))
+            finally:
+                if not location.is_local:
+                    shutil.rmtree(Path(tmp) / "stores", ignore_errors=True)
             report.shards_checked += 1
             report.files_checked += len(files)
             report.bytes_checked += sum(f.bytes for f in files.values())

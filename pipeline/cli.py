@@ -262,10 +262,11 @@ def label(ctx: click.Context, /, **_: Any) -> None:
 
 def _train_options(f: Callable[..., Any]) -> Callable[..., Any]:
     from ..stages.losses import LOSS_KINDS, TAIL_MODES  # the options only: no torch
-    from ..stages.train import TrainConfig
+    from ..stages.train import VERIFY_MODES, TrainConfig
     from .config import config_options
 
-    return config_options(TrainConfig, {"loss": LOSS_KINDS, "tail": TAIL_MODES}, config_file=True)(f)
+    choices = {"loss": LOSS_KINDS, "tail": TAIL_MODES, "verify": VERIFY_MODES}
+    return config_options(TrainConfig, choices, config_file=True)(f)
 
 
 @cli.command()

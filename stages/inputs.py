@@ -15,13 +15,26 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_CORPUS", "DataError", "Example", "default_corpus", "load_records", "prepare_examples", "row_labels"]
+__all__ = [
+    "DEFAULT_CORPUS",
+    "DataError",
+    "Example",
+    "default_corpus",
+    "input_files",
+    "iter_records",
+    "load_records",
+    "prepare_examples",
+    "row_labels",
+    "scan_files",
+    "token_ids",
+]
 
 _SUFFIXES = {
     ".jsonl": "jsonl",
@@ -31,6 +44,10 @@ _SUFFIXES = {
     ".txt": "text",
     ".arrow": "arrow",
 }
+
+
+_BLOCK = 1 << 20  # bytes read at a time
+_ROWS = 1024  # Parquet rows decoded at a time
 
 
 class DataError(ValueError):
@@ -71,66 +88,135 @@ def _files(path: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def _read(path: Path, kind: str) -> list[dict[str, Any]]:
-    import pyarrow as pa
-
+def _iter_file(path: Path, kind: str) -> Iterator[dict[str, Any]]:
+    """The records of one file, read a bounded piece at a time (memory flat in the file's size)."""
     if kind == "jsonl":
-        rows = []
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        yield json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}:{n}: not a JSON object per line ({e.msg})") from None
-        return rows
-    if kind == "text":
-        text = path.read_text(encoding="utf-8")
-        return [{"text": block.strip()} for block in text.split("\n\n") if block.strip()]
-    if kind == "parquet":
+    elif kind == "text":
+        # exactly ``text.split("\n\n")`` over the whole file, streamed: the last, possibly partial, block of
+        # each piece is carried into the next
+        rest = ""
+        with open(path, encoding="utf-8") as f:
+            while piece := f.read(_BLOCK):
+                *blocks, rest = (rest + piece).split("\n\n")
+                yield from ({"text": b.strip()} for b in blocks if b.strip())
+        if rest.strip():
+            yield {"text": rest.strip()}
+    elif kind == "parquet":
         import pyarrow.parquet as pq
 
-        return list(pq.read_table(path).to_pylist())
-    if kind == "csv":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_ROWS):
+            yield from batch.to_pylist()
+    elif kind == "csv":
         import pyarrow.csv as pcsv
 
-        return list(pcsv.read_csv(path).to_pylist())
-    with pa.memory_map(str(path)) as source:  # datasets' save_to_disk writes Arrow streams
+        for batch in pcsv.open_csv(path):
+            yield from batch.to_pylist()
+    else:
+        for batch in _arrow_batches(path):
+            yield from batch.to_pylist()
+
+
+def _arrow_batches(path: Path) -> Iterator[Any]:
+    """Record batches of a `datasets` Arrow file (an IPC stream, or an IPC file), memory-mapped."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
         try:
-            table = pa.ipc.open_stream(source).read_all()
+            stream = pa.ipc.open_stream(source)
         except pa.ArrowInvalid:
-            table = pa.ipc.open_file(source).read_all()
-    return list(table.to_pylist())
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            yield from stream
 
 
-def load_records(data: str) -> tuple[list[dict[str, Any]], str]:
-    """All records of the data path, and a fingerprint (SHA-256 of the files' names and bytes)."""
+def input_files(data: str) -> list[tuple[Path, str]]:
+    """The data path's files, in reading order, with their kinds."""
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"--data {data} does not exist; pass a JSONL/Parquet/CSV/text file or a folder of them")
+    return _files(path)
+
+
+def scan_files(files: list[tuple[Path, str]]) -> tuple[str, int]:
+    """The input's fingerprint (SHA-256 of the files' names and bytes) and an estimate of its number of records
+    for the progress bar (newlines or blank lines counted in the same pass; Parquet/Arrow row counts), read a
+    block at a time."""
     h = hashlib.sha256()
-    records: list[dict[str, Any]] = []
-    for f, kind in _files(path):
+    estimate = 0
+    for f, kind in files:
         h.update(f.name.encode() + b"\0")
+        sep = {"jsonl": b"\n", "csv": b"\n", "text": b"\n\n"}.get(kind)
         with open(f, "rb") as fh:
-            hashlib.file_digest(fh, lambda: h)  # adds the file's bytes to the running digest
+            while block := fh.read(_BLOCK):
+                h.update(block)
+                estimate += block.count(sep) if sep else 0
         try:
-            records.extend(_read(f, kind))
+            if kind == "parquet":
+                import pyarrow.parquet as pq
+
+                estimate += pq.ParquetFile(f).metadata.num_rows
+            elif kind == "arrow":
+                estimate += sum(b.num_rows for b in _arrow_batches(f))
+        except Exception as e:  # pyarrow failures on user files
+            raise _unreadable(f, kind, e) from e
+    return h.hexdigest(), estimate
+
+
+def _unreadable(f: Path, kind: str, e: Exception) -> DataError:
+    return DataError(f"{f}: cannot be read as {kind} ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+def iter_records(files: list[tuple[Path, str]]) -> Iterator[dict[str, Any]]:
+    """Every record of the files, in order, streamed."""
+    for f, kind in files:
+        try:
+            yield from _iter_file(f, kind)
         except DataError:
             raise
         except Exception as e:  # pyarrow / decoding failures on user files
-            raise DataError(f"{f}: cannot be read as {kind} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            raise _unreadable(f, kind, e) from e
+
+
+def load_records(data: str) -> tuple[list[dict[str, Any]], str]:
+    """All records of the data path, and its fingerprint. Holds the whole input in memory: for small inputs and
+    tests; ``pipeline label`` streams instead (``stages.units``)."""
+    files = input_files(data)
+    records = list(iter_records(files))
     if not records:
         raise DataError(f"--data {data} holds no records; nothing to label")
-    return records, h.hexdigest()
+    return records, scan_files(files)[0]
 
 
-def _field(records: list[dict[str, Any]], name: str, what: str) -> list[Any]:
+def _field(records: list[dict[str, Any]], name: str, what: str, first: int = 0) -> list[Any]:
     missing = next((i for i, r in enumerate(records) if name not in r or r[name] is None), None)
     if missing is not None:
         fields = ", ".join(sorted(records[missing])) or "none"
-        raise DataError(f"record {missing} has no {what} field {name!r} (its fields: {fields}); pass --{what}-field")
+        raise DataError(
+            f"record {first + missing} has no {what} field {name!r} (its fields: {fields}); pass --{what}-field"
+        )
     return [r[name] for r in records]
+
+
+def token_ids(
+    records: list[dict[str, Any]], tokenizer: Any, text_field: str, *, special: bool, first: int = 0
+) -> list[np.ndarray[Any, Any]]:
+    """Each record's ids: its pre-tokenised ``input_ids`` (when no record of the batch has the text field), or
+    its text tokenised in one call (with the tokenizer's special tokens when ``special``). ``first`` is the index
+    of the first record in the input, for messages."""
+    if all("input_ids" in r for r in records) and not any(text_field in r for r in records):
+        return [np.asarray(r["input_ids"], dtype=np.int64) for r in records]
+    texts = [str(t) for t in _field(records, text_field, "text", first)]
+    encoded = tokenizer(texts, add_special_tokens=special, truncation=False)["input_ids"]
+    return [np.asarray(e, dtype=np.int64) for e in encoded]
 
 
 def prepare_examples(
@@ -146,17 +232,15 @@ def prepare_examples(
     num_labels: int | None = None,
     mlm_probability: float = 0.15,
     seed: int = 0,
+    first: int = 0,
 ) -> list[Example]:
-    """Tokenise (or take pre-tokenised ``input_ids``), then pack or truncate; labels and MLM masks."""
-    if all("input_ids" in r for r in records) and not any(text_field in r for r in records):
-        ids = [np.asarray(r["input_ids"], dtype=np.int64) for r in records]
-    else:
-        texts = [str(t) for t in _field(records, text_field, "text")]
-        encoded = tokenizer(texts, add_special_tokens=not pack, truncation=False)["input_ids"]
-        ids = [np.asarray(e, dtype=np.int64) for e in encoded]
+    """Tokenise (or take pre-tokenised ``input_ids``), then pack or truncate; labels and MLM masks. ``first``:
+    the index of ``records[0]`` in the input, for messages."""
+    ids = token_ids(records, tokenizer, text_field, special=not pack, first=first)
     labels: list[int | None] = [None] * len(ids)
     if task == "seq-cls" and label_field:
-        labels = [_label(v, label2id, num_labels, i) for i, v in enumerate(_field(records, label_field, "label"))]
+        values = _field(records, label_field, "label", first)
+        labels = [_label(v, label2id, num_labels, first + i) for i, v in enumerate(values)]
     if pack:
         if task != "causal-lm":
             raise DataError("--pack applies to causal-lm only (it joins documents into fixed-length sequences)")

@@ -17,7 +17,8 @@ exactly as ``topk`` and adds N ids drawn the same way from the teacher restricte
 Writing a unit overlaps computing the next one (a bounded queue of 2 units to one writer thread).
 
 Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units
-are fixed ranges of the input examples, so the store is identical whether it was written in one go or not.
+are fixed ranges of the input (``stages.units``: records, or packed sequences), streamed one at a time, so the
+store is identical whether it was written in one go or not, and memory is flat in the input's size.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ import numpy as np
 
 from .. import data
 from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus, row_labels
-from .scale_out import already_merged, job_lock, merge_ranks, with_part
+from .scale_out import already_merged, job_lock, merge_ranks, with_counts, with_part
 from .soft_targets import HEAD_DTYPES
 from .soft_targets import hybrid_chunked as _hybrid_chunked
 from .soft_targets import per_example as _per_example
 from .soft_targets import sample_chunked as _sample_chunked
 from .soft_targets import topk_chunked as _topk_chunked
+from .units import Progress, UnitSpec, first_example, stream_units
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
     import torch
@@ -124,7 +126,7 @@ class LabelConfig:
     seed: int = 0
     """Seed of the MLM masking."""
     limit: int | None = None
-    """Label only the first N examples (after tokenisation and packing)."""
+    """Label only the first N input records (with --pack: the first N packed sequences)."""
     num_shards: int = 1
     """Split the work units over N independent jobs (e.g. a cluster array job); merge with `pipeline merge`."""
     shard_index: int = 0
@@ -213,7 +215,7 @@ class LabelResult:
 
 def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     """Label ``cfg.data`` with ``cfg.teacher`` into the store ``cfg.out``."""
-    from .inputs import load_records, prepare_examples
+    from .inputs import input_files, iter_records, scan_files
     from .models import OutputHead, load_model, load_tokenizer, output_width, resolve_device, resolve_dtype
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -221,7 +223,11 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     # ---- setup: device, teacher, tokenizer, data (all checked before the store is touched)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    records, fingerprint = load_records(cfg.data or str(default_corpus(say)))
+    source = cfg.data or str(default_corpus(say))
+    files = input_files(source)
+    if next(iter_records(files), None) is None:
+        raise DataError(f"--data {source} holds no records; nothing to label")
+    fingerprint, estimate = scan_files(files)  # one streamed pass over the bytes
     provenance = _teacher_provenance(cfg, say)
     teacher_path = provenance.pop("path")
     tokenizer = load_tokenizer(
@@ -251,22 +257,21 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
             f"teacher's {width} output ids; use --top-k < {width}, or --method topk"
         )
     label2id = {str(k): int(v) for k, v in (getattr(teacher.config, "label2id", None) or {}).items()}
-    examples = prepare_examples(
-        records,
+    spec = UnitSpec(
         tokenizer,
-        task=cfg.task,
-        text_field=cfg.text_field,
-        label_field=cfg.label_field,
-        max_length=cfg.max_length,
-        pack=cfg.pack,
+        cfg.task,
+        cfg.text_field,
+        cfg.label_field,
+        cfg.max_length,
+        cfg.pack,
+        cfg.shard_size,
         label2id=label2id,
         num_labels=width if cfg.task == "seq-cls" else None,
         mlm_probability=cfg.mlm_probability,
         seed=cfg.seed,
+        limit=cfg.limit,
     )
-    if cfg.limit is not None:
-        examples = examples[: cfg.limit]
-    if not examples:
+    if not first_example(files, spec):
         raise DataError(f"--data {cfg.data} gives no example of at least 2 tokens after tokenisation; nothing to label")
     vocab_rows = max(len(tokenizer), int(teacher.get_input_embeddings().weight.shape[0]))
     head = OutputHead(teacher, cfg.task, cfg.head_dtype)  # a float32 head copy is made here, once
@@ -275,25 +280,30 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     template = _manifest_template(
         provenance, cfg, teacher, tokenizer, width, vocab_rows, fingerprint, str(dtype).removeprefix("torch.")
     )
-    units = [examples[i : i + cfg.shard_size] for i in range(0, len(examples), cfg.shard_size)]
     part, parts, torchrun = _part(cfg)
-    template = with_part(template, len(examples), len(units), part, parts)
     target = f"{cfg.out.rstrip('/')}/.ranks/rank-{part:05d}" if torchrun else cfg.out
+    template = with_part(template, part, parts, target)
     merged = already_merged(cfg.out, template) if torchrun else set()
     lock = job_lock(cfg.out) if torchrun else None
     start = time.perf_counter()
+    pad_id = tokenizer.pad_token_id
+    labelled = new_tokens = units = 0
     with data.StoreWriter(target, template, overwrite=cfg.overwrite) as writer:
         done = writer.committed_units | merged
-        todo = [u for u in range(len(units)) if u % parts == part and u not in done]
         if done:
-            say(f"resuming {target}: {len(done)} of {len(units)} shards already committed")
-        progress = _progress(
-            cfg, sum(len(units[u]) for u in todo), sum(len(x.input_ids) for u in todo for x in units[u])
-        )
+            say(f"resuming {target}: {len(done)} shards already committed")
+        progress = Progress.open(cfg.progress, estimate if cfg.limit is None else min(estimate, cfg.limit))
         with _WriterThread(writer) as out:
-            for u in todo:
-                out.put(u, _label_unit(units[u], u, cfg, head, tokenizer.pad_token_id, device, progress))
+            # units are read one at a time; only this part's uncommitted units are built and labelled
+            for unit in stream_units(files, spec, lambda u: u % parts == part and u not in done):
+                units = unit.index + 1
+                if unit.examples is not None:
+                    out.put(unit.index, _label_unit(unit.examples, unit.index, cfg, head, pad_id, device, progress))
+                    labelled += 1
+                    new_tokens += sum(len(x.input_ids) for x in unit.examples)
+                progress.read(unit.records_read)
         progress.close()
+        writer.manifest = with_counts(writer.manifest, progress.records, units)  # known now that the input ended
         manifest = writer.finish()
     if lock is not None:
         os.close(lock)  # rank 0 takes the store's exclusive lock to merge
@@ -310,10 +320,9 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         bytes=manifest.bytes,
         kept_mass_mean=kept,
         resumed_units=len(done),
-        labelled_units=len(todo),
+        labelled_units=labelled,
     )
     per = "position" if cfg.task != "seq-cls" else "example"
-    new_tokens = sum(len(x.input_ids) for u in todo for x in units[u])
     rate = new_tokens / max(seconds, 1e-9)
     entries = sum(s.entries or 0 for s in manifest.shards)
     what = {
@@ -322,7 +331,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         f"{entries / max(1, manifest.positions):.1f} unique tail ids/{per}",
     }.get(cfg.method, f"top-{cfg.top_k}")
     say(
-        f"labelled {len(todo)} shards ({new_tokens:,} tokens) in {seconds:.1f}s = {rate:,.0f} tokens/s; "
+        f"labelled {labelled} shards ({new_tokens:,} tokens) in {seconds:.1f}s = {rate:,.0f} tokens/s; "
         f"store {manifest.rows:,} examples, {manifest.positions:,} positions, {manifest.bytes:,} bytes = "
         f"{manifest.bytes / max(1, manifest.tokens):.1f} bytes/token "
         f"({manifest.bytes / max(1, manifest.positions):.1f} bytes/{per}); "
@@ -573,31 +582,3 @@ class _WriterThread:
         self.thread.join()
         if self.error is not None and exc is None:
             raise self.error
-
-
-class _Progress:
-    def __init__(self, bar: Any, tokens: int) -> None:
-        self.bar = bar
-        self.tokens_total = tokens
-        self.tokens = 0
-        self.start = time.perf_counter()
-
-    def update(self, examples: int, tokens: int) -> None:
-        self.tokens += tokens
-        if self.bar is not None:
-            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-            self.bar.update(examples)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _progress(cfg: LabelConfig, examples: int, tokens: int) -> _Progress:
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    if not show:
-        return _Progress(None, tokens)
-    from tqdm import tqdm
-
-    return _Progress(tqdm(total=examples, unit="ex", desc="label", dynamic_ncols=True), tokens)

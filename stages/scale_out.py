@@ -12,15 +12,40 @@ from typing import Any
 from .. import data
 from ..data.location import Location
 
-__all__ = ["already_merged", "job_lock", "merge_ranks", "with_part"]
+__all__ = ["COUNTS", "already_merged", "job_lock", "merge_ranks", "with_counts", "with_part"]
 
 
-def with_part(template: data.Manifest, examples: int, units: int, part: int, parts: int) -> data.Manifest:
-    """Record the dataset's size in units (for merging) and, for a part of a split run, which part it is."""
-    dataset = {**template.dataset, "examples": examples, "units": units}
+COUNTS = ("records", "units")
+"""The dataset's size, in the manifest's ``dataset``: known only once the streamed input has been read to its
+end, so recorded when a store (or part) finishes, and left out when a run compares its template to a store."""
+
+
+def with_part(template: data.Manifest, part: int, parts: int, target: str) -> data.Manifest:
+    """The template of a part of a split run (``dataset.part``), carrying the counts of a finished store already
+    at ``target`` (a re-run of a finished store, or of a finished rank of an interrupted job, then resumes it:
+    the counts follow from the input's fingerprint and the configuration, which the writer still compares)."""
+    dataset = dict(template.dataset)
     if parts > 1:
         dataset["part"] = {"index": part, "of": parts}
+    try:
+        existing = data.read_manifest(Location(target))
+    except data.StoreError:
+        existing = None
+    if existing is not None:
+        dataset.update({k: existing.dataset[k] for k in COUNTS if k in existing.dataset})
     return dataclasses.replace(template, dataset=dataset)
+
+
+def with_counts(manifest: data.Manifest, records: int, units: int) -> data.Manifest:
+    """``manifest`` with the dataset's size, once the input has been read to its end; the merge of a split run
+    reads ``units`` to know that every unit is present."""
+    recorded = {k: manifest.dataset[k] for k in COUNTS if k in manifest.dataset}
+    if recorded and recorded != {"records": records, "units": units}:
+        raise data.StoreError(
+            f"the input gives {records} records in {units} units, but the store records {recorded}: "
+            "the input changed under the same fingerprint"
+        )
+    return dataclasses.replace(manifest, dataset={**manifest.dataset, "records": records, "units": units})
 
 
 def already_merged(out: str, template: data.Manifest) -> set[int]:
@@ -32,7 +57,10 @@ def already_merged(out: str, template: data.Manifest) -> set[int]:
         existing = data.read_manifest(Location(out))
     except data.StoreError:
         return set()
-    if differences(existing.provenance_key(), without_part(template).provenance_key()):
+    ours, theirs = without_part(template).provenance_key(), existing.provenance_key()
+    for key in (ours, theirs):
+        key["dataset"] = {k: v for k, v in key["dataset"].items() if k not in COUNTS}
+    if differences(theirs, ours):
         return set()
     return {s.unit for s in existing.shards}
 

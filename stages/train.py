@@ -40,7 +40,10 @@ from .run_dir import Metrics, latest_checkpoint, load_checkpoint, plot_metrics, 
 if TYPE_CHECKING:  # torch loads inside run(), so that `pipeline --help` stays instant
     import torch
 
-__all__ = ["TrainConfig", "TrainConfigError", "TrainResult", "run"]
+__all__ = ["VERIFY_MODES", "TrainConfig", "TrainConfigError", "TrainResult", "run"]
+
+VERIFY_MODES = ("first-read", "full", "none")
+"""``--verify``: checksums on each shard's first load (default), the whole store up front, or sizes only."""
 
 # The CLI's flag for each loss option, so that the losses' own validator names them in its messages.
 _LOSS_FLAGS = {"kind": "--loss", "temperature": "--temperature", "beta": "--beta", "tail": "--tail", "alpha": "--alpha"}
@@ -112,8 +115,10 @@ class TrainConfig:
     """DataLoader worker processes per rank."""
     resume: bool = False
     """Continue from the latest checkpoint in --out."""
-    verify: bool = True
-    """Verify the store's checksums before training."""
+    verify: str = "first-read"
+    """When the store's checksums are checked: first-read (each shard's files when this process first loads
+    them; remote files as they are downloaded), full (the whole store up front, as `pipeline verify`, on rank 0
+    before step one), or none (sizes, decoding and value checks only; remote downloads are still checked)."""
     progress: bool | None = None
     """Show a progress bar (default: when stderr is a terminal)."""
     trace: bool = False
@@ -143,6 +148,8 @@ class TrainConfig:
             p.append("--warmup and --workers must be >= 0")
         if not 0 <= self.eval_fraction < 1:
             p.append(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.verify not in VERIFY_MODES:
+            p.append(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_MODES)}")
         if p:
             raise TrainConfigError("; ".join(p))
 
@@ -179,11 +186,9 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     say = (log or (lambda msg: print(msg, file=sys.stderr))) if main else (lambda msg: None)
     out = Path(cfg.out)
     _check_run_dir(out, cfg.resume)
-    store = data.open_store(cfg.store)
-    if cfg.verify:
-        report = data.verify_store(cfg.store)
-        if not report.ok:
-            raise data.CorruptShardError(f"{cfg.store} fails verification: {'; '.join(report.problems)}")
+    store = data.open_store(cfg.store, verify=cfg.verify == "first-read")
+    if cfg.verify == "full":
+        _verify_full(cfg.store, rank, world)
     m = store.manifest
     if m.positions == 0:
         raise TrainConfigError(f"{cfg.store} holds no labelled positions; nothing to train on")
@@ -416,6 +421,21 @@ def _setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def _verify_full(store: str, rank: int, world: int) -> None:
+    """``--verify full``: rank 0 checks the whole store (as `pipeline verify`) and every rank gets its verdict,
+    so that the store is read once per job, not once per rank, and every rank stops on a bad store."""
+    problems: list[str | None] = [None]
+    if rank == 0:
+        report = data.verify_store(store)
+        problems[0] = None if report.ok else "; ".join(report.problems)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(problems, src=0)
+    if problems[0] is not None:
+        raise data.CorruptShardError(f"{store} fails verification: {problems[0]}")
 
 
 def _check_run_dir(out: Path, resume: bool) -> None:

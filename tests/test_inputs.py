@@ -113,3 +113,32 @@ def test_missing_paths_fields_and_labels(tmp_path: Path) -> None:
         num_labels=3,
     )
     assert labelled[0].label == 2
+
+
+def test_streamed_units_pack_like_the_whole_input_and_skip_others_untokenised(tmp_path: Path) -> None:
+    from kd_pipeline.stages.units import UnitSpec, stream_units
+
+    tok = make_tokenizer(tmp_path / "tok")
+    docs = [{"text": s} for s in SENTENCES * 5]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    files = [(path, "jsonl")]
+    # packed: batches of 3 records carry their remainder, so the sequences equal packing everything at once
+    whole = prepare_examples(docs, tok, task="causal-lm", text_field="text", label_field=None, max_length=7, pack=True)
+    spec = UnitSpec(tok, "causal-lm", "text", None, 7, True, 3)
+    units = list(stream_units(files, spec, lambda u: True))
+    streamed = [x.input_ids.tolist() for u in units for x in u.examples or []]
+    assert streamed == [x.input_ids.tolist() for x in whole] and len(units) == -(-len(whole) // 3)
+    # unpacked: unit u = records [4u, 4u + 4); the records of units not wanted are never tokenised
+    texts: list[str] = []
+
+    def counting(batch: list[str], **kw: Any) -> Any:
+        texts.extend(batch)
+        return tok(batch, **kw)
+
+    counting.eos_token_id = tok.eos_token_id  # type: ignore[attr-defined]
+    spec = UnitSpec(counting, "causal-lm", "text", None, 64, False, 4)
+    units = list(stream_units(files, spec, lambda u: u % 2 == 1))
+    assert [u.index for u in units] == list(range(10)) and [u.records_read for u in units][-1] == 40
+    assert texts == [d["text"] for u in range(1, 10, 2) for d in docs[4 * u : 4 * u + 4]]
+    assert all((u.examples is None) == (u.index % 2 == 0) for u in units)

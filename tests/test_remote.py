@@ -298,6 +298,37 @@ def test_verify_reads_each_remote_file_once_and_catches_a_flipped_byte(
     assert "shard-000001" in report.problems[0] and "checksum" in report.problems[0]
 
 
+def test_remote_verify_holds_at_most_one_shard_on_disk(
+    running: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """verify_store streams a remote store shard by shard: at every download, the verify folder holds no more
+    than one shard's files (never a copy of the store), and a flipped byte is still caught."""
+    from kd_pipeline.data.location import Location
+
+    url = f"s3://{BUCKET}/verify-bounded-{backend}"
+    write_store(url, backend, shards=4, rows=20)  # type: ignore[arg-type]
+    m = open_store(url).manifest
+    largest = max(sum(f.bytes for f in s.files.values()) for s in m.shards)
+    held: list[int] = []
+    real = Location.download
+
+    def download(self: Location, rel: str, dest: Path) -> None:
+        real(self, rel, dest)
+        root = next(p for p in dest.parents if p.name.startswith("kd-verify-"))
+        held.append(sum(f.stat().st_size for f in root.rglob("*") if f.is_file()))
+
+    monkeypatch.setattr(Location, "download", download)
+    assert verify_store(url).ok
+    assert len(held) == sum(len(s.files) for s in m.shards) and 0 < max(held) <= largest
+    fs, root = fsspec.core.url_to_fs(url)
+    victim = sorted(p for p in fs.find(f"{root}/shards") if "shard-000002" in p and not p.endswith("zarr.json"))[-1]
+    raw = bytearray(fs.cat_file(victim))
+    raw[len(raw) // 2] ^= 0xFF
+    fs.pipe_file(victim, bytes(raw))
+    report = verify_store(url)
+    assert len(report.problems) == 1 and "shard-000002" in report.problems[0]
+
+
 def _counting_method(method: Callable[..., Any], calls: list[str]) -> Callable[..., Any]:
     def wrapped(self: Any, rel: str, *args: Any, **kwargs: Any) -> Any:
         calls.append(rel)
