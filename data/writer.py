@@ -346,9 +346,17 @@ class StoreWriter:
                     raise CorruptShardError(f"{record.name}: a file does not match its SHA-256 in {source}")
             self.location.publish(staged, record.path)
 
-    def finish(self) -> Manifest:
+    def finish(self, dataset: dict[str, Any] | None = None) -> Manifest:
         """Mark the store complete and end the writing. Readers refuse an incomplete store unless asked to read
-        one. A finished store keeps no ``.lock``: the next writer (say, ``--overwrite``) may start at once."""
+        one. A finished store keeps no ``.lock``: the next writer (say, ``--overwrite``) may start at once.
+
+        Args:
+            dataset: entries to add to the manifest's ``dataset`` provenance in the same commit, for what is known
+                only at the end (a streamed input's record and unit counts).
+        """
+        if dataset:
+            self._v1 = replace(self._v1, dataset={**self._v1.dataset, **dataset})
+            self._view = None
         with self._write_errors("manifest.json"):
             if self._log is None:
                 self._write_manifest(replace(self._v1, complete=True))

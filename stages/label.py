@@ -303,8 +303,8 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
                     new_tokens += sum(len(x.input_ids) for x in unit.examples)
                 progress.read(unit.records_read)
         progress.close()
-        writer.manifest = with_counts(writer.manifest, progress.records, units)  # known now that the input ended
-        manifest = writer.finish()
+        # the input's size is known now that it has been read to its end
+        manifest = writer.finish(dataset=with_counts(writer.manifest, progress.records, units).dataset)
     if lock is not None:
         os.close(lock)  # rank 0 takes the store's exclusive lock to merge
     if torchrun:
