@@ -135,7 +135,8 @@ class EpochOrder:
         # Distinct seed words per use ((.., 0) shard order, (.., 1, j) block j), so no two streams coincide.
         self.shard_order = np.random.default_rng([seed, epoch, 0]).permutation(n) if shuffle else np.arange(n)
         self.blocks = [self.shard_order[i : i + block_shards] for i in range(0, n, block_shards)]
-        self.block_rows = np.array([rows[b].sum() for b in self.blocks], dtype=np.int64)  # (P,)
+        firsts = np.arange(0, n, block_shards)
+        self.block_rows = np.add.reduceat(rows[self.shard_order], firsts) if n else np.zeros(0, np.int64)  # (P,)
         self.block_starts = np.concatenate([[0], np.cumsum(self.block_rows)]).astype(np.int64)  # (P + 1,)
         self._cache: dict[int, NDArray] = {}
 
@@ -351,6 +352,7 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.samples_seen = samples_seen
         self._legs: list[Leg] = []  # earlier legs of this epoch, under other configurations
         self._leg_start = 0  # samples_seen when the current leg began
+        self._leg_length: tuple[Any, int] = (None, 0)  # (what it depends on, rank batches of the current leg)
 
     @property
     def num_examples(self) -> int:
@@ -402,8 +404,11 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
                 epoch's start (summed over the legs if the configuration changed); past the end means finished.
         """
         leg = self._leg(samples_seen)
-        _, plan, _ = self._plan(self._order())
-        leg = dataclasses.replace(leg, steps=min(leg.steps, leg.workers * plan.steps))
+        key = (self.epoch, tuple(self._legs), dataclasses.replace(leg, steps=0))
+        if self._leg_length[0] != key:  # cached: a trainer may save a state after every batch
+            _, plan, _ = self._plan(self._order())
+            self._leg_length = (key, leg.workers * plan.steps)
+        leg = dataclasses.replace(leg, steps=min(leg.steps, self._leg_length[1]))
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
