@@ -11,6 +11,14 @@ then times ``StoreDataset`` for whole epochs in the main process, pinned to one 
 batch; the time is split into those two parts as well, to show where it goes. Each epoch runs twice, with the
 shard value checks (data/values.py) on and off, interleaved; the ratio of the median epochs is their cost.
 Target (DESIGN.md): >= 1,000,000 tokens/s.
+
+Then, on a second zarr store (``--scale-tokens``), the scaling of issue 13: decodes per epoch (the real
+``StoreReader.load_shard`` wrapped to append one file per call to a directory, so worker processes count too)
+with 1 and 2 DataLoader workers and with 2 ranks (two StoreDatasets, rank 0 and 1, in this process); target: each
+shard once per job. And loader tokens/s through ``DataLoader(ds, batch_size=None, num_workers=W)`` for W = 1 and
+2, interleaved (1, 2, 2, 1, ...), ``--scale-repeats`` epochs each, medians; each worker is pinned to its own core
+(of those this process may use) with one torch thread; the main process only receives batches. Target: 2 workers
+>= 1.7x 1 worker on 2 cores. Worker start-up is inside the timed epoch, as a trainer pays it every epoch.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +40,11 @@ import torch
 
 from kd_pipeline.data import Manifest, ShardData, StoreWriter, TargetSpec, example_key, open_store, values
 from kd_pipeline.data.dataset import StoreDataset, collate
+from kd_pipeline.data.reader import StoreReader
 from kd_pipeline.data.shard import NDArray
 
 TARGET_TOKENS_PER_S = 1_000_000
+TARGET_TWO_WORKER_SPEEDUP = 1.7
 
 
 def log_uniform_ids(rng: np.random.Generator, shape: tuple[int, ...], vocab: int) -> NDArray:
@@ -144,6 +155,74 @@ def time_backend(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def count_decodes(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Decodes per shard in one epoch: 1 worker, 2 workers, 2 ranks (in this process, one after the other)."""
+    real = StoreReader.load_shard
+    with tempfile.TemporaryDirectory(prefix="kd-bench-decodes-") as where:
+
+        def counting(self: StoreReader, record: Any, *, verify: bool) -> ShardData:
+            (Path(where) / f"{record.name}.{os.getpid()}.{os.urandom(4).hex()}").touch()
+            return real(self, record, verify=verify)
+
+        StoreReader.load_shard = counting  # type: ignore[method-assign]
+        out: dict[str, Any] = {}
+        try:
+            for name, world, workers in (("1 worker", 1, 1), ("2 workers", 1, 2), ("2 ranks", 2, 0)):
+                for rank in range(world):
+                    ds = StoreDataset(
+                        path, batch_size=args.batch_size, block_shards=args.block_shards, rank=rank,
+                        world_size=world, num_workers=workers,
+                    )  # fmt: skip
+                    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers) if workers else ds
+                    for _ in loader:
+                        pass
+                files = list(Path(where).iterdir())
+                per_shard = Counter(p.name.split(".")[0] for p in files)
+                shards = len(open_store(path).manifest.shards)
+                out[name] = {
+                    "decodes": len(files),
+                    "shards": shards,
+                    "each_shard_once": sorted(per_shard.values()) == [1] * shards,
+                }
+                for p in files:
+                    p.unlink()
+        finally:
+            StoreReader.load_shard = real  # type: ignore[method-assign]
+    return out
+
+
+def _pin_worker(worker_id: int) -> None:
+    """A DataLoader worker on its own core, one torch thread: W workers use W cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if cores:
+        os.sched_setaffinity(0, {cores[worker_id % len(cores)]})
+    torch.set_num_threads(1)
+
+
+def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Epoch tokens/s through a DataLoader with 1 and 2 workers, interleaved; medians and their ratio."""
+    tokens = open_store(path).manifest.tokens
+    seconds: dict[int, list[float]] = {1: [], 2: []}
+    for rep in range(args.scale_repeats):
+        for workers in (1, 2) if rep % 2 == 0 else (2, 1):
+            ds = StoreDataset(
+                path, batch_size=args.batch_size, seed=0, block_shards=args.block_shards, epoch=rep,
+                num_workers=workers,
+            )  # fmt: skip
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=_pin_worker)
+            t0 = time.perf_counter()
+            got = sum(int(b["attention_mask"][b["example_weight"] > 0].sum()) for b in loader)
+            seconds[workers].append(time.perf_counter() - t0)
+            assert got == tokens, (got, tokens)
+    one, two = float(np.median(seconds[1])), float(np.median(seconds[2]))
+    return {
+        "tokens": tokens,
+        "epoch_seconds": {str(w): s for w, s in seconds.items()},
+        "tokens_per_s_median": {"1": tokens / one, "2": tokens / two},
+        "speedup_2_over_1": one / two,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1 << 20, help="tokens in the synthetic store")
@@ -155,12 +234,15 @@ def main() -> None:
     p.add_argument("--block-shards", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per variant (value checks on, off)")
     p.add_argument("--backends", nargs="+", default=["zarr", "arrow"], choices=["zarr", "arrow"])
+    p.add_argument("--scale-tokens", type=int, default=1 << 21, help="tokens in the store of the worker scaling")
+    p.add_argument("--scale-repeats", type=int, default=6, help="timed epochs per worker count")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loader.json")
     args = p.parse_args()
 
+    all_cores = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else set()
     # one core, honestly: every thread (torch, blosc, zarr's event loop) is pinned to the same CPU
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if all_cores:
+        os.sched_setaffinity(0, {min(all_cores)})
     torch.set_num_threads(1)
 
     results: dict[str, Any] = {}
@@ -169,6 +251,17 @@ def main() -> None:
             path = Path(tmp) / backend
             write_store(path, backend, args)
             results[backend] = time_backend(path, args)
+        if all_cores:  # the workers' part: each worker pins itself to one of these
+            os.sched_setaffinity(0, all_cores)
+        scale_args = argparse.Namespace(**{**vars(args), "tokens": args.scale_tokens})
+        write_store(Path(tmp) / "scale", "zarr", scale_args)
+        scaling = {
+            "cores": len(all_cores) or os.cpu_count(),
+            "load_average_before": os.getloadavg(),
+            "decodes_per_epoch": count_decodes(Path(tmp) / "scale", args),
+            **time_workers(Path(tmp) / "scale", args),
+            "load_average_after": os.getloadavg(),
+        }
 
     print(
         f"{'backend':8} {'tokens/s':>12} {'median':>12} {'median, no checks':>18} {'ratio':>6} "
@@ -181,6 +274,14 @@ def main() -> None:
             f"{r['decode_tokens_per_s']:12,.0f} {r['decode_tokens_per_s_no_value_checks']:12,.0f} "
             f"{r['collate_tokens_per_s']:12,.0f} {r['bytes_per_token']:11.1f}"
         )
+    for name, d in scaling["decodes_per_epoch"].items():
+        print(f"decodes per epoch, {name}: {d['decodes']} for {d['shards']} shards (each once: {d['each_shard_once']})")
+    per_s = scaling["tokens_per_s_median"]
+    print(
+        f"DataLoader tokens/s (median): 1 worker {per_s['1']:,.0f}, 2 workers {per_s['2']:,.0f}; "
+        f"2 / 1 = {scaling['speedup_2_over_1']:.2f}x (target >= {TARGET_TWO_WORKER_SPEEDUP}x); "
+        f"load average {scaling['load_average_before']} -> {scaling['load_average_after']}"
+    )
     report = {
         "benchmark": "loader",
         "what": "collated causal-lm batches from a local store, one core, StoreDataset in the main process",
@@ -192,6 +293,8 @@ def main() -> None:
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
         "results": results,
+        "scaling": scaling,
+        "target_two_worker_speedup": TARGET_TWO_WORKER_SPEEDUP,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(args.out.name + ".tmp")

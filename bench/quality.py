@@ -179,6 +179,7 @@ def train_online(cfg: Any, teacher: Any, temperature: float) -> dict[str, Any]:
             samples_seen=samples_seen,
             rank=0,
             world_size=1,
+            num_workers=cfg.workers,
             shards=train_shards,
         )
 

@@ -8,7 +8,8 @@ Public API::
     data.check_compatible(store.manifest, vocab_size=..., tokenizer_digest=...)
     data.verify_store(path).ok
 
-No model code and no transformers here; torch is imported only by ``data.dataset`` (the streaming loader).
+No model code and no transformers here; torch is imported only by ``data.dataset`` (the streaming loader) and
+``data.collate``.
 """
 
 from .errors import (

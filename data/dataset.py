@@ -1,51 +1,71 @@
-"""The streaming training loader: collated batches from a store, deterministic, split across ranks and workers.
+"""The streaming training loader: collated batches from a store; each shard decoded once per epoch per job.
 
-    ds = data.StoreDataset("stores/pydoc-top32", batch_size=8, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)   # batch_size=None: ds batches
+    ds = data.StoreDataset("stores/pydoc-top32", batch_size=8, seed=0, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)   # the same W; batch_size=None
     for epoch in range(start_epoch, epochs):
         ds.set_epoch(epoch)
         for step, batch in enumerate(loader, start=first_step):
             ...                                     # batch["input_ids"]: (B, L) int64, see `collate`
             ckpt["data"] = ds.state_dict(samples_seen=(step + 1) * batch_size * world_size)
-    ds.load_state_dict(ckpt["data"])                # exact mid-epoch resume
+    ds.load_state_dict(ckpt["data"])                # exact mid-epoch resume, also on other ranks / workers
 
-The promises (those mosaicml/streaming makes), each tested in tests/test_dataset.py:
+Consumers: the job's R ranks times W DataLoader workers (W = ``num_workers``, 1 when 0: the main process) are
+C = R * W consumers; consumer (r, w) is numbered c = r + R * w. The promises, each tested in tests/test_dataset.py:
 
-1. The global example order of an epoch is a function of the store, the seed and the epoch only (and of
-   ``shuffle`` / ``block_shards``), never of the number of ranks or DataLoader workers. The shard order is
-   permuted with a generator seeded from (seed, epoch); consecutive shards are grouped into blocks of
-   ``block_shards``; example indices are shuffled within each block. That breaks shard locality while a
-   process holds at most about one block of decoded shards. ``shuffle=False`` gives store order.
-2. Ranks: global sample i goes to rank i % world_size; each rank batches its own sequence into batches of
-   ``batch_size``. So rank r's batch b is global positions b*G + r + world_size*t (G = batch_size * world_size),
-   and the ranks' batch b together are exactly the global batch b.
-3. Workers: batch b of a rank is built by DataLoader worker b % num_workers. The DataLoader (``batch_size=None``)
-   takes batches from its workers round-robin, which reproduces the rank's batch order exactly for any number
-   of workers. A worker decodes only the shards of the blocks its batches touch.
-4. Resume: ``samples_seen`` (global examples of the epoch consumed, steps * batch_size * world_size) are
-   skipped exactly; the rest is split as in 2 and 3, counted from there, so nothing is missing or repeated,
-   whatever the number of workers (and, when samples_seen is a multiple of the new G, the number of ranks).
-5. Lockstep: every rank yields the same number of batches per epoch, as DDP needs. The last, partial global
-   batch is split as evenly as 2 makes it (rank sizes differ by at most one); a rank that would get no example
-   gets a batch of one example with ``example_weight`` 0, whose loss contribution must be (and, weighted, is)
-   masked, so nothing is counted twice. ``drop_last=True`` drops the final partial global batch instead.
-6. Every batch carries ``index`` (B,) int64, the examples' indices in store order, and ``example_weight``
-   (B,) float32 (1, or 0 for the padding example of 5).
+1. Blocks (the canonical partitions). The covered shards are permuted with a generator seeded from (seed, epoch)
+   (store order with ``shuffle=False``) and cut into P = ceil(S / ``block_shards``) blocks of consecutive shards;
+   block j's examples are shuffled with a generator seeded from (seed, epoch, j). Which examples a block holds
+   and their order within it are a function of the store, ``shards``/``split``, the seed, the epoch,
+   ``shuffle`` and ``block_shards`` only: never of ranks, workers or the batch size.
+2. Dealing. Block j goes to rank j % R and, among that rank's blocks, to worker (j // R) % W: whole blocks, so
+   every shard is decoded by exactly one process per epoch (when every consumer has a block, P >= C), decode
+   throughput grows with ranks and workers up to P consumers, and a consumer holds at most ``block_shards``
+   decoded shards (it drops a block before decoding the next; examples a batch still needs from the old block
+   are copied first). A rank's set of blocks does not depend on W.
+3. Order within a rank. A consumer reads its blocks in increasing j, each in its order of 1, as one stream, cut
+   into batches of ``batch_size`` (a batch may span two blocks). Rank batch b is batch b // W of worker b % W:
+   the order in which the DataLoader (``batch_size=None``) takes batches from its workers. So with one rank and
+   no workers the epoch order is the blocks' concatenation, as before; with more consumers the rank's order is
+   a function of (R, W, batch_size) too. Iterated in the main process, a dataset declared with W workers yields
+   the same sequence (it runs the W consumers in turn, holding W blocks).
+4. Lockstep. Every consumer of the job yields M batches, M the most any consumer has (consumers' example counts
+   differ by up to about one block); after its real batches a consumer yields stand-ins: a batch of one copy of
+   its last example with ``example_weight`` 0, whose loss contribution must be (and, weighted, is) masked. So
+   every rank yields W * M batches per epoch, as DDP needs. A consumer with no example at all (more consumers
+   than blocks, or one that finished before a resume) decodes one shard to build its stand-in: the only case in
+   which a shard is decoded twice in an epoch. ``drop_last=True`` drops each consumer's final partial batch.
+5. Resume. ``samples_seen`` is the trainer's count steps * batch_size * world_size (global examples consumed,
+   stand-ins counted; a whole number of steps). With the same (R, W, batch_size), resuming yields exactly the
+   uninterrupted remainder, batch for batch (worker w of the new DataLoader plays consumer (w + steps) % W).
+   A state saved under other R, W or batch_size is resumed exactly too: the state lists the epoch's earlier
+   "legs" (their R, W, batch_size, drop_last and steps, a few numbers each), from which every block's consumed
+   prefix follows; the remaining tails are dealt as in 2 to the new consumers. Nothing is missed or repeated.
+   The constructor's ``samples_seen`` means steps of the current configuration from the epoch's start.
+6. Every batch carries ``index`` (B,) int64, the examples' indices in store order among the covered examples,
+   and ``example_weight`` (B,) float32 (1, or 0 for the stand-ins of 4).
 7. Held-out split: ``split="eval"`` with ``eval_fraction=f`` covers the round(f * N) examples (at least one)
    whose content keys hash lowest, ``split="train"`` the others (:func:`held_out`). The key is a hash of the
    example's tokens, so the split is the same whatever the shard size, the number of shards, ranks or workers,
-   and copies of an example always land on the same side. Only the keys column of each shard is read for it.
+   and copies of an example always land on the same side. Only the keys column of each shard is read for it;
+   a shard's selected rows are decoded with the shard, once.
+
+Changed from the loader before issue 13 (which made every process decode every shard): the epoch order was one
+global sequence dealt example by example (i to rank i % R, batch b to worker b % W), the same for any R and W;
+now only the blocks and their inner order are (1), and a rank's order depends on (R, W, batch_size) (3);
+``num_workers`` must be declared; ``samples_seen`` must be a whole number of steps; ``drop_last`` drops per
+consumer; the state format is version 2 (version 1 states are refused).
 
 With ``persistent_workers=True`` the workers keep the epoch they started with (they hold copies of the
 dataset); call ``set_epoch`` before creating the DataLoader's iterator and leave persistent workers off.
 The permutations come from numpy's PCG64 ``Generator.permutation``; numpy does not promise that stream
 across major versions, so resume a run with the numpy it started with.
 
-This is the only module of ``data`` that imports torch.
+This module and ``data.collate`` are the only modules of ``data`` that import torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -57,17 +77,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .collate import IGNORE_INDEX, collate
 from .manifest import Manifest
 from .reader import StoreReader, open_store
 from .shard import NDArray, ShardData
 
 __all__ = ["IGNORE_INDEX", "EpochOrder", "StoreDataset", "collate", "store_fingerprint"]
 
-# The label that torch's cross-entropy ignores by default: padding and examples without a label.
-IGNORE_INDEX = -100
-
 _STATE_FORMAT = "kd-loader-state"
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 SPLITS = ("all", "train", "eval")
 
 
@@ -99,10 +117,10 @@ def store_fingerprint(manifest: Manifest) -> str:
 
 
 class EpochOrder:
-    """The global example order of one epoch, built one block at a time (never all N indices at once).
+    """The blocks of one epoch and the order of the examples within each (built per block, never all N at once).
 
     Args:
-        shard_rows: examples per shard, in store order.
+        shard_rows: examples per covered shard, in store order.
         seed, epoch: the generator seeds; each block's shuffle is seeded from (seed, epoch, block).
         shuffle: False gives store order (blocks are then consecutive shards in store order).
         block_shards: shards per block.
@@ -111,34 +129,34 @@ class EpochOrder:
     def __init__(self, shard_rows: Sequence[int], *, seed: int, epoch: int, shuffle: bool, block_shards: int) -> None:
         rows = np.asarray(shard_rows, dtype=np.int64).reshape(-1)
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.shard_rows = rows  # (S,)
         self.shard_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)  # (S + 1,) store order
         n = len(rows)
         # Distinct seed words per use ((.., 0) shard order, (.., 1, j) block j), so no two streams coincide.
-        shard_order = np.random.default_rng([seed, epoch, 0]).permutation(n) if shuffle else np.arange(n)
-        self.blocks = [shard_order[i : i + block_shards] for i in range(0, n, block_shards)]
-        self.block_starts = np.concatenate([[0], np.cumsum([rows[b].sum() for b in self.blocks])]).astype(np.int64)
-        self.shard_block = np.zeros(n, dtype=np.int64)  # (S,): the block each shard belongs to
-        for j, block in enumerate(self.blocks):
-            self.shard_block[block] = j
+        self.shard_order = np.random.default_rng([seed, epoch, 0]).permutation(n) if shuffle else np.arange(n)
+        self.blocks = [self.shard_order[i : i + block_shards] for i in range(0, n, block_shards)]
+        firsts = np.arange(0, n, block_shards)
+        self.block_rows = np.add.reduceat(rows[self.shard_order], firsts) if n else np.zeros(0, np.int64)  # (P,)
+        self.block_starts = np.concatenate([[0], np.cumsum(self.block_rows)]).astype(np.int64)  # (P + 1,)
         self._cache: dict[int, NDArray] = {}
 
     def __len__(self) -> int:
         return int(self.block_starts[-1])
 
     def block_indices(self, j: int) -> NDArray:
-        """Store-order indices of block ``j``'s examples, in epoch order: (rows in block,) int64."""
+        """Store-order indices of block ``j``'s examples, in their order: (rows in block,) int64."""
         if j not in self._cache:
             starts = self.shard_starts
             idx = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in self.blocks[j]]).astype(np.int64)
             if self.shuffle:
                 idx = np.random.default_rng([self.seed, self.epoch, 1, j]).permutation(idx)
-            if len(self._cache) >= 2:  # positions only move forward: the two latest blocks are all we reuse
+            if len(self._cache) >= 2:  # a consumer moves forward through its blocks: the two latest suffice
                 self._cache.pop(next(iter(self._cache)))
             self._cache[j] = idx
         return self._cache[j]
 
     def indices(self, positions: NDArray) -> NDArray:
-        """Store-order index of the example at each epoch position (positions ascending): same shape, int64."""
+        """Store-order index at each position of the blocks' concatenation (the order of one consumer)."""
         blocks = np.searchsorted(self.block_starts, positions, side="right") - 1
         out = np.empty(len(positions), dtype=np.int64)
         for j in np.unique(blocks):
@@ -152,6 +170,72 @@ class EpochOrder:
         return shards, indices - self.shard_starts[shards]
 
 
+@dataclasses.dataclass(frozen=True)
+class Leg:
+    """A stretch of an epoch run under one configuration: ``steps`` batches per rank (stand-ins included)."""
+
+    world_size: int
+    num_workers: int
+    batch_size: int
+    drop_last: bool
+    steps: int
+
+    @property
+    def workers(self) -> int:
+        """Consumers per rank: the DataLoader's workers, or the main process."""
+        return max(self.num_workers, 1)
+
+    def same_config(self, other: Leg) -> bool:
+        return dataclasses.replace(self, steps=0) == dataclasses.replace(other, steps=0)
+
+
+@dataclasses.dataclass
+class Plan:
+    """One leg's deal of the blocks' remaining examples to the C = R * W consumers (promises 2 to 4).
+
+    consumer: (P,) the consumer of each block; remaining: (P,) examples left in each block; batches: (C,) real
+    batches of each consumer; steps: M, the batches every consumer yields (the most of any).
+    """
+
+    consumer: NDArray
+    remaining: NDArray
+    batches: NDArray
+    steps: int
+
+    @classmethod
+    def make(cls, block_rows: NDArray, offsets: NDArray, leg: Leg) -> Plan:
+        R, W, B = leg.world_size, leg.workers, leg.batch_size
+        j = np.arange(len(block_rows))
+        consumer = j % R + R * ((j // R) % W)
+        remaining = block_rows - offsets
+        per = np.bincount(consumer, weights=remaining, minlength=R * W).astype(np.int64)  # (C,) examples
+        batches = per // B if leg.drop_last else -(-per // B)
+        return cls(consumer, remaining, batches, int(batches.max()) if len(batches) else 0)
+
+    def consumed(self, leg: Leg) -> NDArray:
+        """(P,) examples of each block consumed after ``leg.steps`` rank batches of this leg."""
+        R, W, B = leg.world_size, leg.workers, leg.batch_size
+        c = np.arange(R * W)
+        k = min(leg.steps, W * self.steps)
+        # rank batch b is batch b // W of worker b % W: worker w has taken ceil((k - w) / W) of its batches
+        taken = np.minimum(np.maximum(-(-(k - c // R) // W), 0), self.batches) * B  # (C,) examples, stream prefix
+        if len(self.consumer) == 0:
+            return np.zeros(0, dtype=np.int64)
+        order = np.lexsort((np.arange(len(self.consumer)), self.consumer))  # blocks by (consumer, j)
+        rem, owner = self.remaining[order], self.consumer[order]
+        ahead = np.cumsum(rem) - rem  # examples before each block, over all consumers in this order
+        first = np.r_[True, owner[1:] != owner[:-1]]
+        before = ahead - np.maximum.accumulate(np.where(first, ahead, 0))  # ... within its consumer's stream
+        out = np.zeros_like(self.remaining)
+        out[order] = np.clip(taken[owner] - before, 0, rem)
+        return out
+
+
+def _copy(example: dict[str, NDArray]) -> dict[str, NDArray]:
+    """An example that owns its arrays (a shard's examples are views that keep the whole shard alive)."""
+    return {k: np.array(v, copy=True) for k, v in example.items()}
+
+
 def _default_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -159,23 +243,27 @@ def _default_rank_world() -> tuple[int, int]:
 
 
 class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
-    """Collated batches of a store's examples for one rank, in the deterministic epoch order (see module doc).
+    """Collated batches of a store's examples for one rank (see the module doc for the order and the promises).
 
-    Use it with ``DataLoader(ds, batch_size=None, num_workers=W)``: it batches and collates itself.
+    Use it with ``DataLoader(ds, batch_size=None, num_workers=W)`` and ``num_workers=W`` here: it batches and
+    collates itself, and its order and resume state depend on W.
 
     Args:
         store: a store path or URL, or an open :class:`~data.StoreReader`.
         batch_size: examples per batch on each rank.
         seed: seeds the shuffle (>= 0).
         shuffle: shuffle shards and, within blocks, examples; False gives store order.
-        block_shards: shards per shuffle block: more mixes better, costs more memory (that many decoded shards
-            per worker).
+        block_shards: shards per block: more mixes better and costs more memory (that many decoded shards per
+            consumer); fewer evens out the consumers' shares (they differ by up to about one block).
         epoch: the epoch to iterate (see :meth:`set_epoch`).
         rank, world_size: this process's data-parallel rank; by default from torch.distributed when it is
             initialised, else 0 and 1. Resolved here, in the main process, because workers are not part of
             the process group.
-        samples_seen: global examples of ``epoch`` already consumed; iteration starts after them.
-        drop_last: drop the final partial global batch instead of splitting it over the ranks.
+        num_workers: the DataLoader's ``num_workers`` (0: iterated in the main process). A DataLoader with
+            another count is refused when it starts.
+        samples_seen: steps of ``epoch`` already taken under this configuration, times batch_size * world_size;
+            iteration starts after them.
+        drop_last: drop each consumer's final partial batch.
         shards: the store-order indices of the shards to cover; all by default. ``batch["index"]`` then counts
             examples of these shards only, in their store order.
         split: ``"all"`` (default), or ``"train"`` / ``"eval"``: the examples outside / inside the held-out
@@ -195,6 +283,7 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         epoch: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        num_workers: int = 0,
         samples_seen: int = 0,
         drop_last: bool = False,
         shards: Sequence[int] | None = None,
@@ -210,10 +299,18 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             problems.append(f"batch_size must be >= 1, got {batch_size}")
         if block_shards < 1:
             problems.append(f"block_shards must be >= 1, got {block_shards}")
-        if seed < 0 or epoch < 0 or samples_seen < 0:
-            problems.append(f"seed, epoch and samples_seen must be >= 0, got {seed}, {epoch}, {samples_seen}")
+        if seed < 0 or epoch < 0 or samples_seen < 0 or num_workers < 0:
+            problems.append(
+                f"seed, epoch, samples_seen and num_workers must be >= 0, got {seed}, {epoch}, {samples_seen}, "
+                f"{num_workers}"
+            )
         if world_size < 1 or not 0 <= rank < world_size:
             problems.append(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        elif batch_size >= 1 and samples_seen % (batch_size * world_size):
+            problems.append(
+                f"samples_seen must be a whole number of steps (a multiple of batch_size * world_size = "
+                f"{batch_size * world_size}), got {samples_seen}"
+            )
         if split not in SPLITS:
             problems.append(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         elif split != "all" and not 0 < eval_fraction < 1:
@@ -248,44 +345,76 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.block_shards = block_shards
         self.rank = rank
         self.world_size = world_size
+        self.num_workers = num_workers
         self.drop_last = drop_last
         self.fingerprint = store_fingerprint(self.reader.manifest)
         self.epoch = epoch
         self.samples_seen = samples_seen
+        self._legs: list[Leg] = []  # earlier legs of this epoch, under other configurations
+        self._leg_start = 0  # samples_seen when the current leg began
+        self._leg_length: tuple[Any, int] = (None, 0)  # (what it depends on, rank batches of the current leg)
 
     @property
     def num_examples(self) -> int:
         """Examples this dataset covers (all of the store's unless ``shards`` or ``split`` was given)."""
         return self._num_examples
 
+    def _order(self) -> EpochOrder:
+        return EpochOrder(
+            self._shard_rows, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, block_shards=self.block_shards
+        )
+
+    def _leg(self, samples_seen: int) -> Leg:
+        """The current configuration as a leg, with its steps taken at ``samples_seen``."""
+        steps, rest = divmod(samples_seen - self._leg_start, self.batch_size * self.world_size)
+        if steps < 0 or rest:
+            raise ValueError(
+                f"samples_seen {samples_seen} is not {self._leg_start} plus a whole number of steps of "
+                f"batch_size * world_size = {self.batch_size * self.world_size}"
+            )
+        return Leg(self.world_size, self.num_workers, self.batch_size, self.drop_last, steps)
+
+    def _plan(self, order: EpochOrder) -> tuple[NDArray, Plan, int]:
+        """(offsets (P,) consumed by the earlier legs, this leg's plan, steps this leg has taken)."""
+        offsets = np.zeros(len(order.blocks), dtype=np.int64)
+        for leg in self._legs:
+            offsets += Plan.make(order.block_rows, offsets, leg).consumed(leg)
+        leg = self._leg(self.samples_seen)
+        plan = Plan.make(order.block_rows, offsets, leg)
+        return offsets, plan, min(leg.steps, leg.workers * plan.steps)
+
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch from ``samples_seen`` on (the same on every rank)."""
-        remaining = max(self.num_examples - self.samples_seen, 0)
-        per_step = self.batch_size * self.world_size
-        return remaining // per_step if self.drop_last else -(-remaining // per_step)
+        _, plan, done = self._plan(self._order())
+        return max(self.num_workers, 1) * plan.steps - done
 
     def set_epoch(self, epoch: int) -> None:
-        """Iterate ``epoch`` next. A new epoch starts from its beginning (a resumed ``samples_seen`` is dropped)."""
+        """Iterate ``epoch`` next. A new epoch starts from its beginning (a resumed position is dropped)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if epoch != self.epoch:
-            self.samples_seen = 0
+            self.samples_seen, self._legs, self._leg_start = 0, [], 0
         self.epoch = epoch
 
     def state_dict(self, samples_seen: int) -> dict[str, Any]:
-        """The loader position as a small JSON-able dict.
+        """The loader position as a small JSON-able dict: the epoch's legs (a few numbers per configuration).
 
         Args:
-            samples_seen: global examples of the current epoch consumed so far, counted from the epoch's start
-                (steps * batch_size * world_size); a count past the end means the epoch is finished.
+            samples_seen: the trainer's count for the current epoch, steps * batch_size * world_size from the
+                epoch's start (summed over the legs if the configuration changed); past the end means finished.
         """
-        if samples_seen < 0:
-            raise ValueError(f"samples_seen must be >= 0, got {samples_seen}")
+        leg = self._leg(samples_seen)
+        key = (self.epoch, tuple(self._legs), dataclasses.replace(leg, steps=0))
+        if self._leg_length[0] != key:  # cached: a trainer may save a state after every batch
+            _, plan, _ = self._plan(self._order())
+            self._leg_length = (key, leg.workers * plan.steps)
+        leg = dataclasses.replace(leg, steps=min(leg.steps, self._leg_length[1]))
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
             "epoch": self.epoch,
-            "samples_seen": min(samples_seen, self.num_examples),
+            "samples_seen": self._leg_start + leg.steps * self.batch_size * self.world_size,
+            "legs": [dataclasses.asdict(g) for g in [*self._legs, leg]],
             "seed": self.seed,
             "shuffle": self.shuffle,
             "block_shards": self.block_shards,
@@ -297,235 +426,134 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`'s output. Refuses a state whose order this dataset cannot reproduce.
+        """Resume from :meth:`state_dict`'s output, under this or another (world_size, num_workers, batch_size).
 
         Raises:
-            ValueError: the state is not a loader state, or comes from another store, seed, shuffle or
-                block_shards (which would give another order); the message says which.
+            ValueError: the state is not a loader state, or comes from another store, seed, shuffle,
+                block_shards, shards or split (which would give other blocks); the message says which.
         """
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError("not a StoreDataset state (expected the dict that StoreDataset.state_dict returns)")
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} is not {_STATE_VERSION}")
-        mine = self.state_dict(0)
+            raise ValueError(
+                f"loader state version {state.get('version')} is not {_STATE_VERSION} (version 1 states describe "
+                "the order before each shard was decoded once per job; resume from the epoch's start instead)"
+            )
+        mine = {
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "block_shards": self.block_shards,
+            "shards": self.shard_ids,
+            "split": self.split,
+            "eval_fraction": self.eval_fraction,
+        }
         problems = []
         if state.get("store_fingerprint") != self.fingerprint:
             problems.append(
                 f"it was saved for another store (fingerprint {str(state.get('store_fingerprint'))[:12]}, "
                 f"this one is {self.fingerprint[:12]}); resume with the store the run started with"
             )
-        defaults = {"split": "all", "eval_fraction": 0.0}  # states written before the split existed
-        for key in ("seed", "shuffle", "block_shards", "shards", "split", "eval_fraction"):
-            if state.get(key, defaults.get(key)) != mine[key]:
-                problems.append(f"it has {key}={state.get(key)!r}, this dataset {key}={mine[key]!r}")
-        epoch, seen = state.get("epoch"), state.get("samples_seen")
+        for key, value in mine.items():
+            if state.get(key) != value:
+                problems.append(f"it has {key}={state.get(key)!r}, this dataset {key}={value!r}")
+        epoch, seen, legs = state.get("epoch"), state.get("samples_seen"), []
         if not isinstance(epoch, int) or not isinstance(seen, int) or epoch < 0 or seen < 0:
             problems.append(f"epoch and samples_seen must be integers >= 0, got {epoch!r} and {seen!r}")
+        try:
+            legs = [Leg(**g) for g in state.get("legs", [])]
+            fields = [(g.world_size, g.batch_size, g.num_workers + 1, g.steps + 1) for g in legs]
+            if not legs or not all(isinstance(v, int) and v >= 1 for f in fields for v in f):
+                raise TypeError
+        except TypeError:
+            problems.append(f"legs must be a non-empty list of legs, got {state.get('legs')!r}")
         if problems:
             raise ValueError("cannot resume from this loader state: " + "; ".join(problems))
         assert isinstance(epoch, int) and isinstance(seen, int)
-        self.epoch = epoch
-        self.samples_seen = seen
+        last = legs[-1]
+        here = Leg(self.world_size, self.num_workers, self.batch_size, self.drop_last, 0)
+        if last.same_config(here):  # the same configuration continues its leg: batch for batch as uninterrupted
+            self._legs = [g for g in legs[:-1] if g.steps]
+            self._leg_start = seen - last.steps * self.batch_size * self.world_size
+        else:
+            self._legs = [g for g in legs if g.steps]
+            self._leg_start = seen
+        self.epoch, self.samples_seen = epoch, seen
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = EpochOrder(
-            self._shard_rows,
-            seed=self.seed,
-            epoch=self.epoch,
-            shuffle=self.shuffle,
-            block_shards=self.block_shards,
-        )
+        order = self._order()
+        offsets, plan, done = self._plan(order)
+        W = max(self.num_workers, 1)
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        n = len(order)
-        start = min(self.samples_seen, n)
-        G = self.batch_size * self.world_size
-        # Decoded shards of this process; a shard leaves once no later batch of this process can need it.
-        loaded: dict[int, ShardData] = {}
-        for b in range(worker, len(self), num_workers):
-            base = start + b * G  # first global position of global batch b
-            count = min(G, n - base)
-            # rank r takes positions base + r + world * t: ceil((count - r) / world) of them
-            mine = max(-(-(count - self.rank) // self.world_size), 0)
-            positions = base + self.rank + self.world_size * np.arange(mine, dtype=np.int64)
-            weight = np.ones(mine, dtype=np.float32)
-            if mine == 0:  # a short last global batch left this rank nothing: one masked stand-in keeps lockstep
-                positions = np.array([base], dtype=np.int64)
-                weight = np.zeros(1, dtype=np.float32)
-            indices = order.indices(positions)
-            shards, rows = order.shard_of(indices)
-            if self._rows is not None:  # the split's r-th example of a shard is its row self._rows[s][r]
-                rows = np.array([self._rows[s][r] for s, r in zip(shards.tolist(), rows.tolist(), strict=True)])
-            self._load(order, loaded, shards)
-            examples = [loaded[s].example(r, self.task) for s, r in zip(shards.tolist(), rows.tolist(), strict=True)]
+        if info is not None:
+            if info.num_workers != W:
+                raise ValueError(
+                    f"StoreDataset(num_workers={self.num_workers}) is read by a DataLoader with "
+                    f"num_workers={info.num_workers}; pass the DataLoader's num_workers to StoreDataset (the "
+                    "order and the resume state depend on it)"
+                )
+            # loader batch t is rank batch done + t, which comes from consumer (done + t) % W; t % W == info.id
+            yield from self._consumer(order, offsets, plan, (done + info.id) % W, done)
+            return
+        # the main process plays the W consumers in the order the DataLoader would take their batches
+        consumers = [self._consumer(order, offsets, plan, w, done) for w in range(W)]
+        for b in range(done, W * plan.steps):
+            yield next(consumers[b % W])
+
+    def _consumer(
+        self, order: EpochOrder, offsets: NDArray, plan: Plan, w: int, done: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Worker ``w``'s batches of this rank, from its first one after rank batch ``done``, through M."""
+        R, W, B = self.world_size, max(self.num_workers, 1), self.batch_size
+        mine = np.flatnonzero((plan.consumer == self.rank + R * w) & (plan.remaining > 0))  # its blocks, by j
+        starts, counts = offsets[mine], plan.remaining[mine]
+        ends = np.cumsum(counts)  # its stream: the blocks' remaining tails one after another
+        total = int(ends[-1]) if len(ends) else 0
+        real = int(plan.batches[self.rank + R * w])
+        loaded: dict[int, ShardData] = {}  # decoded shards of the current block only
+        block = -1
+        last: tuple[dict[str, NDArray], int] | None = None  # (owned copy, index) of the latest example
+        for t in range(max(-(-(done - w) // W), 0), plan.steps):
+            if t >= real:  # lockstep: a stand-in, weight 0
+                loaded.clear()
+                if last is None:
+                    last = self._stand_in(order)
+                examples, indices, weight = [last[0]], np.array([last[1]]), np.zeros(1, np.float32)
+            else:
+                pos = np.arange(t * B, min((t + 1) * B, total), dtype=np.int64)
+                which = np.searchsorted(ends, pos, side="right")  # index into mine of each position
+                examples, parts = [], []
+                for q in np.unique(which).tolist():
+                    j = int(mine[q])
+                    if j != block:  # drop the old block first; what this batch took from it gets copied
+                        examples = [_copy(ex) for ex in examples]
+                        loaded.clear()
+                        block = j
+                    sel = pos[which == q] - (ends[q] - counts[q]) + starts[q]
+                    idx = order.block_indices(j)[sel]
+                    examples += self._examples(order, loaded, idx)
+                    parts.append(idx)
+                indices, weight = np.concatenate(parts), np.ones(len(pos), np.float32)
+                last = (_copy(examples[-1]), int(indices[-1]))
             batch = collate(examples, self.task)
             batch["index"] = torch.from_numpy(indices)
             batch["example_weight"] = torch.from_numpy(weight)
             yield batch
 
-    def _load(self, order: EpochOrder, loaded: dict[int, ShardData], needed: NDArray) -> None:
-        """Make every shard in ``needed`` decoded in ``loaded``, dropping shards of blocks that are behind us."""
-        wanted = set(needed.tolist())
-        newest_block = int(order.shard_block[needed].max())
-        for s in [s for s in loaded if s not in wanted and order.shard_block[s] < newest_block]:
-            del loaded[s]
-        for s in sorted(wanted - set(loaded)):
-            record = self.reader.manifest.shards[self.shard_ids[s]]
-            loaded[s] = self.reader.load_shard(record, verify=self.reader.verify)
+    def _examples(self, order: EpochOrder, loaded: dict[int, ShardData], indices: NDArray) -> list[dict[str, NDArray]]:
+        """The examples at store-order ``indices`` of one block, decoding its shards into ``loaded`` as needed."""
+        shards, rows = order.shard_of(indices)
+        if self._rows is not None:  # the split's r-th example of a shard is its row self._rows[s][r]
+            rows = np.array([self._rows[s][r] for s, r in zip(shards.tolist(), rows.tolist(), strict=True)])
+        for s in sorted(set(shards.tolist()) - set(loaded)):
+            loaded[s] = self._decode(s)
+        return [loaded[s].example(r, self.task) for s, r in zip(shards.tolist(), rows.tolist(), strict=True)]
 
+    def _decode(self, s: int) -> ShardData:
+        record = self.reader.manifest.shards[self.shard_ids[s]]
+        return self.reader.load_shard(record, verify=self.reader.verify)
 
-# ---------------------------------------------------------------- collation
-
-
-def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Tensor]:
-    """Pad and stack examples (dicts as :meth:`ShardData.example` returns them) into a batch of tensors.
-
-    B examples, L = the longest input in the batch, K kept ids per position. Padding holds 0 (ids, log-probs,
-    tail mass); ``position_mask`` says which positions are real.
-
-    Every task:
-        input_ids: (B, L) int64, padded with 0.
-        attention_mask: (B, L) int64, 1 on real tokens.
-
-    causal-lm (target position i is the distribution of token i + 1, so it aligns with the student's
-    ``logits[:, i]``, i.e. ``logits[:, :-1]`` as a whole):
-        target_ids: (B, L-1, K) int64; target_logprobs: (B, L-1, K) float32; tail_mass: (B, L-1) float32.
-        position_mask: (B, L-1) bool, False on padding.
-        labels: (B, L-1) int64: ``input_ids[:, 1:]``, -100 on padding.
-
-    masked-lm (P = most masked positions of an example in the batch):
-        positions: (B, P) int64: each target's index in its example, 0 on padding.
-        target_ids: (B, P, K) int64; target_logprobs: (B, P, K) float32; tail_mass: (B, P) float32.
-        position_mask: (B, P) bool; labels: (B, P) int64, the original tokens, -100 on padding.
-
-    seq-cls:
-        target_ids: (B, K) int64; target_logprobs: (B, K) float32; tail_mass: (B,) float32.
-        position_mask: (B,) bool, all True; labels: (B,) int64, -100 where the store holds no (or a -1) label.
-
-    Sampled stores (examples with ``target_counts``): K is U, the most unique ids of any position in the batch;
-    ``target_ids`` holds each position's ids padded with 0, ``target_logprobs`` log(count / num_samples) (-inf on
-    padding), ``tail_mass`` 0, and an extra ``target_mask`` (B, L-1 | P, U) bool ((B, U) for seq-cls) says which
-    slots are real; pass it to the losses.
-
-    Hybrid stores (examples with ``tail_counts``): K is k + U, U the most unique tail ids of any position in the
-    batch. Slots [0, k) hold the top-k ids and their exact log-probs; slots [k, k + U) the position's tail ids and
-    log(tail_mass * count / num_samples) (padded with id 0 and -inf), the unbiased estimate of the teacher's
-    probability of each drawn id; ``target_mask`` (True on the k head slots and the real tail slots) says which
-    are real. ``tail_mass`` is then 0: the draws carry the tail's mass, so the losses must not add a tail bin.
-
-    Ids are widened to int64 (what embedding lookups, gather and cross-entropy take) and log-probs to float32
-    here, once per batch, each while copying into its padded array.
-    """
-    if not examples:
-        raise ValueError("collate needs at least one example")
-    lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=len(examples))
-    input_ids = _pad([ex["input_ids"] for ex in examples], lengths, np.int64)  # (B, L)
-    L = input_ids.shape[1]
-    batch: dict[str, NDArray] = {
-        "input_ids": input_ids,
-        "attention_mask": (np.arange(L) < lengths[:, None]).astype(np.int64),
-    }
-    hybrid = "tail_counts" in examples[0]
-    if "target_counts" in examples[0]:
-        batch |= _sampled_targets(examples, task)
-    elif hybrid:
-        batch |= _hybrid_targets(examples, task)
-    if task == "seq-cls":
-        labels = np.full(len(examples), IGNORE_INDEX, dtype=np.int64)
-        if "label" in examples[0]:
-            labels = np.concatenate([ex["label"] for ex in examples]).astype(np.int64)
-            labels[labels < 0] = IGNORE_INDEX
-        if "target_mask" not in batch:
-            batch |= {
-                "target_ids": np.concatenate([ex["target_ids"] for ex in examples]).astype(np.int64),
-                "target_logprobs": np.concatenate([ex["target_logprobs"] for ex in examples]).astype(np.float32),
-            }
-        batch |= {
-            "tail_mass": np.concatenate([ex["tail_mass"] for ex in examples]).astype(np.float32),
-            "position_mask": np.ones(len(examples), dtype=bool),
-            "labels": labels,
-        }
-    elif task in ("causal-lm", "masked-lm"):
-        counts = np.fromiter((len(ex["tail_mass"]) for ex in examples), dtype=np.int64, count=len(examples))
-        position_mask = np.arange(counts.max()) < counts[:, None]  # (B, P)
-        if task == "causal-lm":
-            labels = input_ids[:, 1:].copy()  # (B, L-1): position i's hard label is token i + 1
-        else:
-            labels = _pad([ex["label"] for ex in examples], counts, np.int64)
-            batch["positions"] = _pad([ex["positions"] for ex in examples], counts, np.int64)
-        labels[~position_mask] = IGNORE_INDEX
-        if "target_mask" not in batch:
-            batch |= {
-                "target_ids": _pad([ex["target_ids"] for ex in examples], counts, np.int64),
-                "target_logprobs": _pad([ex["target_logprobs"] for ex in examples], counts, np.float32),
-            }
-        batch |= {
-            "tail_mass": _pad([ex["tail_mass"] for ex in examples], counts, np.float32),
-            "position_mask": position_mask,
-            "labels": labels,
-        }
-    else:
-        raise ValueError(f"collate: unknown task {task!r} (expected causal-lm, masked-lm or seq-cls)")
-    if hybrid:  # the tail's mass is in the drawn slots (see above); a tail bin would count it twice
-        batch["tail_mass"] = np.zeros_like(batch["tail_mass"])
-    return {name: torch.from_numpy(arr) for name, arr in batch.items()}
-
-
-def _ragged(examples: list[dict[str, NDArray]], prefix: str) -> tuple[NDArray, NDArray]:
-    """The ``<prefix>_ids`` / ``<prefix>_counts`` of each position, padded to (B, P, U) int64 ids and float32
-    counts (0 on padding slots), U the most entries of any position (at least 1 for "target")."""
-    offsets = [ex[f"{prefix}_offsets"].astype(np.int64, copy=False) for ex in examples]
-    per_position = [np.diff(o) for o in offsets]  # (P_b,) unique ids of each position
-    P = max(len(n) for n in per_position)
-    U = max((int(n.max()) for n in per_position if n.size), default=1 if prefix == "target" else 0)
-    ids = np.zeros((len(examples), P, U), dtype=np.int64)
-    counts = np.zeros((len(examples), P, U), dtype=np.float32)
-    for b, (ex, off, n) in enumerate(zip(examples, offsets, per_position, strict=True)):
-        pos = np.repeat(np.arange(len(n)), n)  # (U_b,) the position of each entry
-        slot = np.arange(int(off[-1])) - np.repeat(off[:-1], n)  # (U_b,) its slot within the position
-        ids[b, pos, slot] = ex[f"{prefix}_ids"]
-        counts[b, pos, slot] = ex[f"{prefix}_counts"]
-    return ids, counts
-
-
-def _hybrid_targets(examples: list[dict[str, NDArray]], task: str) -> dict[str, NDArray]:
-    """Hybrid targets: the top-k slots, then the tail's drawn ids weighted by tail_mass * count / num_samples,
-    padded to (B, P, k + U) (seq-cls: (B, k + U)); see :func:`collate`."""
-    lengths = np.fromiter((len(ex["tail_mass"]) for ex in examples), dtype=np.int64, count=len(examples))
-    head_ids = _pad([ex["target_ids"] for ex in examples], lengths, np.int64)  # (B, P, k)
-    head_lp = _pad([ex["target_logprobs"] for ex in examples], lengths, np.float32)  # (B, P, k)
-    tail = _pad([ex["tail_mass"] for ex in examples], lengths, np.float64)  # (B, P)
-    ids, counts = _ragged(examples, "tail")  # (B, P, U)
-    mask = counts > 0
-    total = counts.sum(axis=-1, keepdims=True)  # (B, P, 1): num_samples where the tail has draws, else 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weight = tail[..., None] * counts / np.maximum(total, 1.0)  # float64: a tiny tail stays above 0
-        logprobs = np.where(mask, np.log(weight), -np.inf).astype(np.float32)
-    out: dict[str, NDArray] = {
-        "target_ids": np.concatenate([head_ids, ids], axis=-1),
-        "target_logprobs": np.concatenate([head_lp, logprobs], axis=-1),
-        "target_mask": np.concatenate([np.ones(head_ids.shape, dtype=bool), mask], axis=-1),
-    }
-    return {k: v[:, 0] for k, v in out.items()} if task == "seq-cls" else out
-
-
-def _sampled_targets(examples: list[dict[str, NDArray]], task: str) -> dict[str, NDArray]:
-    """Sampled targets, ragged per position, padded to (B, P, U) (seq-cls: (B, U)); see :func:`collate`."""
-    ids, counts = _ragged(examples, "target")
-    mask = counts > 0
-    total = counts.sum(axis=-1, keepdims=True)  # (B, P, 1): num_samples on real positions, 0 on padding
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logprobs = np.where(mask, np.log(counts / np.maximum(total, 1.0)), -np.inf).astype(np.float32)
-    out: dict[str, NDArray] = {"target_ids": ids, "target_logprobs": logprobs, "target_mask": mask}
-    return {k: v[:, 0] for k, v in out.items()} if task == "seq-cls" else out
-
-
-def _pad(parts: list[NDArray], lengths: NDArray, dtype: type) -> NDArray:
-    """Stack ragged (n_b, ...) arrays into a zero-padded (B, max n_b, ...) array of ``dtype``.
-
-    One slice assignment per example: the dtype conversion happens in the copy, with no temporary.
-    """
-    out = np.zeros((len(parts), int(lengths.max()), *parts[0].shape[1:]), dtype=dtype)
-    for b, part in enumerate(parts):
-        out[b, : len(part)] = part
-    return out
+    def _stand_in(self, order: EpochOrder) -> tuple[dict[str, NDArray], int]:
+        """An example for a consumer that has none of its own: the first of the epoch's first non-empty shard."""
+        s = next(int(s) for s in order.shard_order if order.shard_rows[s] > 0)
+        row = int(self._rows[s][0]) if self._rows is not None else 0
+        return _copy(self._decode(s).example(row, self.task)), int(order.shard_starts[s])

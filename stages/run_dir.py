@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["Metrics", "latest_checkpoint", "load_checkpoint", "plot_metrics", "save_checkpoint", "truncate_metrics"]
 
 
-def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, position: dict[str, int]) -> Path:
+def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, position: dict[str, Any]) -> Path:
     """Write a checkpoint atomically (temp folder + rename). Safetensors and JSON only: no pickle."""
     import torch
     from safetensors.torch import save_file, save_model
@@ -52,7 +52,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict[str, int]]:
+def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict[str, Any]]:
     import torch
     from safetensors.torch import load_file, load_model
 

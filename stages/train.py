@@ -232,12 +232,14 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             samples_seen=samples_seen,
             rank=rank,
             world_size=world,
+            num_workers=cfg.workers,
             **train_split,
         )
 
     per_step = cfg.batch_size * cfg.grad_accum * world
     n_train = train_set(0, 0).num_examples
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
+    # an epoch is len() batches per rank: the examples plus the lockstep stand-ins (data/dataset.py, promise 4)
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_set(0, 0)) / cfg.grad_accum))
     targets = f"{m.targets.num_samples} samples" if m.targets.sampled else f"top-{m.targets.k}"
     targets += f" + {m.targets.num_samples} tail samples" if m.targets.hybrid else ""
     say(
@@ -257,7 +259,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         foreach=False,  # identical update order on every run: resume must reproduce the same weights
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, total_steps))
-    step, position = 0, {"epoch": 0, "samples_seen": 0}
+    step, position = 0, {"epoch": 0, "samples_seen": 0}  # + "loader" once running
     if cfg.resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
@@ -325,7 +327,8 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
                     "grad_norm": grad_norm,
                     "tokens": tokens * world,
                     "step_seconds": time.perf_counter() - t0,
-                    **position,
+                    "epoch": position["epoch"],
+                    "samples_seen": position["samples_seen"],
                 }
             )
         if eval_source is not None and (step % cfg.eval_every == 0 or step == total_steps):
@@ -479,22 +482,27 @@ def _split(cfg: TrainConfig, store: data.StoreReader) -> tuple[dict[str, Any], A
     return {"split": "train", **split}, (store, {"split": "eval", **split})
 
 
-def _batch_stream(make_dataset: Any, cfg: TrainConfig, world: int, position: dict[str, int]) -> Any:
+def _batch_stream(make_dataset: Any, cfg: TrainConfig, world: int, position: dict[str, Any]) -> Any:
     """Endless (batch, position-after-it) pairs across epochs, starting at ``position`` (exact resume).
 
-    Every rank consumes one batch of ``batch_size`` per micro-step, and global example i belongs to rank
-    i % world, so after b batches of an epoch exactly b * batch_size * world global examples are consumed, the
-    same on every rank. The count overshoots only on an epoch's last, partial batch, and the epoch ends there.
+    Every rank takes one batch per micro-step (the loader keeps the ranks in lockstep), so after b batches of an
+    epoch the count is b * batch_size * world on every rank. The position also carries the loader's own state
+    (``loader``), which lets a checkpoint resume exactly under another world size or --workers.
     """
     import torch
 
     epoch, seen = position["epoch"], position["samples_seen"]
+    loader_state = position.get("loader")
     while True:
-        loader = torch.utils.data.DataLoader(make_dataset(epoch, seen), batch_size=None, num_workers=cfg.workers)
+        dataset = make_dataset(epoch, 0 if loader_state else seen)
+        if loader_state:
+            dataset.load_state_dict(loader_state)
+            loader_state = None
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
         try:
             for batch in loader:
                 seen += cfg.batch_size * world
-                yield batch, {"epoch": epoch, "samples_seen": seen}
+                yield batch, {"epoch": epoch, "samples_seen": seen, "loader": dataset.state_dict(seen)}
         except data.StoreError as e:
             raise _unwrapped(e) from None
         epoch, seen = epoch + 1, 0

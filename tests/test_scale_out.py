@@ -104,8 +104,9 @@ def test_torchrun_ddp_training(setup: dict[str, Any], tmp_path: Path) -> None:
     every epoch into disjoint halves that together cover it exactly, and hold the same weights after every step."""
     from tests.test_train import _student_config
 
-    # 29 examples, 2 ranks x batch 2 = 4 a step: 7 full steps, then 1 example for rank 0 and a weight-0 stand-in
-    # for rank 1 (step 8); 12 steps are one whole epoch and the first 4 steps of the next
+    # 29 examples in 6 shards of 5 (one of 4): with 4 shards per block, rank 0 reads a block of 4 shards and rank 1
+    # one of 2, each rank taking 2 a step; rank 1 runs out first and takes weight-0 stand-ins until rank 0's block
+    # is done (the loader's lockstep). 12 steps are one whole epoch and the first steps of the next.
     n_examples, steps = 29, 12
     write_jsonl(tmp_path / "docs.jsonl", [{"text": s} for s in (SENTENCES * 4)[:n_examples]])
     store = tmp_path / "store"
@@ -120,10 +121,20 @@ def test_torchrun_ddp_training(setup: dict[str, Any], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, steps + 1))
-    # 2 ranks x batch 2 per step: the global data position advances by 4 examples a step, and restarts at epoch 1
+    # the same batches as the loader yields for each rank: what every step counts, and the epoch's length
+    from kd_pipeline.data.dataset import StoreDataset
+
+    def counted(epoch: int) -> list[int]:
+        ranks = [list(StoreDataset(store, batch_size=2, rank=r, world_size=2, epoch=epoch)) for r in (0, 1)]
+        return [int(a["example_weight"].sum() + b["example_weight"].sum()) for a, b in zip(*ranks, strict=True)]
+
+    per_step, next_epoch = counted(0), counted(1)
+    epoch_steps = len(per_step)
+    assert epoch_steps < steps and sum(per_step) == n_examples and min(per_step) < 4  # some steps hold stand-ins
+    # 2 ranks x batch 2 per step: the trainer's data position advances by 4 a step, and restarts at epoch 1
     assert [(r["epoch"], r["samples_seen"]) for r in rows if r["split"] == "train"] == [
-        (0, 4 * s) for s in range(1, 9)
-    ] + [(1, 4 * s) for s in range(1, 5)]
+        (0, 4 * s) for s in range(1, epoch_steps + 1)
+    ] + [(1, 4 * s) for s in range(1, steps - epoch_steps + 1)]
     assert (out / "final" / "config.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000012"]
     assert sorted(p.name for p in (out / "trace").iterdir()) == ["rank-00000.jsonl", "rank-00001.jsonl"]
@@ -143,10 +154,12 @@ def test_torchrun_ddp_training(setup: dict[str, Any], tmp_path: Path) -> None:
         assert a["weights_sha256"] == b["weights_sha256"], a["step"]
     # every example of the epoch exactly once across the two ranks (a repeat would make the list longer)
     assert sorted(seen[0]) == list(range(n_examples))
-    # the first 4 steps of epoch 1: 16 distinct examples, none twice
-    assert len(seen[1]) == 16 and len(set(seen[1])) == 16 and set(seen[1]) <= set(range(n_examples))
-    # per step: 4 examples, but 1 in step 8 (the last, partial global batch; rank 1's stand-in is not counted)
-    assert [len(a["examples"]) + len(b["examples"]) for a, b in zip(*traces, strict=True)] == [4] * 7 + [1] + [4] * 4
+    # the first steps of epoch 1: distinct examples, none twice
+    assert len(seen[1]) == len(set(seen[1])) == sum(next_epoch[: steps - epoch_steps])
+    assert set(seen[1]) <= set(range(n_examples))
+    # per step: the examples the two ranks' batches count (stand-ins are not counted)
+    counts = [len(a["examples"]) + len(b["examples"]) for a, b in zip(*traces, strict=True)]
+    assert counts == per_step + next_epoch[: steps - epoch_steps]
     # the weights move every step (the digests compare something that changes)
     digests = [t["weights_sha256"] for t in traces[0]]
     assert len(set(digests)) == steps

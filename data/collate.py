@@ -1,0 +1,170 @@
+"""Collation: a list of examples (as :meth:`ShardData.example` returns them) into one batch of padded tensors.
+
+Used by :class:`data.dataset.StoreDataset`; with it, the only modules of ``data`` that import torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .shard import NDArray
+
+__all__ = ["IGNORE_INDEX", "collate"]
+
+# The label that torch's cross-entropy ignores by default: padding and examples without a label.
+IGNORE_INDEX = -100
+
+
+def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Tensor]:
+    """Pad and stack examples (dicts as :meth:`ShardData.example` returns them) into a batch of tensors.
+
+    B examples, L = the longest input in the batch, K kept ids per position. Padding holds 0 (ids, log-probs,
+    tail mass); ``position_mask`` says which positions are real.
+
+    Every task:
+        input_ids: (B, L) int64, padded with 0.
+        attention_mask: (B, L) int64, 1 on real tokens.
+
+    causal-lm (target position i is the distribution of token i + 1, so it aligns with the student's
+    ``logits[:, i]``, i.e. ``logits[:, :-1]`` as a whole):
+        target_ids: (B, L-1, K) int64; target_logprobs: (B, L-1, K) float32; tail_mass: (B, L-1) float32.
+        position_mask: (B, L-1) bool, False on padding.
+        labels: (B, L-1) int64: ``input_ids[:, 1:]``, -100 on padding.
+
+    masked-lm (P = most masked positions of an example in the batch):
+        positions: (B, P) int64: each target's index in its example, 0 on padding.
+        target_ids: (B, P, K) int64; target_logprobs: (B, P, K) float32; tail_mass: (B, P) float32.
+        position_mask: (B, P) bool; labels: (B, P) int64, the original tokens, -100 on padding.
+
+    seq-cls:
+        target_ids: (B, K) int64; target_logprobs: (B, K) float32; tail_mass: (B,) float32.
+        position_mask: (B,) bool, all True; labels: (B,) int64, -100 where the store holds no (or a -1) label.
+
+    Sampled stores (examples with ``target_counts``): K is U, the most unique ids of any position in the batch;
+    ``target_ids`` holds each position's ids padded with 0, ``target_logprobs`` log(count / num_samples) (-inf on
+    padding), ``tail_mass`` 0, and an extra ``target_mask`` (B, L-1 | P, U) bool ((B, U) for seq-cls) says which
+    slots are real; pass it to the losses.
+
+    Hybrid stores (examples with ``tail_counts``): K is k + U, U the most unique tail ids of any position in the
+    batch. Slots [0, k) hold the top-k ids and their exact log-probs; slots [k, k + U) the position's tail ids and
+    log(tail_mass * count / num_samples) (padded with id 0 and -inf), the unbiased estimate of the teacher's
+    probability of each drawn id; ``target_mask`` (True on the k head slots and the real tail slots) says which
+    are real. ``tail_mass`` is then 0: the draws carry the tail's mass, so the losses must not add a tail bin.
+
+    Ids are widened to int64 (what embedding lookups, gather and cross-entropy take) and log-probs to float32
+    here, once per batch, each while copying into its padded array.
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=len(examples))
+    input_ids = _pad([ex["input_ids"] for ex in examples], lengths, np.int64)  # (B, L)
+    L = input_ids.shape[1]
+    batch: dict[str, NDArray] = {
+        "input_ids": input_ids,
+        "attention_mask": (np.arange(L) < lengths[:, None]).astype(np.int64),
+    }
+    hybrid = "tail_counts" in examples[0]
+    if "target_counts" in examples[0]:
+        batch |= _sampled_targets(examples, task)
+    elif hybrid:
+        batch |= _hybrid_targets(examples, task)
+    if task == "seq-cls":
+        labels = np.full(len(examples), IGNORE_INDEX, dtype=np.int64)
+        if "label" in examples[0]:
+            labels = np.concatenate([ex["label"] for ex in examples]).astype(np.int64)
+            labels[labels < 0] = IGNORE_INDEX
+        if "target_mask" not in batch:
+            batch |= {
+                "target_ids": np.concatenate([ex["target_ids"] for ex in examples]).astype(np.int64),
+                "target_logprobs": np.concatenate([ex["target_logprobs"] for ex in examples]).astype(np.float32),
+            }
+        batch |= {
+            "tail_mass": np.concatenate([ex["tail_mass"] for ex in examples]).astype(np.float32),
+            "position_mask": np.ones(len(examples), dtype=bool),
+            "labels": labels,
+        }
+    elif task in ("causal-lm", "masked-lm"):
+        counts = np.fromiter((len(ex["tail_mass"]) for ex in examples), dtype=np.int64, count=len(examples))
+        position_mask = np.arange(counts.max()) < counts[:, None]  # (B, P)
+        if task == "causal-lm":
+            labels = input_ids[:, 1:].copy()  # (B, L-1): position i's hard label is token i + 1
+        else:
+            labels = _pad([ex["label"] for ex in examples], counts, np.int64)
+            batch["positions"] = _pad([ex["positions"] for ex in examples], counts, np.int64)
+        labels[~position_mask] = IGNORE_INDEX
+        if "target_mask" not in batch:
+            batch |= {
+                "target_ids": _pad([ex["target_ids"] for ex in examples], counts, np.int64),
+                "target_logprobs": _pad([ex["target_logprobs"] for ex in examples], counts, np.float32),
+            }
+        batch |= {
+            "tail_mass": _pad([ex["tail_mass"] for ex in examples], counts, np.float32),
+            "position_mask": position_mask,
+            "labels": labels,
+        }
+    else:
+        raise ValueError(f"collate: unknown task {task!r} (expected causal-lm, masked-lm or seq-cls)")
+    if hybrid:  # the tail's mass is in the drawn slots (see above); a tail bin would count it twice
+        batch["tail_mass"] = np.zeros_like(batch["tail_mass"])
+    return {name: torch.from_numpy(arr) for name, arr in batch.items()}
+
+
+def _ragged(examples: list[dict[str, NDArray]], prefix: str) -> tuple[NDArray, NDArray]:
+    """The ``<prefix>_ids`` / ``<prefix>_counts`` of each position, padded to (B, P, U) int64 ids and float32
+    counts (0 on padding slots), U the most entries of any position (at least 1 for "target")."""
+    offsets = [ex[f"{prefix}_offsets"].astype(np.int64, copy=False) for ex in examples]
+    per_position = [np.diff(o) for o in offsets]  # (P_b,) unique ids of each position
+    P = max(len(n) for n in per_position)
+    U = max((int(n.max()) for n in per_position if n.size), default=1 if prefix == "target" else 0)
+    ids = np.zeros((len(examples), P, U), dtype=np.int64)
+    counts = np.zeros((len(examples), P, U), dtype=np.float32)
+    for b, (ex, off, n) in enumerate(zip(examples, offsets, per_position, strict=True)):
+        pos = np.repeat(np.arange(len(n)), n)  # (U_b,) the position of each entry
+        slot = np.arange(int(off[-1])) - np.repeat(off[:-1], n)  # (U_b,) its slot within the position
+        ids[b, pos, slot] = ex[f"{prefix}_ids"]
+        counts[b, pos, slot] = ex[f"{prefix}_counts"]
+    return ids, counts
+
+
+def _hybrid_targets(examples: list[dict[str, NDArray]], task: str) -> dict[str, NDArray]:
+    """Hybrid targets: the top-k slots, then the tail's drawn ids weighted by tail_mass * count / num_samples,
+    padded to (B, P, k + U) (seq-cls: (B, k + U)); see :func:`collate`."""
+    lengths = np.fromiter((len(ex["tail_mass"]) for ex in examples), dtype=np.int64, count=len(examples))
+    head_ids = _pad([ex["target_ids"] for ex in examples], lengths, np.int64)  # (B, P, k)
+    head_lp = _pad([ex["target_logprobs"] for ex in examples], lengths, np.float32)  # (B, P, k)
+    tail = _pad([ex["tail_mass"] for ex in examples], lengths, np.float64)  # (B, P)
+    ids, counts = _ragged(examples, "tail")  # (B, P, U)
+    mask = counts > 0
+    total = counts.sum(axis=-1, keepdims=True)  # (B, P, 1): num_samples where the tail has draws, else 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = tail[..., None] * counts / np.maximum(total, 1.0)  # float64: a tiny tail stays above 0
+        logprobs = np.where(mask, np.log(weight), -np.inf).astype(np.float32)
+    out: dict[str, NDArray] = {
+        "target_ids": np.concatenate([head_ids, ids], axis=-1),
+        "target_logprobs": np.concatenate([head_lp, logprobs], axis=-1),
+        "target_mask": np.concatenate([np.ones(head_ids.shape, dtype=bool), mask], axis=-1),
+    }
+    return {k: v[:, 0] for k, v in out.items()} if task == "seq-cls" else out
+
+
+def _sampled_targets(examples: list[dict[str, NDArray]], task: str) -> dict[str, NDArray]:
+    """Sampled targets, ragged per position, padded to (B, P, U) (seq-cls: (B, U)); see :func:`collate`."""
+    ids, counts = _ragged(examples, "target")
+    mask = counts > 0
+    total = counts.sum(axis=-1, keepdims=True)  # (B, P, 1): num_samples on real positions, 0 on padding
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logprobs = np.where(mask, np.log(counts / np.maximum(total, 1.0)), -np.inf).astype(np.float32)
+    out: dict[str, NDArray] = {"target_ids": ids, "target_logprobs": logprobs, "target_mask": mask}
+    return {k: v[:, 0] for k, v in out.items()} if task == "seq-cls" else out
+
+
+def _pad(parts: list[NDArray], lengths: NDArray, dtype: type) -> NDArray:
+    """Stack ragged (n_b, ...) arrays into a zero-padded (B, max n_b, ...) array of ``dtype``.
+
+    One slice assignment per example: the dtype conversion happens in the copy, with no temporary.
+    """
+    out = np.zeros((len(parts), int(lengths.max()), *parts[0].shape[1:]), dtype=dtype)
+    for b, part in enumerate(parts):
+        out[b, : len(part)] = part
+    return out
