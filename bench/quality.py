@@ -168,7 +168,7 @@ def train_online(cfg: Any, teacher: Any, temperature: float) -> dict[str, Any]:
     model, _ = load_student(cfg.student, m)
     model.to(device)
     net = train._at_positions(model, m.task)
-    train_shards, eval_source = train._split(cfg, store)
+    train_split, eval_source = train._split(cfg, store)
 
     def train_set(epoch: int, samples_seen: int) -> StoreDataset:
         return StoreDataset(
@@ -180,7 +180,7 @@ def train_online(cfg: Any, teacher: Any, temperature: float) -> dict[str, Any]:
             rank=0,
             world_size=1,
             num_workers=cfg.workers,
-            shards=train_shards,
+            **train_split,
         )
 
     decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
