@@ -428,21 +428,22 @@ def _student(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "extra",
+    ("extra", "alone"),
     [
-        pytest.param([], id="verify-first"),
-        pytest.param(["--no-verify"], id="loader-first-read"),
-        pytest.param(["--no-verify", "--workers", "1"], id="loader-worker"),
+        pytest.param(["--verify", "full"], True, id="verify-full"),
+        pytest.param([], False, id="loader-first-read"),
+        pytest.param(["--verify", "none", "--workers", "1"], False, id="loader-worker"),
     ],
 )
-def test_cli_train_refuses_in_one_line(bad_store: Path, tmp_path: Path, extra: list[str]) -> None:
-    """Verified (the default): refused before the model loads, one line in all. Unverified: at the loader's
-    first read of the bad shard, after the run's own progress line, as one Error line (from a worker too)."""
+def test_cli_train_refuses_in_one_line(bad_store: Path, tmp_path: Path, extra: list[str], alone: bool) -> None:
+    """--verify full: refused before the model loads, one line in all. The default (checksums on first read;
+    the bad shard's checksums are right, its values are not) and --verify none: at the loader's first read of
+    the bad shard, after the run's own progress line, as one Error line (from a worker too)."""
     args = ["train", "--store", str(bad_store), "--student", str(_student(tmp_path / "student")), "--steps", "3"]
     result = CliRunner().invoke(
         cli, [*args, "--out", str(tmp_path / "run"), "--batch-size", "2", "--eval-fraction", "0", *extra]
     )
-    _one_error_line(result, _in("shard-000001", rf"{AT}: log-prob nan at rank 2 \(NaN\); expected finite"), not extra)
+    _one_error_line(result, _in("shard-000001", rf"{AT}: log-prob nan at rank 2 \(NaN\); expected finite"), alone)
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -451,7 +452,7 @@ def test_cli_train_refuses_a_bad_sampled_store_in_one_line(tmp_path: Path) -> No
     _store_with_bad_shard(tmp_path / "s", m, _bad(m, SAMPLED_CASES[1][1]))
     args = ["train", "--store", str(tmp_path / "s"), "--student", str(_student(tmp_path / "student")), "--steps", "3"]
     result = CliRunner().invoke(
-        cli, [*args, "--out", str(tmp_path / "run"), "--no-verify", "--loss", "forward-kl", "--eval-fraction", "0"]
+        cli, [*args, "--out", str(tmp_path / "run"), "--verify", "none", "--loss", "forward-kl", "--eval-fraction", "0"]
     )
     _one_error_line(result, _in("shard-000001", rf"{AT}: the counts of a position do not sum"), alone=False)
 
