@@ -70,10 +70,16 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> t
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from: they are about to be logged again."""
+    """Drop rows logged after the checkpoint we resume from: they are about to be logged again.
+
+    A run killed while appending a row leaves a last line without its newline: that row is torn (and logged
+    after the checkpoint, since rows are appended as steps finish), so it is dropped, not parsed.
+    """
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # complete lines only: what follows the last newline is a torn row, or ""
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
