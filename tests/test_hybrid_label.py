@@ -16,7 +16,7 @@ from kd_pipeline.data.inspect import summarize
 from kd_pipeline.stages.label import LabelConfig, LabelConfigError
 from kd_pipeline.stages.label import run as label
 from tests import rawstore
-from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
+from tests.tiny import labelling_world
 
 
 def _quiet(msg: str) -> None:
@@ -25,12 +25,7 @@ def _quiet(msg: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("hybrid")
-    vocab = len(make_tokenizer(root / "tok"))
-    docs = [{"text": s, "label": i % 3} for i, s in enumerate(SENTENCES * 4)]
-    out: dict[str, Any] = {"root": root, "vocab": vocab, "data": write_jsonl(root / "docs.jsonl", docs)}
-    out["teacher"] = make_model(root / "teacher", "causal-lm", vocab_size=vocab, pad_rows=3)
-    return out
+    return labelling_world(tmp_path_factory.mktemp("hybrid"))
 
 
 def label_cfg(tiny: dict[str, Any], out: Path, **kw: Any) -> LabelConfig:

@@ -27,7 +27,7 @@ from kd_pipeline.stages.train import TrainConfig, TrainConfigError
 from kd_pipeline.stages.train import run as train
 from tests import rawstore
 from tests.conftest import make_manifest
-from tests.tiny import SENTENCES, make_model, make_tokenizer, write_jsonl
+from tests.tiny import labelling_world, make_tokenizer
 
 TASKS = ("causal-lm", "seq-cls", "masked-lm")
 
@@ -253,12 +253,7 @@ def test_collate_pads_sampled_targets(task: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("sampled")
-    vocab = len(make_tokenizer(root / "tok"))
-    docs = [{"text": s, "label": i % 3} for i, s in enumerate(SENTENCES * 4)]
-    out: dict[str, Any] = {"root": root, "vocab": vocab, "data": write_jsonl(root / "docs.jsonl", docs)}
-    out["teacher"] = make_model(root / "teacher", "causal-lm", vocab_size=vocab, pad_rows=3)
-    return out
+    return labelling_world(tmp_path_factory.mktemp("sampled"))
 
 
 def _label_cfg(tiny: dict[str, Any], out: Path, **kw: Any) -> LabelConfig:

@@ -124,3 +124,13 @@ def hostile_dir(path: Path) -> Path:
         (path / pkg / "__init__.py").write_text(shout.format(pkg + "/"))
     (path / "pipeline.py").write_text(shout.format("pipeline.py"))
     return path
+
+
+def labelling_world(root: Path) -> dict[str, Any]:
+    """A tiny causal-LM teacher (3 padded embedding rows) and a JSONL corpus of the test sentences with class
+    labels, under ``root``: what the sampled and hybrid labeling tests label."""
+    vocab = len(make_tokenizer(root / "tok"))
+    docs = [{"text": s, "label": i % 3} for i, s in enumerate(SENTENCES * 4)]
+    out: dict[str, Any] = {"root": root, "vocab": vocab, "data": write_jsonl(root / "docs.jsonl", docs)}
+    out["teacher"] = make_model(root / "teacher", "causal-lm", vocab_size=vocab, pad_rows=3)
+    return out
