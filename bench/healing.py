@@ -130,7 +130,7 @@ def summarise(report: dict[str, Any]) -> str:
         pts = " ".join(f"{c['step']}:{c['perplexity']:.1f}" for c in r["curve"])
         last = r["curve"][-1]
         subset = report.get("teacher_on_eval_batches", {}).get(
-            f"{r.get('eval_batches', report['eval_batches'])}x{r['batch']}"
+            f"{r.get('eval_batches', report.get('eval_batches'))}x{r['batch']}"
         )
         teacher = (subset or report["teacher"])["perplexity"]
         rows.append(
