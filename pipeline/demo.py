@@ -1,4 +1,5 @@
-"""``pipeline demo``: why distil, shown end to end on a laptop CPU in about 20 minutes.
+"""``pipeline demo``: why distil, shown end to end on a laptop CPU (2 cores: 35 minutes measured on a busy machine,
+~15 estimated idle; README, "Today's demo").
 
 1. label: the real SmolLM2-135M-Instruct teacher (fetched once from PyPI as a GGUF file, de-quantised into the
    cache) over the Python docs' topics (``pydoc_data``, shipped with Python), packed into 256-token sequences,
@@ -33,7 +34,7 @@ EVAL_FRACTION = 0.2
 
 @dataclass
 class DemoConfig:
-    """The demo's knobs; the defaults take about 20 minutes on 2 CPU cores (label + cut + two trainings)."""
+    """The demo's knobs (label + cut + two trainings + four measurements)."""
 
     work_dir: str = "runs/demo"
     """Where the store, the student and the runs go."""
