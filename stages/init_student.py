@@ -170,6 +170,7 @@ def parse_layers(text: str) -> list[int]:
 
 def run(cfg: InitStudentConfig, log: Callable[[str], None] | None = None) -> InitStudentResult:
     """Cut a student from ``cfg.teacher`` into ``cfg.out``; see the module docstring."""
+    from .healing import HEALING_KEY, HEALING_SCHEDULE
     from .inputs import default_corpus
     from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -259,6 +260,8 @@ def run(cfg: InitStudentConfig, log: Callable[[str], None] | None = None) -> Ini
             "selection_tokens": n_select * length,
         },
         "config": dataclasses.asdict(cfg),
+        # what `pipeline train` does with this student unless told otherwise (stages/healing.py)
+        HEALING_KEY: HEALING_SCHEDULE,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     _save(student, tokenizer, out, cfg.overwrite, result, info)

@@ -92,6 +92,9 @@ class TrainConfig:
     """AdamW weight decay (not applied to biases and norms)."""
     warmup: int = 10
     """Linear warm-up steps, then cosine decay to 10% of the peak."""
+    freeze_embeddings: bool = False
+    """Keep the input embeddings (and an output head tied to them) fixed: a student cut from the teacher has the
+    teacher's already, and a step skips their gradient and update."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
     eval_store: str | None = None
@@ -212,6 +215,8 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             f"{m.vocab_size - 1}; use a student with at least {m.vocab_size} embedding rows"
         )
     _check_kept_mass(m, say)  # once the run is known to go ahead: a refused run prints its one error line only
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     model.to(device)
     net = _at_positions(model, m.task, cfg.loss_chunk)
     ddp_model = net
@@ -250,8 +255,9 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     )
 
     # ---- optimizer, schedule, resume
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
