@@ -151,6 +151,12 @@ def test_fsdp_run_resumes_exactly(world: dict[str, Any], tmp_path: Path, dtype: 
     _fsdp(world, b, dtype, "--resume")
     wa, wb = _weights(a, STEPS), _weights(b, STEPS)
     assert wa.keys() == wb.keys()
+    # the names an unsharded run's checkpoint has (safetensors' save_model keeps one name of the tied pair)
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    save_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(world["student"])), str(tmp_path / "x"))
+    assert wa.keys() == load_file(str(tmp_path / "x")).keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
     assert not any(torch.equal(wa[k], _weights(a, 2)[k]) for k in wa)  # the resumed steps changed every tensor
@@ -158,8 +164,6 @@ def test_fsdp_run_resumes_exactly(world: dict[str, Any], tmp_path: Path, dtype: 
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, STEPS + 1))
     assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4]
     # the final model loads anywhere (full tensors, float32 master weights even under bfloat16 compute)
-    from transformers import AutoModelForCausalLM
-
     final = AutoModelForCausalLM.from_pretrained(a / "final")
     assert final.lm_head.weight is final.model.embed_tokens.weight
     state = final.state_dict()  # a tied tensor under both names; the checkpoint keeps one
