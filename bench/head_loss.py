@@ -21,7 +21,8 @@ was live at once. The dense and ce paths need about three (N, V) float32 tensors
 logsumexp temporary, the gradient); a configuration whose estimate exceeds ``--limit-gb`` is not run and is
 recorded as skipped, with the bytes it would need. Step time: the median of ``--steps`` steps after one warm-up.
 
-Writes bench/results/head_loss.json (``--out`` elsewhere).
+Writes bench/results/head_loss.json (``--out`` elsewhere), after every configuration (with ``"partial": true`` until
+the grid ends).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
     from kd_pipeline.stages.losses import rows_per_chunk
 
     env = {**os.environ, "PYTHONPATH": str(repo), "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
+    config = {k: v for k, v in vars(args).items() if k not in ("child", "out")}
     results = []
     for vocab in args.vocab:
         for positions in args.positions:
@@ -143,12 +145,14 @@ def main() -> None:
                     continue
                 row.update(json.loads(proc.stdout))
                 results.append(row)
+                # after every configuration: a grid stopped part-way still leaves its finished rows on disk
+                info = {"environment": environment(torch.device(args.device)), "config": config}
+                write_results("head_loss", {**info, "partial": True, "results": results}, args.out)
                 print(
                     f"{mode} V={vocab} N={positions}: peak +{row['peak_rss_growth_bytes'] / 2**20:.0f} MiB, "
                     f"{row['step_seconds']:.3f} s/step",
                     file=sys.stderr,
                 )
-    config = {k: v for k, v in vars(args).items() if k not in ("child", "out")}
     path = write_results(
         "head_loss",
         {"environment": environment(torch.device(args.device)), "config": config, "results": results},

@@ -13,8 +13,10 @@ weights, with stages.train's optimizer (AdamW, betas 0.9/0.95, decay on matrices
 warmup + cosine schedule, clipping at 1.0 and (on GPU) bf16 autocast; one "step" is zero_grad, forward, loss,
 backward, clip, optimizer and scheduler step, with the batch's host->device copy:
 
-    (a) store   ``stages.train._at_positions`` + ``stages.train._loss``: the student's logits at the labelled
-                positions only, the k+1-bin forward KL mixed with cross-entropy (alpha 0.5), as ``pipeline train``.
+    (a) store   ``stages.train._at_positions`` + ``stages.train._loss``: the student's hidden states at the
+                labelled positions only, the head and the k+1-bin forward KL mixed with cross-entropy (alpha 0.5)
+                in chunks of positions, as ``pipeline train`` (``--loss-chunk`` default).
+    (a') dense  the same with the dense head and loss (``--loss-chunk 0``): the (N, V) logits, as before the chunks.
     (b) hard    the same student and positions, ``F.cross_entropy`` on the next token only (the baseline).
     (c) online  the teacher (SmolLM2-135M-Instruct, the real one) forward under ``no_grad`` on the same batch,
                 full-vocabulary forward KL at T * T^2 mixed with the same cross-entropy by the same alpha.
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 from common import code_digests, environment, markdown_table, pin_threads, spread, sync, write_results
 
 TARGET_RATIO = 1.10
-MODES = ("store", "hard", "online")
+MODES = ("store", "dense", "hard", "online")
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -79,7 +81,7 @@ class Trainer:
         from kd_pipeline.stages.models import OutputHead
 
         self.mode, self.model, self.cfg, self.temperature = mode, model, cfg, temperature
-        self.net = train._at_positions(model, "causal-lm", cfg.loss_chunk)
+        self.net = train._at_positions(model, "causal-lm", 0 if mode == "dense" else cfg.loss_chunk)
         self.teacher_head = OutputHead(teacher, "causal-lm") if teacher is not None else None
         decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
@@ -106,11 +108,15 @@ class Trainer:
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         # (b) and (c) only need what a token loader would give them; (a) copies the whole batch, as train.run
-        keys = batch.keys() if self.mode == "store" else ("input_ids", "attention_mask", "labels", "position_mask")
+        keys = (
+            batch.keys()
+            if self.mode in ("store", "dense")
+            else ("input_ids", "attention_mask", "labels", "position_mask")
+        )
         b = {k: batch[k].to(self.device, non_blocking=True) for k in (*keys, "example_weight")}
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
-            if self.mode == "store":
+            if self.mode in ("store", "dense"):
                 loss, _ = train._loss(self.net, b, "causal-lm", self.cfg, self.temperature)
             else:
                 select = train._selected(b, "causal-lm")  # (B, L-1): the same positions as (a)
@@ -261,7 +267,7 @@ def _touches(folder: str) -> bool:
 
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for mode in ("baseline", *MODES):
+    for mode in ("baseline", *(m for m in MODES if m in args.modes)):
         cmd = [sys.executable, __file__, "--memory-mode", mode, *_passthrough(args)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -350,6 +356,7 @@ def main() -> None:
             "kd_pipeline.stages.losses.divergences",
             "kd_pipeline.stages.losses.fused",
             "kd_pipeline.stages.losses.terms",
+            "kd_pipeline.stages.losses.chunked",
             "kd_pipeline.stages.models",
             "kd_pipeline.data.dataset",
         ),
@@ -440,6 +447,11 @@ def ratios(times: dict[str, list[dict[str, float]]], results: dict[str, Any], lo
         out["ratio_store_vs_hard"] = per_step("store", "hard")
         out["ratio_store_vs_hard_of_medians"] = store / hard
         out["ratio_store_plus_loader_vs_hard"] = (store + loader_s) / hard
+    if "store" in times and "dense" in times:  # the chunked head-and-loss against the dense one
+        out["ratio_store_vs_dense"] = per_step("store", "dense")
+        out["ratio_store_vs_dense_of_medians"] = (
+            results["store"]["total"]["median"] / results["dense"]["total"]["median"]
+        )
     if "online" in times:
         out |= {f"ratio_online_vs_{m}": per_step("online", m) for m in ("hard", "store") if m in times}
     return out
@@ -461,7 +473,12 @@ def print_tables(report: dict[str, Any]) -> None:
         f"median of {cfg['steps_timed']} interleaved steps\n"
     )
     parts = ("total", "forward_loss", "backward", "optimizer", "system_cpu")
-    whats = {"store": "(a) from the store", "hard": "(b) hard labels only", "online": "(c) online KD"}
+    whats = {
+        "store": "(a) from the store",
+        "dense": "(a') from the store, dense head",
+        "hard": "(b) hard labels only",
+        "online": "(c) online KD",
+    }
     rows = []
     for mode, what in whats.items():
         if mode not in r:
@@ -476,6 +493,15 @@ def print_tables(report: dict[str, Any]) -> None:
             rows.append([what, *(f"{t[part]['median']:.3f}" for part in parts), f"{t['page_faults']['median']:,.0f}"])
     header = ["step", "seconds", "forward + loss", "backward", "clip + optimizer", "of which kernel (s)", "page faults"]
     print(markdown_table(header, rows))
+    if "ratio_store_vs_dense" in r:
+        d = r["ratio_store_vs_dense"]
+        print(
+            f"\n(a)/(a'), chunked / dense head and loss: median of per-step ratios **{d['median']:.3f}** (min "
+            f"{d['min']:.3f}, max {d['max']:.3f}); ratio of medians {r['ratio_store_vs_dense_of_medians']:.3f}. "
+            f"Target <= 1.05: {'met' if d['median'] <= 1.05 else 'missed'}."
+        )
+    if "ratio_store_vs_hard" not in r:
+        return
     ratio = r["ratio_store_vs_hard"]
     verdict = "met" if ratio["median"] <= TARGET_RATIO else "missed"
     print(

@@ -263,10 +263,11 @@ def label(ctx: click.Context, /, **_: Any) -> None:
 
 def _train_options(f: Callable[..., Any]) -> Callable[..., Any]:
     from ..stages.losses import LOSS_KINDS, TAIL_MODES  # the options only: no torch
+    from ..stages.sharding import FSDP_DTYPES
     from ..stages.train import VERIFY_MODES, TrainConfig
     from .config import config_options
 
-    choices = {"loss": LOSS_KINDS, "tail": TAIL_MODES, "verify": VERIFY_MODES}
+    choices = {"loss": LOSS_KINDS, "tail": TAIL_MODES, "verify": VERIFY_MODES, "fsdp_dtype": FSDP_DTYPES}
     return config_options(TrainConfig, choices, config_file=True)(f)
 
 

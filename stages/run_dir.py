@@ -16,16 +16,38 @@ from typing import Any
 __all__ = ["Metrics", "latest_checkpoint", "load_checkpoint", "plot_metrics", "save_checkpoint", "truncate_metrics"]
 
 
-def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, position: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically (temp folder + rename). Safetensors and JSON only: no pickle."""
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    position: dict[str, Any],
+    *,
+    sharded: bool = False,
+    write: bool = True,
+) -> Path:
+    """Write a checkpoint atomically (temp folder + rename). Safetensors and JSON only: no pickle.
+
+    ``sharded``: the model is FSDP-sharded (``stages.sharding``); every rank must call this, to gather the full
+    tensors, and only the one with ``write`` writes them, in the same files as an unsharded run.
+    """
     import torch
     from safetensors.torch import save_file, save_model
 
+    from .sharding import full_model_state, full_optimizer_state
+
     final = out / "checkpoints" / f"step-{step:06d}"
+    weights = full_model_state(model) if sharded else None
+    opt = full_optimizer_state(optimizer) if sharded else optimizer.state_dict()
+    if not write:
+        return final
     tmp = final.with_name(final.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp / "model.safetensors"))  # de-duplicates tied weights
-    opt = optimizer.state_dict()
+    if weights is None:
+        save_model(model, str(tmp / "model.safetensors"))  # de-duplicates tied weights
+    else:
+        save_file(weights, str(tmp / "model.safetensors"))  # de-duplicated the same way
     tensors: dict[str, torch.Tensor] = {}
     for pid, state in opt["state"].items():
         for key, value in state.items():
@@ -52,11 +74,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict[str, Any]]:
+def load_checkpoint(
+    ckpt: Path, model: Any, optimizer: Any, scheduler: Any, *, sharded: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """Restore a checkpoint; returns the step and the data position. ``sharded``: every rank reads the files and
+    keeps its own shards (``stages.sharding``)."""
     import torch
     from safetensors.torch import load_file, load_model
 
-    load_model(model, str(ckpt / "model.safetensors"))
+    from .sharding import load_model_state, place_optimizer_state
+
+    if sharded:
+        load_model_state(model, load_file(str(ckpt / "model.safetensors")))
+    else:
+        load_model(model, str(ckpt / "model.safetensors"))
     state = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.cpu"))
@@ -64,7 +95,8 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> t
     for name, value in tensors.items():
         pid, key = name.split(".", 1)
         opt_state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    full = {"state": opt_state, "param_groups": state["param_groups"]}
+    optimizer.load_state_dict(place_optimizer_state(optimizer, full) if sharded else full)
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), dict(state["data_position"])
 

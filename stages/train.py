@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from .. import data
 from .losses import UNBIASED_WITH_SAMPLES, check_loss_options
 from .run_dir import Metrics, latest_checkpoint, load_checkpoint, plot_metrics, save_checkpoint, truncate_metrics
+from .sharding import FSDP_DTYPES
 
 if TYPE_CHECKING:  # torch loads inside run(), so that `pipeline --help` stays instant
     import torch
@@ -124,6 +125,12 @@ class TrainConfig:
     before step one), or none (sizes, decoding and value checks only; remote downloads are still checked)."""
     progress: bool | None = None
     """Show a progress bar (default: when stderr is a terminal)."""
+    fsdp: bool = False
+    """Shard the student's parameters, gradients and optimizer state over torchrun's ranks with FSDP (PyTorch's
+    fully_shard) instead of replicating it with DDP: for students that do not fit on one device."""
+    fsdp_dtype: str = "bfloat16"
+    """With --fsdp: the dtype the parameters are gathered in for compute (bfloat16: mixed precision; float32).
+    Weights, gradient reduction and AdamW stay float32."""
     trace: bool = False
     """Write RUN_DIR/trace/rank-NNNNN.jsonl: per step, the [epoch, index] of each example this rank trained on and
     a SHA-256 of its weights after the step (for debugging data-parallel runs)."""
@@ -151,6 +158,8 @@ class TrainConfig:
             p.append("--warmup and --workers must be >= 0")
         if not 0 <= self.eval_fraction < 1:
             p.append(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.fsdp_dtype not in FSDP_DTYPES:
+            p.append(f"--fsdp-dtype must be one of {', '.join(FSDP_DTYPES)}, got {self.fsdp_dtype!r}")
         if self.verify not in VERIFY_MODES:
             p.append(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_MODES)}")
         if p:
@@ -182,9 +191,15 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         resolve_device,
         student_tokenizer_digest,
     )
+    from .sharding import full_model_state, in_forward, shard_student
 
     cfg.validate()
     rank, world, device = _setup_distributed(resolve_device(cfg.device))
+    if cfg.fsdp and world == 1:
+        raise TrainConfigError(
+            "--fsdp shards the student over torchrun's processes; launch with torchrun --nproc-per-node N (N >= 2) "
+            "-m kd_pipeline train ..., or drop --fsdp"
+        )
     main = rank == 0
     say = (log or (lambda msg: print(msg, file=sys.stderr))) if main else (lambda msg: None)
     out = Path(cfg.out)
@@ -220,7 +235,9 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     model.to(device)
     net = _at_positions(model, m.task, cfg.loss_chunk)
     ddp_model = net
-    if world > 1:
+    if cfg.fsdp:  # the loss and evaluation then run inside its forward: see stages/sharding.py
+        ddp_model = shard_student(net, cfg.fsdp_dtype)
+    elif world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -252,6 +269,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         f"store {cfg.store}: {n_train:,} training examples, {m.task}, {targets} at T={temperature}; "
         f"{total_steps} steps of {per_step} examples; "
         + (f"head and loss in chunks of {net.loss_chunk} positions" if net.loss_chunk else "dense head and loss")
+        + (f"; FSDP over {world} ranks, {cfg.fsdp_dtype} compute" if cfg.fsdp else "")
     )
 
     # ---- optimizer, schedule, resume
@@ -269,7 +287,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     if cfg.resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
-            step, position = load_checkpoint(ckpt, model, optimizer, scheduler)
+            step, position = load_checkpoint(ckpt, model, optimizer, scheduler, sharded=cfg.fsdp)
             if main:
                 truncate_metrics(out / "metrics.jsonl", step)
             say(f"resumed from {ckpt} at step {step}")
@@ -307,7 +325,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             sync = micro == cfg.grad_accum - 1 or world == 1
             ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, autocast:
-                loss, parts = _loss(ddp_model, batch, m.task, cfg, temperature)
+                loss, parts = in_forward(ddp_model, _loss, batch, m.task, cfg, temperature)
             torch.autograd.backward(loss / cfg.grad_accum)
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / cfg.grad_accum
@@ -338,19 +356,21 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
                 }
             )
         if eval_source is not None and (step % cfg.eval_every == 0 or step == total_steps):
-            eval_result = evaluate(net, eval_source, cfg, m.task, temperature, device, rank, world)
+            eval_model = ddp_model if cfg.fsdp else net
+            eval_result = in_forward(eval_model, evaluate, eval_source, cfg, m.task, temperature, device, rank, world)
             metrics.write({"step": step, "split": "eval", **eval_result})
             say(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in eval_result.items()))
             model.train()
-        if main and (step % cfg.save_every == 0 or step == total_steps):
-            save_checkpoint(out, step, model, optimizer, scheduler, position)
+        if (main or cfg.fsdp) and (step % cfg.save_every == 0 or step == total_steps):
+            save_checkpoint(out, step, model, optimizer, scheduler, position, sharded=cfg.fsdp, write=main)
     bar.close()
 
     # ---- save
     seconds = time.perf_counter() - start
+    gathered = full_model_state(model) if cfg.fsdp else None  # every rank takes part
     if main:
         final = out / "final"
-        model.save_pretrained(final)
+        model.save_pretrained(final, state_dict=gathered)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, final)
         plot_metrics(out)
@@ -369,6 +389,7 @@ def _weights_digest(model: Any) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode() + b"\0")
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # an FSDP shard: the whole parameter (collective)
         h.update(p.detach().to("cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -671,10 +692,11 @@ def evaluate(
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
             select = _selected(batch, task) & (batch["labels"] >= 0)
+            # every rank runs the forward, also on a batch of stand-ins: under FSDP it gathers parameters together
+            rows = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))
             if not bool(select.any()):
                 continue
             mask = select.reshape(-1)
-            rows = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))
             k = batch["target_ids"].shape[-1]
             tid = batch["target_ids"].reshape(-1, k)[mask]
             tlp = batch["target_logprobs"].reshape(-1, k)[mask]
