@@ -121,6 +121,10 @@ class TrainConfig:
     before step one), or none (sizes, decoding and value checks only; remote downloads are still checked)."""
     progress: bool | None = None
     """Show a progress bar (default: when stderr is a terminal)."""
+    cross_tokenizer: bool = False
+    """Train a student whose tokenizer differs from the teacher's, from a store labelled with --spans: positions
+    aligned through the text, shared tokens matched exactly, the rest by a sorted-probability term
+    (stages/xtok_train.py; README, "Cross-tokenizer training"). Without it such a student is refused."""
     trace: bool = False
     """Write RUN_DIR/trace/rank-NNNNN.jsonl: per step, the [epoch, index] of each example this rank trained on and
     a SHA-256 of its weights after the step (for debugging data-parallel runs)."""
@@ -181,6 +185,10 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     )
 
     cfg.validate()
+    if cfg.cross_tokenizer:
+        from .xtok_train import run_cross
+
+        return run_cross(cfg, log)
     rank, world, device = _setup_distributed(resolve_device(cfg.device))
     main = rank == 0
     say = (log or (lambda msg: print(msg, file=sys.stderr))) if main else (lambda msg: None)
