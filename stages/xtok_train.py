@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from .train import TrainConfig, TrainResult
 
-__all__ = ["bits_per_char", "run_cross"]
+__all__ = ["bits_per_char", "run_cross", "split_examples"]
 
 
 def _refusals(cfg: TrainConfig) -> list[str]:
@@ -88,7 +88,7 @@ def run_cross(cfg: TrainConfig, log: Any = None) -> TrainResult:
     collate = CrossCollator(tokenizer, m.targets, vocab, max_length)
     model.to(device)
     shared = int((vocab >= 0).sum())
-    train_idx, eval_idx = _split(store, cfg.eval_fraction)
+    train_idx, eval_idx = split_examples(store, cfg.eval_fraction)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_idx) / (cfg.batch_size * cfg.grad_accum)))
     say(
         f"cross-tokenizer: student {cfg.student} ({sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -185,7 +185,7 @@ def bits_per_char(
     return {"bits_per_char": nll / math.log(2) / max(chars, 1.0), "ce": nll / max(tokens, 1.0), "chars": chars}
 
 
-def _split(store: Any, fraction: float) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+def split_examples(store: Any, fraction: float) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """(training, held-out) example indices, held out by content key as ``pipeline train`` does."""
     from ..data.dataset import held_out
 
