@@ -153,7 +153,7 @@ class CrossCollator:
 
 def xtok_soft_loss(
     z: torch.Tensor, sid: torch.Tensor, prob: torch.Tensor, known: torch.Tensor, temperature: float
-) -> Any:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per aligned pair: KL over the shared ids + rest bin, plus the sorted-probability (ULD) term.
 
     Args:
