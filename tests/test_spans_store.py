@@ -154,3 +154,11 @@ def test_cli_label_spans_flag(world: dict[str, Any], tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "p"), "--spans", "--pack"])
     assert result.exit_code == 1
     assert "--spans applies to causal-lm without --pack" in result.output and "Traceback" not in result.output
+
+
+def test_hostile_text_offsets_get_one_line_errors() -> None:
+    shard = _shard([[0, 3], [4, 7], [8, 11]], b"the cat sat !")
+    assert shard.text_offsets is not None
+    shard.text_offsets[-1] = 12  # one byte short of the text column
+    with pytest.raises(CorruptShardError, match=r"'text_offsets' runs from 0 to 12; expected a non-decreasing run"):
+        shard.validate("causal-lm", _spec(), 10, "shard-000000")
