@@ -12,6 +12,7 @@ No model code and no transformers here; torch is imported only by ``data.dataset
 ``data.collate``.
 """
 
+from . import source_text
 from .errors import (
     CorruptShardError,
     IncompatibleStoreError,
@@ -56,5 +57,6 @@ __all__ = [
     "open_store",
     "read_manifest",
     "shard_name",
+    "source_text",
     "verify_store",
 ]

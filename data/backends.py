@@ -60,10 +60,17 @@ class Column(NamedTuple):
 
 
 def stored_columns(
-    task: str, targets: TargetSpec, rows: int, tokens: int, positions: int, entries: int | None = None
+    task: str,
+    targets: TargetSpec,
+    rows: int,
+    tokens: int,
+    positions: int,
+    entries: int | None = None,
+    text_bytes: int | None = None,
 ) -> dict[str, Column]:
     """The columns a shard of these manifest counts holds on disk (R rows, T tokens, P positions, K kept ids;
-    U ``entries`` (position, unique id) for a sampled store, (position, unique tail id) for a hybrid one)."""
+    U ``entries`` (position, unique id) for a sampled store, (position, unique tail id) for a hybrid one; X
+    ``text_bytes`` of source text for a shard labelled with spans)."""
     R, T, P, K, ids = rows, tokens, positions, targets.k, targets.id_dtype
     cols = {
         "input_ids": Column((T,), ids),
@@ -96,6 +103,10 @@ def stored_columns(
         cols["tail_ids"] = Column((entries,), ids, ragged=True)
         cols["tail_counts"] = Column((entries,), targets.count_dtype, ragged=True)
         cols["tail_offsets"] = Column((P + 1,), "int64")
+    if text_bytes is not None:
+        cols["text"] = Column((text_bytes,), "uint8")
+        cols["text_offsets"] = Column((R + 1,), "int64")
+        cols["token_spans"] = Column((T, 2), "int32")
     return cols
 
 
@@ -350,6 +361,9 @@ def _write_arrow(path: Path, data: ShardData, attrs: dict[str, Any], compression
         # hybrid: the tail's draws nest as a sampled store's targets do (example -> position -> unique ids)
         for name, values in (("tail_ids", data.tail_ids), ("tail_counts", data.tail_counts)):
             cols[name] = pa.LargeListArray.from_arrays(pa.array(po, pa.int64()), nested(values, data.tail_offsets))
+    if data.text is not None and data.text_offsets is not None and data.token_spans is not None:
+        cols["text"] = nested(data.text, data.text_offsets)
+        cols["token_spans"] = nested(data.token_spans, to)
     if data.positions is not None:
         cols["positions"] = nested(data.positions, po)
     if data.labels is not None:
@@ -409,7 +423,7 @@ def _read_arrow(path: Path, expected: dict[str, Column] | None) -> ShardData:
         table = reader.read_all().combine_chunks()
     names = set(table.column_names)
     known = {"key", "input_ids", "target_ids", "target_logprobs", "target_counts", "tail_mass", "positions", "label"}
-    known |= {"tail_ids", "tail_counts"}
+    known |= {"tail_ids", "tail_counts", "text", "token_spans"}
     if names - known:
         raise CorruptShardError(f"{path.name}: unexpected columns {sorted(names - known)}")
     nulls = [n for n in table.column_names if table.column(n).null_count]
@@ -453,6 +467,12 @@ def _read_arrow(path: Path, expected: dict[str, Column] | None) -> ShardData:
         laid_out = np.array_equal(counts_offsets, tail_offsets) and np.array_equal(counts_rows, ids_rows)
         if not (laid_out and np.array_equal(ids_rows, position_offsets)):
             raise CorruptShardError(f"{path.name}: 'tail_ids', 'tail_counts' and 'target_ids' are not laid out alike")
+    text = text_offsets = token_spans = None
+    if "text" in names or "token_spans" in names:
+        text, text_offsets = flat("text")
+        token_spans, spans_rows = flat("token_spans")
+        if not np.array_equal(spans_rows, token_offsets):
+            raise CorruptShardError(f"{path.name}: 'token_spans' and 'input_ids' are not laid out alike")
     keys = np.frombuffer(column("key").buffers()[1], dtype=np.uint8)[column("key").offset * 16 :][: table.num_rows * 16]
     cols: dict[str, NDArray | None] = {
         "input_ids": input_ids,
@@ -469,6 +489,9 @@ def _read_arrow(path: Path, expected: dict[str, Column] | None) -> ShardData:
         "keys": keys.reshape(-1, 16).copy(),
         "positions": flat("positions")[0] if "positions" in names else None,
         "labels": None,
+        "text": text,
+        "text_offsets": text_offsets,
+        "token_spans": token_spans,
     }
     if "label" in names:
         lab = column("label")

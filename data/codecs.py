@@ -265,7 +265,7 @@ def zarr_codecs(name: str, arr: NDArray) -> tuple[list[Any], list[Any]]:
         return [TransposeCodec(order=(1, 0))], [
             BloscCodec(cname="zstd", clevel=_VALUE_BLOSC_LEVEL, shuffle="shuffle", typesize=size)
         ]
-    if name in ("input_ids", "target_ids", "tail_ids", "labels") and arr.dtype.kind == "u":
+    if name in ("input_ids", "target_ids", "tail_ids", "labels", "text") and arr.dtype.kind == "u":
         return [], [ZstdCodec(level=_ID_ZSTD_LEVEL)]
     if arr.dtype.kind == "f":
         return [], [BloscCodec(cname="zstd", clevel=_VALUE_BLOSC_LEVEL, shuffle="shuffle", typesize=size)]

@@ -276,11 +276,13 @@ class ShardRecord:
     files: dict[str, FileRecord]
     stats: dict[str, float] = field(default_factory=dict)
     entries: int | None = None
+    text_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if self.entries is None:
-            del d["entries"]
+        for optional in ("entries", "text_bytes"):
+            if d[optional] is None:
+                del d[optional]
         return d
 
     @classmethod
@@ -315,6 +317,7 @@ class ShardRecord:
             files=files,
             stats={str(k): float(v) for k, v in stats_raw.items()},
             entries=_count(d, "entries", w) if d.get("entries") is not None else None,
+            text_bytes=_count(d, "text_bytes", w) if d.get("text_bytes") is not None else None,
         )
 
 

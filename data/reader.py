@@ -200,7 +200,9 @@ class StoreReader:
         """
         m = self.manifest
         files = shard_files(m.backend, record)
-        expected = stored_columns(m.task, m.targets, record.rows, record.tokens, record.positions, record.entries)
+        expected = stored_columns(
+            m.task, m.targets, record.rows, record.tokens, record.positions, record.entries, record.text_bytes
+        )
         _check_plausible(record, expected)
         try:
             if self.location.is_local:
@@ -276,7 +278,9 @@ class StoreReader:
             return self._keys[s]
         m, record = self.manifest, self.manifest.shards[s]
         files = shard_files(m.backend, record)
-        expected = stored_columns(m.task, m.targets, record.rows, record.tokens, record.positions, record.entries)
+        expected = stored_columns(
+            m.task, m.targets, record.rows, record.tokens, record.positions, record.entries, record.text_bytes
+        )
         _check_plausible(record, expected)
         try:
             if self.location.is_local:
@@ -392,7 +396,8 @@ def check_compatible(
         problems.append(
             "the student's tokenizer differs from the teacher's (vocabulary digests "
             f"{tokenizer_digest[:12]} vs {str(store_digest)[:12]}), so the same id means different tokens; "
-            "use a student that shares the teacher's tokenizer"
+            "use a student that shares the teacher's tokenizer, or train it on purpose with --cross-tokenizer (from a "
+            "store labelled with --spans)"
         )
     if temperature is not None and abs(temperature - t.temperature) > 1e-6:
         problems.append(

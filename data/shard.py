@@ -19,6 +19,11 @@ Hybrid stores (``targets.method == "hybrid"``) hold every top-k column, plus the
 as the same kind of ragged axis: ``tail_ids`` (U,), ``tail_counts`` (U,) and ``tail_offsets`` (P + 1,); a
 position's tail ids are ascending, none of them among its top-k ids, and their counts sum to ``num_samples``,
 except at a position whose ``tail_mass`` is exactly 0, which holds no draws.
+
+Stores labelled with ``--spans`` (causal-lm, what cross-tokenizer training needs) add each example's source text
+and where each input token lies in it: ``text`` (X,) uint8, the examples' texts as UTF-8 bytes, concatenated;
+``text_offsets`` (R + 1,) int64; ``token_spans`` (T, 2) int32, input token t's half-open byte range
+``[start, end)`` in its example's text (a special token the tokenizer added has an empty range).
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ COLUMNS: dict[str, str] = {
     "keys": "rows",
     "labels": "labels",  # rows (seq-cls) or positions (masked-lm)
     "positions": "positions",  # masked-lm only
+    "text": "text",  # stores labelled with spans only: (X,) uint8, each example's source text as UTF-8
+    "text_offsets": "rows+1",  # stores with spans only
+    "token_spans": "tokens",  # stores with spans only: (T, 2) int32, each input token's byte span in its text
 }
 
 
@@ -89,6 +97,9 @@ class ShardData:
         tail_counts: hybrid stores: (U,) ``targets.count_dtype``: how often each tail id was drawn (>= 1).
         tail_offsets: hybrid stores: (P + 1,) int64: position p's tail entries are
             ``[tail_offsets[p], tail_offsets[p + 1])``.
+        text: stores with spans: (X,) uint8: every example's source text as UTF-8, concatenated.
+        text_offsets: stores with spans: (R + 1,) int64: example r's text is ``text[text_offsets[r]:...[r+1]]``.
+        token_spans: stores with spans: (T, 2) int32: each input token's byte range [start, end) in its text.
     """
 
     input_ids: NDArray
@@ -105,6 +116,9 @@ class ShardData:
     tail_ids: NDArray | None = None
     tail_counts: NDArray | None = None
     tail_offsets: NDArray | None = None
+    text: NDArray | None = None
+    text_offsets: NDArray | None = None
+    token_spans: NDArray | None = None
 
     @property
     def rows(self) -> int:
@@ -124,6 +138,11 @@ class ShardData:
         entries; None for top-k shards."""
         counts = self.target_counts if self.target_counts is not None else self.tail_counts
         return None if counts is None else int(counts.shape[0])
+
+    @property
+    def text_bytes(self) -> int | None:
+        """Stores with spans: X, the bytes of the shard's source texts; None otherwise."""
+        return None if self.text is None else int(self.text.shape[0])
 
     def columns(self) -> dict[str, NDArray]:
         """The arrays that exist, by column name."""
@@ -152,6 +171,9 @@ class ShardData:
             ex["tail_counts"] = self.tail_counts[e0:e1]
             ex["tail_offsets"] = off - e0  # a new (P_e + 1,) array starting at 0
         ex["tail_mass"] = self.tail_mass[p0:p1]
+        if self.text is not None and self.text_offsets is not None and self.token_spans is not None:
+            ex["text"] = self.text[int(self.text_offsets[r]) : int(self.text_offsets[r + 1])]  # (X_e,) uint8
+            ex["token_spans"] = self.token_spans[t0:t1]  # (L, 2) int32
         ex["key"] = self.keys[r]
         if task == "causal-lm":
             ex["label"] = self.input_ids[t0 + 1 : t1]
@@ -205,6 +227,10 @@ class ShardData:
             }
         elif any(t is not None for t in tails):
             raise bad("'tail_ids', 'tail_counts' and 'tail_offsets' belong to hybrid stores only")
+        source = (self.text, self.text_offsets, self.token_spans)
+        if any(c is not None for c in source):
+            X = int(self.text.shape[0]) if self.text is not None else 0
+            expect |= {"text": ((X,), "uint8"), "text_offsets": ((R + 1,), "int64"), "token_spans": ((T, 2), "int32")}
         if task == "masked-lm":
             expect["labels"] = ((P,), targets.id_dtype)
             expect["positions"] = ((P,), "int32")
@@ -216,7 +242,10 @@ class ShardData:
                 raise bad(f"column '{name}' is missing")
             if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
                 raise bad(f"column '{name}' is {arr.dtype}{tuple(arr.shape)}, expected {dtype}{shape}")
-        for name, total in (("token_offsets", T), ("position_offsets", P)):
+        offsets = [("token_offsets", T), ("position_offsets", P)]
+        if self.text is not None:
+            offsets.append(("text_offsets", int(self.text.shape[0])))
+        for name, total in offsets:
             off = getattr(self, name)
             falls = np.diff(off) < 0
             if off[0] != 0 or off[-1] != total or np.any(falls):
@@ -277,6 +306,7 @@ class ShardBuilder:
         self._parts: dict[str, list[NDArray]] = {name: [] for name in COLUMNS}
         self._rows = 0
         self._tokens = 0
+        self._sources = 0
 
     def __len__(self) -> int:
         return self._rows
@@ -360,6 +390,17 @@ class ShardBuilder:
         self._parts["tail_offsets"].append(np.diff(np.asarray(tail_offsets, dtype=np.int64).reshape(-1)))
         self._add_example(ids, tail, label, positions)
 
+    def add_source(self, text: bytes, token_spans: npt.ArrayLike) -> None:
+        """Give the example added last its source text (UTF-8) and each of its input tokens' byte span in it,
+        (L, 2) [start, end). Either every example of a shard gets one or none does."""
+        if self._sources != self._rows - 1:
+            raise ValueError("add_source(...) follows each add...(...) of an example, once")
+        spans = np.asarray(token_spans).astype(np.int32, copy=False).reshape(-1, 2)
+        self._parts["text"].append(np.frombuffer(text, dtype=np.uint8))
+        self._parts["text_offsets"].append(np.array([len(text)], dtype=np.int64))
+        self._parts["token_spans"].append(spans)
+        self._sources += 1
+
     def _add_example(
         self, ids: NDArray, tail: NDArray, label: npt.ArrayLike | None, positions: npt.ArrayLike | None
     ) -> None:
@@ -388,6 +429,9 @@ class ShardBuilder:
             return np.concatenate(p[name]).astype(dtype, copy=False)
 
         has_labels = bool(p["labels"]) or self.task == "masked-lm"
+        if self._sources not in (0, self._rows):
+            raise ValueError(f"{self._sources} of {self._rows} examples have a source text; give every one or none")
+        sources = self._rows > 0 and self._sources == self._rows
 
         def offsets(name: str) -> NDArray:
             return np.concatenate([[0], np.cumsum(cat(name, "int64"))]).astype(np.int64)
@@ -407,6 +451,9 @@ class ShardBuilder:
             tail_ids=cat("tail_ids", t.id_dtype) if t.hybrid else None,
             tail_counts=cat("tail_counts", t.count_dtype) if t.hybrid else None,
             tail_offsets=offsets("tail_offsets") if t.hybrid else None,
+            text=cat("text", "uint8") if sources else None,
+            text_offsets=offsets("text_offsets") if sources else None,
+            token_spans=cat("token_spans", "int32", (2,)) if sources else None,
         )
         self._reset()
         return data
@@ -421,8 +468,7 @@ def shard_from_examples(task: str, targets: TargetSpec, examples: Iterable[Mappi
             b.add_sampled(
                 ex["input_ids"], ex["target_ids"], ex["target_counts"], ex["target_offsets"], label, ex.get("positions")
             )
-            continue
-        if targets.hybrid:
+        elif targets.hybrid:
             b.add_hybrid(
                 ex["input_ids"],
                 ex["target_ids"],
@@ -434,13 +480,8 @@ def shard_from_examples(task: str, targets: TargetSpec, examples: Iterable[Mappi
                 label,
                 ex.get("positions"),
             )
-            continue
-        b.add(
-            ex["input_ids"],
-            ex["target_ids"],
-            ex["target_logprobs"],
-            ex["tail_mass"],
-            label,
-            ex.get("positions"),
-        )
+        else:
+            b.add(ex["input_ids"], ex["target_ids"], ex["target_logprobs"], ex["tail_mass"], label, ex.get("positions"))
+        if "text" in ex:
+            b.add_source(np.asarray(ex["text"], dtype=np.uint8).tobytes(), ex["token_spans"])
     return b.build()

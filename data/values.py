@@ -87,6 +87,8 @@ def check_values(data: ShardData, task: str, targets: TargetSpec, vocab_size: in
         raise CorruptShardError(
             f"{where}: example {r}, token {i}: input id {int(ids[t])}; expected < vocab_size {vocab_size}"
         )
+    if data.token_spans is not None:
+        _check_spans(data, where)
     tail = data.tail_mass
     if not np.all((tail >= 0.0) & (tail <= 1.0)):  # NaN fails both comparisons
         p = int(np.argmax(~((tail >= 0.0) & (tail <= 1.0))))
@@ -284,6 +286,34 @@ def _check_run(off: NDArray, entries: int, kind: str, where: str) -> None:
 
 
 # ---------------------------------------------------------------- naming the first bad row
+
+
+def _check_spans(data: ShardData, where: str) -> None:
+    """A store with spans: each token's byte range [start, end) lies inside its example's text, and starts and ends
+    never fall from one token to the next within an example (a character split over two byte-level tokens gives
+    both the same range; a special token an empty one)."""
+    spans, to = data.token_spans, data.token_offsets
+    assert spans is not None and data.text_offsets is not None
+    start, end = spans[:, 0].astype(np.int64), spans[:, 1].astype(np.int64)  # (T,)
+    length = np.repeat(np.diff(data.text_offsets), np.diff(to))  # (T,) the text length of each token's example
+    outside = (start < 0) | (start > end) | (end > length)
+    if np.any(outside):
+        t = int(np.argmax(outside))
+        r, i = _locate(to, t)
+        raise CorruptShardError(
+            f"{where}: example {r}, token {i}: span [{int(start[t])}, {int(end[t])}); expected 0 <= start <= end <= "
+            f"{int(length[t])}, the bytes of its text"
+        )
+    first = np.zeros(len(start), dtype=bool)
+    first[to[:-1][np.diff(to) > 0]] = True  # an example's first token is not compared with the previous example's
+    falls = ~first[1:] & ((start[1:] < start[:-1]) | (end[1:] < end[:-1]))
+    if np.any(falls):
+        t = int(np.argmax(falls)) + 1
+        r, i = _locate(to, t)
+        raise CorruptShardError(
+            f"{where}: example {r}, token {i}: span [{int(start[t])}, {int(end[t])}) after [{int(start[t - 1])}, "
+            f"{int(end[t - 1])}); expected spans in text order"
+        )
 
 
 def _locate(offsets: NDArray, index: int) -> tuple[int, int]:

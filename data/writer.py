@@ -53,7 +53,7 @@ from .shard import ShardData
 __all__ = ["StoreWriter", "differences", "shard_name"]
 
 # Entries a store directory may hold besides its shards and manifest (ours, so an --overwrite may remove them).
-_OWN_ENTRIES = {"manifest.json", "shards", "records", ".staging", ".lock", ".ranks"}
+_OWN_ENTRIES = {"manifest.json", "shards", "records", ".staging", ".lock", ".ranks", "tokens.json"}
 
 
 def shard_name(unit: int) -> str:
@@ -263,6 +263,7 @@ class StoreWriter:
             files=files,
             stats={**(stats or {}), **codec_stats},
             entries=data.num_entries,
+            text_bytes=data.text_bytes,
         )
         self._commit([record], name)
         return record

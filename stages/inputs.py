@@ -63,12 +63,15 @@ class Example:
         label: class index (seq-cls), or None.
         positions: (P,) masked positions (masked-lm), or None.
         mlm_labels: (P,) original ids at the masked positions (masked-lm), or None.
+        source: with ``--spans``: the example's source text as UTF-8 (cut after its last kept token) and each
+            input token's byte span in it, (L, 2) int32; None otherwise.
     """
 
     input_ids: np.ndarray[Any, Any]
     label: int | None = None
     positions: np.ndarray[Any, Any] | None = None
     mlm_labels: np.ndarray[Any, Any] | None = None
+    source: tuple[bytes, np.ndarray[Any, Any]] | None = None
 
 
 def _files(path: Path) -> list[tuple[Path, str]]:
@@ -233,9 +236,16 @@ def prepare_examples(
     mlm_probability: float = 0.15,
     seed: int = 0,
     first: int = 0,
+    spans: bool = False,
 ) -> list[Example]:
     """Tokenise (or take pre-tokenised ``input_ids``), then pack or truncate; labels and MLM masks. ``first``:
-    the index of ``records[0]`` in the input, for messages."""
+    the index of ``records[0]`` in the input, for messages. ``spans``: also each example's source text and token
+    spans (``Example.source``; causal-lm, unpacked, text records)."""
+    if spans:
+        from .source_spans import with_spans
+
+        texts = [str(t) for t in _field(records, text_field, "text", first)]
+        return with_spans(texts, tokenizer, max_length, first)
     ids = token_ids(records, tokenizer, text_field, special=not pack, first=first)
     labels: list[int | None] = [None] * len(ids)
     if task == "seq-cls" and label_field:

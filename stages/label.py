@@ -131,6 +131,10 @@ class LabelConfig:
     """Split the work units over N independent jobs (e.g. a cluster array job); merge with `pipeline merge`."""
     shard_index: int = 0
     """Which of the --num-shards parts this job labels (units u with u % num_shards == shard_index)."""
+    spans: bool = False
+    """causal-lm, unpacked text: also store each example's source text, each input token's byte span in it and
+    the teacher's vocabulary as strings: what `pipeline train --cross-tokenizer` needs (a student with another
+    tokenizer). Costs the text's bytes plus ~8 bytes per token before compression."""
     overwrite: bool = False
     """Delete an existing store at --out and start over."""
     progress: bool | None = None
@@ -181,6 +185,10 @@ class LabelConfig:
             problems.append("--pack applies to causal-lm only")
         if self.task == "seq-cls" and self.pack:
             problems.append("seq-cls examples cannot be packed")
+        if self.spans and (self.task != "causal-lm" or self.pack):
+            problems.append("--spans applies to causal-lm without --pack (each example is one record's text)")
+        if self.spans and self.num_shards > 1:
+            problems.append("--spans is not supported with --num-shards > 1 yet; label with one job")
         if problems:
             raise LabelConfigError("; ".join(problems))
 
@@ -196,6 +204,8 @@ class LabelConfig:
             del out["method"], out["samples"]
         if self.head_dtype == "model":
             del out["head_dtype"]
+        if not self.spans:
+            del out["spans"]
         return out
 
 
@@ -270,6 +280,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         mlm_probability=cfg.mlm_probability,
         seed=cfg.seed,
         limit=cfg.limit,
+        spans=cfg.spans,
     )
     if not first_example(files, spec):
         raise DataError(f"--data {cfg.data} gives no example of at least 2 tokens after tokenisation; nothing to label")
@@ -283,12 +294,15 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     part, parts, torchrun = _part(cfg)
     target = f"{cfg.out.rstrip('/')}/.ranks/rank-{part:05d}" if torchrun else cfg.out
     template = with_part(template, part, parts, target)
+    tokens_json, template = _with_token_strings(cfg, tokenizer, width, template)
     merged = already_merged(cfg.out, template) if torchrun else set()
     lock = job_lock(cfg.out) if torchrun else None
     start = time.perf_counter()
     pad_id = tokenizer.pad_token_id
     labelled = new_tokens = units = 0
     with data.StoreWriter(target, template, overwrite=cfg.overwrite) as writer:
+        if tokens_json is not None and writer.location.size(data.source_text.TOKEN_STRINGS_FILE) != len(tokens_json):
+            writer.location.write_once(data.source_text.TOKEN_STRINGS_FILE, tokens_json)
         done = writer.committed_units | merged
         if done:
             say(f"resuming {target}: {len(done)} shards already committed")
@@ -433,6 +447,23 @@ def _manifest_template(
     )
 
 
+def _with_token_strings(
+    cfg: LabelConfig, tokenizer: Any, width: int, template: data.Manifest
+) -> tuple[bytes | None, data.Manifest]:
+    """--spans: the teacher's strings (``tokens.json``) and the template that records them (data/source_text.py)."""
+    if not cfg.spans:
+        return None, template
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LabelConfigError("--spans is not supported under torchrun yet; label with one process")
+    from .source_spans import token_strings
+
+    body, record = data.source_text.token_strings_record(token_strings(tokenizer, width))
+    dataset = {**template.dataset, "spans": data.source_text.SPANS}
+    return body, dataclasses.replace(
+        template, dataset=dataset, tokenizer={**template.tokenizer, "token_strings": record}
+    )
+
+
 def _target_spec(cfg: LabelConfig, width: int, id_dtype: str) -> data.TargetSpec:
     """The store's target spec. A sampled store's k is a bound known before labeling: no position can hold more
     unique ids than draws or than the teacher has ids."""
@@ -545,6 +576,8 @@ class _RowsToShard:
                 b.add_hybrid(ex.input_ids, res["ids"], res["logprobs"], res["tail"], *tail, label, ex.positions)
             else:
                 b.add(ex.input_ids, res["ids"], res["logprobs"], res["tail"], label, ex.positions)
+            if ex.source is not None:
+                b.add_source(*ex.source)
         return b.build()
 
 

@@ -131,6 +131,10 @@ class TrainConfig:
     fsdp_dtype: str = "bfloat16"
     """With --fsdp: the dtype the parameters are gathered in for compute (bfloat16: mixed precision; float32).
     Weights, gradient reduction and AdamW stay float32."""
+    cross_tokenizer: bool = False
+    """Train a student whose tokenizer differs from the teacher's, from a store labelled with --spans: positions
+    aligned through the text, shared tokens matched exactly, the rest by a sorted-probability term
+    (stages/xtok_train.py; README, "Cross-tokenizer training"). Without it such a student is refused."""
     trace: bool = False
     """Write RUN_DIR/trace/rank-NNNNN.jsonl: per step, the [epoch, index] of each example this rank trained on and
     a SHA-256 of its weights after the step (for debugging data-parallel runs)."""
@@ -194,6 +198,10 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     from .sharding import full_model_state, in_forward, shard_student
 
     cfg.validate()
+    if cfg.cross_tokenizer:
+        from .xtok_train import run_cross
+
+        return run_cross(cfg, log)
     rank, world, device = _setup_distributed(resolve_device(cfg.device))
     if cfg.fsdp and world == 1:
         raise TrainConfigError(

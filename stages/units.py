@@ -49,6 +49,8 @@ class UnitSpec:
     seed: int = 0
     limit: int | None = None
     """Only the first N items: records (unpacked) or packed sequences."""
+    spans: bool = False
+    """Keep each example's source text and token spans (``--spans``)."""
 
     def prepare(self, records: list[dict[str, Any]], first: int) -> list[Example]:
         return prepare_examples(
@@ -64,6 +66,7 @@ class UnitSpec:
             mlm_probability=self.mlm_probability,
             seed=self.seed,
             first=first,
+            spans=self.spans,
         )
 
 
