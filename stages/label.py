@@ -3,7 +3,7 @@
     pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--top-k 32] ...
 
 Reads top to bottom: setup (config, teacher, tokenizer, data) -> the store (created, or resumed) -> the loop
-(one work unit of ``shard_size`` examples at a time: bucket by length, forward, top-k + exact tail in float32,
+(one work unit of ``shard_tokens`` tokens at a time: bucket by length, forward, top-k + exact tail in float32,
 hand the unit to the writer thread) -> summary.
 
 Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions``
@@ -44,7 +44,7 @@ from .soft_targets import hybrid_chunked as _hybrid_chunked
 from .soft_targets import per_example as _per_example
 from .soft_targets import sample_chunked as _sample_chunked
 from .soft_targets import topk_chunked as _topk_chunked
-from .units import Progress, UnitSpec, first_example, stream_units
+from .units import Progress, UnitSpec, first_example, stream_units, unit_problems, unit_tokens
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
     import torch
@@ -117,8 +117,12 @@ class LabelConfig:
     value_dtype: str = "float16"
     """Stored log-prob dtype: float16 (default; ~16x finer than bfloat16), float32 (exact), or q8 (lossy 8-bit,
     ~20% smaller; the KL it introduces is measured and shown by `pipeline inspect`)."""
-    shard_size: int = 256
-    """Examples per work unit; one unit is one shard and one commit."""
+    shard_tokens: int | None = None
+    """Input tokens per work unit at most (one unit is one shard and one commit): a unit takes the examples in
+    input order while they fit. Default (unless --shard-size is given) 1,048,576 (2^20): shards of tens of MB
+    (README, "Shard size"). Must be >= --max-length."""
+    shard_size: int | None = None
+    """Instead of --shard-tokens: examples per work unit (input records; with --pack, packed sequences)."""
     chunk_positions: int = 1024
     """Positions per float32 log-softmax/top-k block on the device."""
     mlm_probability: float = 0.15
@@ -171,8 +175,9 @@ class LabelConfig:
             problems.append(f"--head-dtype {self.head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
         if self.value_dtype not in data.manifest.VALUE_DTYPES:
             problems.append(f"--value-dtype {self.value_dtype!r} is not one of {', '.join(data.manifest.VALUE_DTYPES)}")
-        if self.shard_size < 1 or self.chunk_positions < 1:
-            problems.append("--shard-size and --chunk-positions must be >= 1")
+        problems += unit_problems(self.shard_size, self.shard_tokens, self.max_length)
+        if self.chunk_positions < 1:
+            problems.append(f"--chunk-positions must be >= 1, got {self.chunk_positions}")
         if not 0 < self.mlm_probability < 1:
             problems.append(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -184,6 +189,11 @@ class LabelConfig:
         if problems:
             raise LabelConfigError("; ".join(problems))
 
+    @property
+    def unit_tokens(self) -> int:
+        """Input tokens per work unit at most (0: units of ``shard_size`` examples)."""
+        return unit_tokens(self.shard_size, self.shard_tokens)
+
     def content_dict(self) -> dict[str, Any]:
         """The resolved configuration that determines the store's content (saved in its manifest).
 
@@ -192,6 +202,9 @@ class LabelConfig:
         stores labelled before those options existed still resume and merge.
         """
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
+        del out["shard_size" if self.shard_size is None else "shard_tokens"]  # how units are cut, resolved:
+        if self.shard_size is None:  # the tokens, or {"shard_size": S} as in stores from before --shard-tokens
+            out["shard_tokens"] = self.unit_tokens
         if self.method == "topk":
             del out["method"], out["samples"]
         if self.head_dtype == "model":
@@ -264,12 +277,13 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         cfg.label_field,
         cfg.max_length,
         cfg.pack,
-        cfg.shard_size,
+        cfg.shard_size or 0,
         label2id=label2id,
         num_labels=width if cfg.task == "seq-cls" else None,
         mlm_probability=cfg.mlm_probability,
         seed=cfg.seed,
         limit=cfg.limit,
+        shard_tokens=cfg.unit_tokens,
     )
     if not first_example(files, spec):
         raise DataError(f"--data {cfg.data} gives no example of at least 2 tokens after tokenisation; nothing to label")
