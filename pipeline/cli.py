@@ -35,6 +35,7 @@ _EXPECTED_NAMES = {
     "ModelLoadError",
     "DefaultTeacherError",
     "InitStudentError",
+    "PlacementError",
 }
 
 

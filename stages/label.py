@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import data
 from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus, row_labels
+from .placement import PLACEMENT_OPTIONS
 from .scale_out import already_merged, job_lock, merge_ranks, with_counts, with_part
 from .soft_targets import HEAD_DTYPES
 from .soft_targets import hybrid_chunked as _hybrid_chunked
@@ -107,6 +108,15 @@ class LabelConfig:
     """Allow the teacher's own modelling code to run (off unless asked)."""
     device: str = "auto"
     """auto (CUDA if available), cpu, cuda, cuda:N."""
+    device_map: str | None = None
+    """Teachers bigger than one device: auto / balanced / sequential (accelerate spreads the layers over the
+    visible GPUs, then CPU memory, then a disk folder of the run's own), or a JSON object or file mapping module
+    names to devices (0, "cuda:1", "cpu", "disk")."""
+    max_memory: str | None = None
+    """With --device-map: the memory each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB."""
+    tensor_parallel: int = 1
+    """Under torchrun with N ranks: split every layer over them (transformers' tp_plan="auto"); data-parallel on
+    top: several such jobs as --num-shards parts."""
     dtype: str = "auto"
     """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
     head_dtype: str = "auto"
@@ -142,7 +152,8 @@ class LabelConfig:
 
     # fields that do not change what is written, so they may differ between a run and its resume
     # (num_shards / shard_index choose which units a part holds; the part is recorded in the manifest's dataset)
-    RUN_ONLY = ("out", "overwrite", "progress", "num_shards", "shard_index")
+    # (and where the teacher runs: recorded in the manifest's teacher.placement)
+    RUN_ONLY = ("out", "overwrite", "progress", "num_shards", "shard_index", *PLACEMENT_OPTIONS)
 
     def validate(self) -> None:
         """Collect every problem into one error."""
@@ -230,10 +241,12 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     """Label ``cfg.data`` with ``cfg.teacher`` into the store ``cfg.out``."""
     from .inputs import input_files, iter_records, scan_files
     from .models import OutputHead, load_model, load_tokenizer, output_width, resolve_device, resolve_dtype
+    from .placement import describe, input_device, plan
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     cfg.validate()
     # ---- setup: device, teacher, tokenizer, data (all checked before the store is touched)
+    placement = plan(cfg.device_map, cfg.max_memory, cfg.tensor_parallel, cfg.num_shards, cfg.shard_index)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source = cfg.data or str(default_corpus(say))
@@ -255,7 +268,11 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         gguf_file=cfg.gguf_file,
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
+        placement=placement.load,
     )
+    device = input_device(teacher, device)  # under a device map: where the input embedding is
+    if placement.request:
+        provenance["placement"] = describe(teacher, placement)
     width = output_width(teacher)
     if cfg.task == "seq-cls" and cfg.top_k > width:
         say(f"keeping all {width} classes (--top-k {cfg.top_k} exceeds the number of classes)")
@@ -294,7 +311,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     template = _manifest_template(
         provenance, cfg, teacher, tokenizer, width, vocab_rows, fingerprint, str(dtype).removeprefix("torch.")
     )
-    part, parts, torchrun = _part(cfg)
+    part, parts, torchrun = placement.part, placement.parts, placement.torchrun
     target = f"{cfg.out.rstrip('/')}/.ranks/rank-{part:05d}" if torchrun else cfg.out
     template = with_part(template, part, parts, target)
     merged = already_merged(cfg.out, template) if torchrun else set()
@@ -302,8 +319,8 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     start = time.perf_counter()
     pad_id = tokenizer.pad_token_id
     labelled = new_tokens = units = 0
-    with data.StoreWriter(target, template, overwrite=cfg.overwrite) as writer:
-        done = writer.committed_units | merged
+    with placement.writer(target, template, cfg.overwrite) as writer:
+        done = placement.committed(writer, target) | merged
         if done:
             say(f"resuming {target}: {len(done)} shards already committed")
         progress = Progress.open(cfg.progress, estimate if cfg.limit is None else min(estimate, cfg.limit))
@@ -318,11 +335,11 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
                 progress.read(unit.records_read)
         progress.close()
         # the input's size is known now that it has been read to its end
-        manifest = writer.finish(dataset=with_counts(writer.manifest, progress.records, units).dataset)
+        manifest = placement.finish(writer, target, with_counts(writer.manifest, progress.records, units).dataset)
     if lock is not None:
         os.close(lock)  # rank 0 takes the store's exclusive lock to merge
     if torchrun:
-        manifest = merge_ranks(cfg.out, parts, part, say)
+        manifest = merge_ranks(cfg.out, parts, part if placement.writes else -1, say)
     seconds = time.perf_counter() - start
     kept = manifest.kept_mass_mean or 0.0
     result = LabelResult(
@@ -352,16 +369,6 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         f"mean kept mass {kept:.3f} ({what}, T={cfg.temperature})"
     )
     return result
-
-
-def _part(cfg: LabelConfig) -> tuple[int, int, bool]:
-    """(part index, number of parts, launched by torchrun): torchrun ranks, or --shard-index of --num-shards."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if cfg.num_shards > 1:
-            raise LabelConfigError("use either torchrun or --num-shards/--shard-index, not both")
-        return int(os.environ["RANK"]), world, True
-    return cfg.shard_index, cfg.num_shards, False
 
 
 def _teacher_provenance(cfg: LabelConfig, say: Any) -> dict[str, Any]:
@@ -487,7 +494,8 @@ def _label_unit(
     """Label work unit ``index``; returns its rows (examples in input order) and summed statistics."""
     import torch
 
-    with torch.inference_mode():  # no autograd state for the teacher
+    # no autograd state for the teacher (tensor-parallel collectives need version counters: no_grad only)
+    with torch.inference_mode() if cfg.tensor_parallel == 1 else torch.no_grad():
         results: list[dict[str, Any] | None] = [None] * len(unit)
         kept_sum = ent_sum = ent_count = nll_sum = count = 0.0
         for b, batch in enumerate(_batches(unit, cfg)):
@@ -507,7 +515,7 @@ def _label_unit(
             else:
                 select = []
             # (N, H|V) for per-token tasks, (B, C) for classification
-            rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
+            rows = torch.cat([out[row, pos.to(out.device)] for row, pos in select]) if select else out
             labels = torch.from_numpy(row_labels(unit, batch, cfg.task))
             seed = [cfg.seed, index, b]
             if cfg.method == "sample":
