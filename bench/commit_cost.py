@@ -10,8 +10,13 @@ files do not exist) and synced to disk, then WINDOW real commits of tiny one-exa
 whole manifest) and extrapolated linearly beyond, labelled as an estimate.
 
 Open: a version-2 store of 1,000,000 synthetic records written the same way; a fresh subprocess opens it with
-the real reader (``open_store``, ``len``, totals, one record at the far end) and reports wall time and peak RSS
-(``resource.getrusage``), beside the RSS of a process that only imports the package.
+the real reader (``open_store``, ``len``, totals, one record at the far end) and reports wall time, the
+process's peak RSS (``VmHWM`` of /proc/self/status) and the open's increment (peak after the open minus the
+RSS before it), beside a process that only imports the package. (``getrusage``'s ``ru_maxrss`` is not used: on
+Linux a child keeps the high-water mark its parent had when it forked, and this parent holds the 1M records.)
+Fingerprint: two more subprocesses open a store of ``--fingerprint-shards`` (100,000) synthetic records and hash
+every record for the loader's ``store_fingerprint``: streamed (the code) and as the one JSON text it used to build
+first, side by side (time and RSS increment; reading every record is most of the time).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,22 +48,44 @@ TARGET_OPEN_S = 2.0
 TARGET_OPEN_MB = 200.0
 
 _OPEN = """
-import json, resource, sys, time
+import hashlib, json, sys, time
+
+def mem():  # (current, peak) RSS of this process in MB
+    f = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(f["VmRSS"].split()[0]) / 1024, int(f["VmHWM"].split()[0]) / 1024
+
+mode, out = sys.argv[2], {}
 t0 = time.perf_counter()
 from kd_pipeline.data import open_store
-t1 = time.perf_counter()
-if sys.argv[2] == "open":
+if mode.startswith("fingerprint"):
+    from kd_pipeline.data.dataset import store_fingerprint  # the loader's module: imports torch
+out["import_s"] = time.perf_counter() - t0
+before, _ = mem()
+out["rss_before_open_mb"] = before
+if mode != "import":
+    t = time.perf_counter()
     s = open_store(sys.argv[1])
-    n, rows, shards = len(s), s.manifest.rows, len(s.manifest.shards)
-    t2 = time.perf_counter()
-    last = s.manifest.shards[shards - 1].unit
-    t3 = time.perf_counter()
-else:
-    n = rows = shards = last = 0
-    t2 = t3 = t1
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "last_record_s": t3 - t2, "examples": n,
-                  "shards": shards, "last_unit": last, "peak_rss_mb": rss}))
+    out.update(examples=len(s), shards=len(s.manifest.shards), rows=s.manifest.rows)
+    out["open_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out["last_unit"] = s.manifest.shards[out["shards"] - 1].unit
+    out["last_record_s"] = time.perf_counter() - t
+    out["open_increment_mb"] = mem()[1] - before
+if mode.startswith("fingerprint"):
+    base, t = mem()[0], time.perf_counter()
+    if mode == "fingerprint":
+        out["fingerprint"] = store_fingerprint(s.manifest)
+    else:  # the expression the loader used before: one list of every record, then one JSON text
+        m = s.manifest
+        shards = [[r.name, r.rows, sorted((p, f.sha256) for p, f in r.files.items())] for r in m.shards]
+        text = json.dumps([m.task, shards], separators=(",", ":"))
+        out["fingerprint"] = hashlib.sha256(text.encode()).hexdigest()
+    out["fingerprint_s"] = time.perf_counter() - t
+    out["fingerprint_increment_mb"] = mem()[1] - base
+out["peak_rss_mb"] = mem()[1]
+out["torch_imported"] = "torch" in sys.modules
+out["transformers_imported"] = "transformers" in sys.modules
+print(json.dumps(out))
 """
 
 
@@ -160,26 +188,13 @@ def main() -> None:
     ap.add_argument("--v1-sizes", type=int, nargs="+", default=[100, 10_000])
     ap.add_argument("--v1-window", type=int, default=16)
     ap.add_argument("--open-shards", type=int, default=1_000_000)
+    ap.add_argument("--fingerprint-shards", type=int, default=100_000)
+    ap.add_argument("--open-only", action="store_true", help="skip the commit windows (open and fingerprint only)")
     args = ap.parse_args()
     report: dict[str, Any] = {"command": " ".join(["bench/commit_cost.py", *sys.argv[1:]]), "date": "2026-12-03"}
     with tempfile.TemporaryDirectory(prefix="kd-commit-") as tmp:
-        v2 = [commit_window(Path(tmp) / f"v2-{n}", 2, n, args.window) for n in args.sizes]
-        for r in v2:
-            print(
-                f"v2 at {r['shards_before']:>7,}: {r['commit_s_per_shard'] * 1e3:.2f} ms/commit "
-                f"(manifest {r['manifest_s_per_shard'] * 1e3:.2f} ms)",
-                flush=True,
-            )
-        v1 = [commit_window(Path(tmp) / f"v1-{n}", 1, n, args.v1_window) for n in args.v1_sizes]
-        for r in v1:
-            print(f"v1 at {r['shards_before']:>7,}: {r['commit_s_per_shard'] * 1e3:.2f} ms/commit", flush=True)
-        # v1's commit is dominated by rebuilding and serialising the whole manifest (outside write_atomic, so
-        # the whole commit is what grows): extrapolate it linearly from the largest measured size
-        big = v1[-1]
-        per_shard = big["commit_s_per_shard"] / big["shards_before"]
-        v1_estimates = {str(n): per_shard * n for n in args.sizes if n > big["shards_before"]}
-        ratio = v2[-1]["commit_s_per_shard"] / v2[0]["commit_s_per_shard"]
-        ratio_manifest = v2[-1]["manifest_s_per_shard"] / v2[0]["manifest_s_per_shard"]
+        if not args.open_only:
+            report["results"], report["verdicts"] = commits(Path(tmp), args)
         t = time.perf_counter()
         store = Path(tmp) / "million"
         with StoreWriter(store, template(2)) as w:
@@ -189,28 +204,73 @@ def main() -> None:
         root_bytes = (store / "manifest.json").stat().st_size
         baseline = open_cost(store, "import")
         opened = open_cost(store, "open")
+        shutil.rmtree(store)
+        store = Path(tmp) / "fingerprint"
+        with StoreWriter(store, template(2)) as w:
+            prefill(w, args.fingerprint_shards)
+            w.finish()
+        streamed = open_cost(store, "fingerprint")
+        listed = open_cost(store, "fingerprint-list")
         print(
-            f"open {args.open_shards:,} shards: {opened['open_s']:.3f} s, peak RSS {opened['peak_rss_mb']:.0f} MB "
-            f"(import only {baseline['peak_rss_mb']:.0f} MB); root {root_bytes:,} bytes",
+            f"open {args.open_shards:,} shards: {opened['open_s']:.3f} s, process peak RSS "
+            f"{opened['peak_rss_mb']:.0f} MB, the open's increment {opened['open_increment_mb']:.1f} MB "
+            f"(import only {baseline['peak_rss_mb']:.0f} MB); root {root_bytes:,} bytes; "
+            f"store_fingerprint of {args.fingerprint_shards:,} records "
+            f"{streamed['fingerprint_s']:.1f} s +{streamed['fingerprint_increment_mb']:.0f} MB (one JSON text: "
+            f"{listed['fingerprint_s']:.1f} s +{listed['fingerprint_increment_mb']:.0f} MB)",
             flush=True,
         )
-        report["results"] = {
-            "v2_commits": v2,
-            "v1_commits": v1,
-            "v1_commit_s_per_shard_estimated": v1_estimates,
-            "v2_ratio_last_to_first": ratio,
-            "v2_manifest_ratio_last_to_first": ratio_manifest,
-            "open": {"shards": args.open_shards, "build_s": build_s, "root_bytes": root_bytes, **opened},
-            "import_only": baseline,
-        }
-        report["verdicts"] = {
-            "commit_ratio": f"{'met' if ratio <= TARGET_RATIO else 'missed'}: {ratio:.2f}x (target <= {TARGET_RATIO}x)",
-            "open_s": f"{'met' if opened['open_s'] <= TARGET_OPEN_S else 'missed'}: {opened['open_s']:.3f} s",
-            "open_rss": f"{'met' if opened['peak_rss_mb'] <= TARGET_OPEN_MB else 'missed'}: "
-            f"{opened['peak_rss_mb']:.0f} MB peak (target <= {TARGET_OPEN_MB:.0f} MB)",
-        }
+        report.setdefault("results", {}).update(
+            {
+                "open": {"shards": args.open_shards, "build_s": build_s, "root_bytes": root_bytes, **opened},
+                "import_only": baseline,
+                "fingerprint_streamed": streamed,
+                "fingerprint_one_text": listed,
+            }
+        )
+        same = streamed["fingerprint"] == listed["fingerprint"]
+        report.setdefault("verdicts", {}).update(
+            {
+                "open_s": f"{'met' if opened['open_s'] <= TARGET_OPEN_S else 'missed'}: {opened['open_s']:.3f} s",
+                "open_rss": f"{'met' if opened['peak_rss_mb'] <= TARGET_OPEN_MB else 'missed'}: "
+                f"{opened['peak_rss_mb']:.0f} MB process peak, of which the open {opened['open_increment_mb']:.1f} MB "
+                f"(target <= {TARGET_OPEN_MB:.0f} MB); torch imported: {opened['torch_imported']}",
+                "fingerprint": f"streamed {streamed['fingerprint_increment_mb']:.0f} MB vs one text "
+                f"{listed['fingerprint_increment_mb']:.0f} MB; same digest: {same}",
+            }
+        )
     print(json.dumps(report["verdicts"], indent=1))
     print(write_results("commit_cost", report))
+
+
+def commits(tmp: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """Commit seconds per shard (version 2 measured; version 1 measured where feasible, else extrapolated)."""
+    v2 = [commit_window(tmp / f"v2-{n}", 2, n, args.window) for n in args.sizes]
+    for r in v2:
+        print(
+            f"v2 at {r['shards_before']:>7,}: {r['commit_s_per_shard'] * 1e3:.2f} ms/commit "
+            f"(manifest {r['manifest_s_per_shard'] * 1e3:.2f} ms)",
+            flush=True,
+        )
+    v1 = [commit_window(tmp / f"v1-{n}", 1, n, args.v1_window) for n in args.v1_sizes]
+    for r in v1:
+        print(f"v1 at {r['shards_before']:>7,}: {r['commit_s_per_shard'] * 1e3:.2f} ms/commit", flush=True)
+    # v1's commit is dominated by rebuilding and serialising the whole manifest (outside write_atomic, so
+    # the whole commit is what grows): extrapolate it linearly from the largest measured size
+    big = v1[-1]
+    per_shard = big["commit_s_per_shard"] / big["shards_before"]
+    v1_estimates = {str(n): per_shard * n for n in args.sizes if n > big["shards_before"]}
+    ratio = v2[-1]["commit_s_per_shard"] / v2[0]["commit_s_per_shard"]
+    ratio_manifest = v2[-1]["manifest_s_per_shard"] / v2[0]["manifest_s_per_shard"]
+    results = {
+        "v2_commits": v2,
+        "v1_commits": v1,
+        "v1_commit_s_per_shard_estimated": v1_estimates,
+        "v2_ratio_last_to_first": ratio,
+        "v2_manifest_ratio_last_to_first": ratio_manifest,
+    }
+    verdict = f"{'met' if ratio <= TARGET_RATIO else 'missed'}: {ratio:.2f}x (target <= {TARGET_RATIO}x)"
+    return results, {"commit_ratio": verdict}
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 Target (issue 13): the 10x run's peak RSS within 10% of the 1x run's. Writes bench/results/label_memory.json.
 
 Each run is a fresh process (``--child``) that calls ``stages.label.run`` (the real path: fingerprint, stream,
-tokenise, label, write) and reports its own peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so one
-run's allocations never count towards another's. The teacher is the tests' tiny model built from a config (a
+tokenise, label, write) and reports its own peak RSS (``VmHWM`` of /proc/self/status), so one run's
+allocations never count towards another's. (Not ``getrusage``'s ``ru_maxrss``: on Linux a child keeps the
+high-water mark its parent had when it forked, and the parent here has imported torch to build the teacher.)
+The teacher is the tests' tiny model built from a config (a
 word-level tokenizer, 2 layers, hidden 32): a real teacher adds a constant (its weights), not a term that grows
 with the input. The input is JSONL with ``--records`` x scale records of ``--words`` words each, labelled with
 ``--max-length`` 64 (unpacked: each record truncated) and ``--pack`` (documents packed), so that the input's bytes
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,8 @@ def _child(args: argparse.Namespace) -> None:
         progress=False,
     )
     result = run(cfg, log=lambda msg: None)
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    rss_kib = int(status["VmHWM"].split()[0])
     print(json.dumps({"maxrss_mib": rss_kib / 1024, "seconds": time.perf_counter() - start, "tokens": result.tokens}))
 
 

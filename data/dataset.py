@@ -111,9 +111,16 @@ def store_fingerprint(manifest: Manifest) -> str:
 
     Two copies of one store share it; stores that differ in any shard (or in shard order) do not.
     """
-    shards = [[s.name, s.rows, sorted((rel, f.sha256) for rel, f in s.files.items())] for s in manifest.shards]
-    text = json.dumps([manifest.task, shards], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    # the SHA-256 of ``json.dumps([task, [[name, rows, sorted [file, sha256] pairs], ...]])``, compact, fed one
+    # shard at a time: memory stays bounded in the number of shards (records are read segment by segment). Every
+    # record is read: the digest names the content, whatever segments hold it (a re-merged copy of a store has
+    # other segments), and a loader reads every record anyway, for each shard's row count.
+    h = hashlib.sha256(b"[" + json.dumps(manifest.task).encode() + b",[")
+    for i, s in enumerate(manifest.shards):
+        entry = [s.name, s.rows, sorted((rel, f.sha256) for rel, f in s.files.items())]
+        h.update((b"," if i else b"") + json.dumps(entry, separators=(",", ":")).encode())
+    h.update(b"]]")
+    return h.hexdigest()
 
 
 class EpochOrder:

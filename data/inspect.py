@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import Manifest
+from .manifest import Manifest, ShardRecord
 from .reader import StoreReader
 from .shard import ShardData
 
-__all__ = ["summarize"]
+__all__ = ["DEFAULT_SHARDS", "sampled_shards", "summarize"]
 
 
 def _bin_entropy(logprobs: np.ndarray[Any, Any], tail: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -35,31 +35,58 @@ def _sampled_entropy(data: ShardData) -> np.ndarray[Any, Any]:
     return np.add.reduceat(terms, data.target_offsets[:-1]) if n.size else np.zeros(0)
 
 
-def _column_bytes(m: Manifest, positions: int) -> dict[str, float] | None:
-    """Zarr stores: bytes of each column's data files, and of all ``zarr.json`` files ("metadata"), per position."""
+DEFAULT_SHARDS = 16
+"""Shards read for the distributions and column sizes unless asked otherwise (evenly spaced over the store)."""
+
+
+def _column_bytes(m: Manifest, shards: list[ShardRecord]) -> dict[str, float] | None:
+    """Zarr stores: bytes of each column's data files, and of all ``zarr.json`` files ("metadata"), per position
+    of ``shards``."""
+    positions = sum(s.positions for s in shards)
     if m.backend != "zarr" or not positions:
         return None
     out: dict[str, float] = {}
-    for shard in m.shards:
+    for shard in shards:
         for rel, rec in shard.files.items():
             key = "metadata" if rel.rsplit("/", 1)[-1] == "zarr.json" else rel.split("/", 1)[0]
             out[key] = out.get(key, 0.0) + rec.bytes
     return {k: v / positions for k, v in sorted(out.items())}
 
 
-def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, Any]:
+def _teacher_entropy(m: Manifest) -> float | None:
+    """The teacher's mean entropy at T, from the labeler's shard stats: measured on a sample of rows
+    (``entropy_count``; every labeler since before format version 2) or, by older labelers, on all (``count``)."""
+    stats = m.totals.stats
+    if "entropy_sum" not in stats:
+        return None
+    if m.format_version >= 2 and "entropy_count" in stats:
+        return stats["entropy_sum"] / stats["entropy_count"] if stats["entropy_count"] else None
+    # version 1 (records inline, already in memory), where one store may hold shards of both kinds
+    exact = [s.stats for s in m.shards if "entropy_sum" in s.stats]
+    count = sum(s.get("entropy_count", s.get("count", 0)) for s in exact)
+    return sum(s["entropy_sum"] for s in exact) / count if count else None
+
+
+def sampled_shards(n: int, most: int | None) -> list[int]:
+    """Indices of at most ``most`` of ``n`` shards, evenly spaced from the first to the last (all: ``None``)."""
+    if most is None or most >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(1, most - 1)) for i in range(most)})
+
+
+def summarize(reader: StoreReader, max_shards: int | None = DEFAULT_SHARDS) -> dict[str, Any]:
     """Provenance, counts, bytes per token, and the distribution of kept mass and entropy.
 
-    Args:
-        reader: an open store.
-        max_shards: read at most this many shards for the distributions (all by default); counts and bytes
-            always come from the manifest.
+    Bounded in the store's size: counts, bytes, the mean kept mass, the teacher's entropy and the encoding's KL
+    come from the manifest's totals (a version-2 root; no shard record is read); the distributions and the bytes
+    per column from ``max_shards`` shards spread evenly over the store (``None``: every shard).
     """
     m = reader.manifest
     kept: list[np.ndarray[Any, Any]] = []
     entropy: list[np.ndarray[Any, Any]] = []
     unique: list[np.ndarray[Any, Any]] = []  # sampled stores: unique ids per position; hybrid: unique tail ids
-    for s in range(min(reader.num_shards, max_shards or reader.num_shards)):
+    read = sampled_shards(reader.num_shards, max_shards)
+    for s in read:
         data = reader.shard(s)
         if data.target_logprobs is not None:
             kept.append(1.0 - data.tail_mass.astype(np.float64))
@@ -71,9 +98,7 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
             entropy.append(_sampled_entropy(data))
     kept_all = np.concatenate(kept) if kept else np.zeros(0)
     ent_all = np.concatenate(entropy) if entropy else np.zeros(0)
-    exact = [s.stats for s in m.shards if "entropy_sum" in s.stats]
-    lossy = [s.stats for s in m.shards if "kl_sum" in s.stats]
-    lossy_count = sum(s.get("count", 0.0) for s in lossy)
+    stats = m.totals.stats
 
     def dist(x: np.ndarray[Any, Any]) -> dict[str, float | None]:
         if not x.size:
@@ -123,21 +148,18 @@ def summarize(reader: StoreReader, max_shards: int | None = None) -> dict[str, A
         "bytes": m.bytes,
         f"bytes_per_{unit}": (m.bytes / m.positions) if m.positions else None,
         "bytes_per_input_token": (m.bytes / m.tokens) if m.tokens else None,
-        f"column_bytes_per_{unit}": _column_bytes(m, m.positions),
-        # q8 stores: KL(exact || stored) over the k+1 bins, measured by the writer on the unquantised values
+        "summary_shards": len(read),
+        f"column_bytes_per_{unit}": _column_bytes(m, [m.shards[s] for s in read]),
+        # q8 stores: KL(exact || stored) over the k+1 bins, measured by the writer on the unquantised values of
+        # every shard (each q8 shard records kl_sum, kl_max and its count)
         "encoding_kl": (
-            {"mean": sum(s["kl_sum"] for s in lossy) / lossy_count, "max": max(s["kl_max"] for s in lossy)}
-            if lossy and lossy_count and all("kl_max" in s for s in lossy)
+            {"mean": stats["kl_sum"] / stats["count"], "max": stats["kl_max"]}
+            if "kl_sum" in stats and "kl_max" in stats and stats.get("count")
             else None
         ),
         "sampled": sampled,
         "hybrid": hybrid,
         "kept_mass": dist(kept_all),
         "bin_entropy": dist(ent_all),
-        "teacher_entropy_mean": (
-            # labelers measure the exact entropy on a sample of rows ("entropy_count"), or on all ("count")
-            sum(s["entropy_sum"] for s in exact) / sum(s.get("entropy_count", s.get("count", 0)) for s in exact)
-            if exact and sum(s.get("entropy_count", s.get("count", 0)) for s in exact)
-            else None
-        ),
+        "teacher_entropy_mean": _teacher_entropy(m),
     }

@@ -499,7 +499,9 @@ class Manifest:
         A teacher without ``logit_dtype`` (stores from before it was recorded) computed its logits in its
         ``dtype``, so it counts as that: such a store resumes and merges with runs that do the same.
         """
-        teacher = {**self.teacher, "logit_dtype": self.teacher.get("logit_dtype", self.teacher.get("dtype"))}
+        # where the teacher ran (device map, tensor parallel) is provenance, not content: not compared
+        teacher = {k: v for k, v in self.teacher.items() if k != "placement"}
+        teacher["logit_dtype"] = self.teacher.get("logit_dtype", self.teacher.get("dtype"))
         return {
             "backend": self.backend,
             "task": self.task,

@@ -36,6 +36,7 @@ _EXPECTED_NAMES = {
     "DefaultTeacherError",
     "InitStudentError",
     "HealingScheduleError",
+    "PlacementError",
 }
 
 
@@ -93,15 +94,20 @@ def verify(store: str, as_json: bool) -> None:
     "--max-shards",
     type=click.IntRange(min=1),
     default=None,
-    help="Read at most N shards for the distributions.",
+    help="Read N shards, spread evenly over the store, for the distributions and bytes per column "
+    "[default: 16]; counts, sizes and means come from the manifest.",
 )
-def inspect(store: str, as_json: bool, max_shards: int | None) -> None:
+@click.option("--all-shards", is_flag=True, help="Read every shard for the distributions.")
+def inspect(store: str, as_json: bool, max_shards: int | None, all_shards: bool) -> None:
     """Provenance, counts, bytes per token, and kept mass / entropy of STORE."""
-    from ..data.inspect import summarize
+    from ..data.inspect import DEFAULT_SHARDS, summarize
     from ..data.reader import open_store
 
+    if all_shards and max_shards is not None:
+        raise click.UsageError("give --max-shards N or --all-shards, not both")
+    most = None if all_shards else max_shards or DEFAULT_SHARDS
     with _expected_errors():
-        summary = summarize(open_store(store, allow_incomplete=True), max_shards=max_shards)
+        summary = summarize(open_store(store, allow_incomplete=True), max_shards=most)
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -149,6 +155,8 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
         f"size         {s['bytes']:,} bytes = {fmt(s['bytes_per_input_token'], '.1f')} bytes/token "
         f"({fmt(s[f'bytes_per_{unit}'], '.1f')} bytes/{unit})"
     )
+    if s["summary_shards"] < s["shards"]:
+        echo(f"read         {s['summary_shards']} of {s['shards']} shards, evenly spaced, for what follows")
     columns = s.get(f"column_bytes_per_{unit}")
     if columns:
         echo("columns      " + "  ".join(f"{name} {size:.1f}" for name, size in columns.items()) + f"  (bytes/{unit})")

@@ -3,7 +3,7 @@
     pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--top-k 32] ...
 
 Reads top to bottom: setup (config, teacher, tokenizer, data) -> the store (created, or resumed) -> the loop
-(one work unit of ``shard_size`` examples at a time: bucket by length, forward, top-k + exact tail in float32,
+(one work unit of ``shard_tokens`` tokens at a time: bucket by length, forward, top-k + exact tail in float32,
 hand the unit to the writer thread) -> summary.
 
 Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions``
@@ -38,13 +38,14 @@ import numpy as np
 
 from .. import data
 from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus, row_labels
+from .placement import PLACEMENT_OPTIONS
 from .scale_out import already_merged, job_lock, merge_ranks, with_counts, with_part
 from .soft_targets import HEAD_DTYPES
 from .soft_targets import hybrid_chunked as _hybrid_chunked
 from .soft_targets import per_example as _per_example
 from .soft_targets import sample_chunked as _sample_chunked
 from .soft_targets import topk_chunked as _topk_chunked
-from .units import Progress, UnitSpec, first_example, stream_units
+from .units import Progress, UnitSpec, first_example, stream_units, unit_problems, unit_tokens
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
     import torch
@@ -107,6 +108,15 @@ class LabelConfig:
     """Allow the teacher's own modelling code to run (off unless asked)."""
     device: str = "auto"
     """auto (CUDA if available), cpu, cuda, cuda:N."""
+    device_map: str | None = None
+    """Teachers bigger than one device: auto / balanced / sequential (accelerate spreads the layers over the
+    visible GPUs, then CPU memory, then a disk folder of the run's own), or a JSON object or file mapping module
+    names to devices (0, "cuda:1", "cpu", "disk")."""
+    max_memory: str | None = None
+    """With --device-map: the memory each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB."""
+    tensor_parallel: int = 1
+    """Under torchrun with N ranks: split every layer over them (transformers' tp_plan="auto"); data-parallel on
+    top: several such jobs as --num-shards parts."""
     dtype: str = "auto"
     """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
     head_dtype: str = "auto"
@@ -117,8 +127,12 @@ class LabelConfig:
     value_dtype: str = "float16"
     """Stored log-prob dtype: float16 (default; ~16x finer than bfloat16), float32 (exact), or q8 (lossy 8-bit,
     ~20% smaller; the KL it introduces is measured and shown by `pipeline inspect`)."""
-    shard_size: int = 256
-    """Examples per work unit; one unit is one shard and one commit."""
+    shard_tokens: int | None = None
+    """Input tokens per work unit at most (one unit is one shard and one commit): a unit takes the examples in
+    input order while they fit. Default (unless --shard-size is given) 1,048,576 (2^20): shards of tens of MB
+    (README, "Shard size"). Must be >= --max-length."""
+    shard_size: int | None = None
+    """Instead of --shard-tokens: examples per work unit (input records; with --pack, packed sequences)."""
     chunk_positions: int = 1024
     """Positions per float32 log-softmax/top-k block on the device."""
     mlm_probability: float = 0.15
@@ -142,7 +156,8 @@ class LabelConfig:
 
     # fields that do not change what is written, so they may differ between a run and its resume
     # (num_shards / shard_index choose which units a part holds; the part is recorded in the manifest's dataset)
-    RUN_ONLY = ("out", "overwrite", "progress", "num_shards", "shard_index")
+    # (and where the teacher runs: recorded in the manifest's teacher.placement)
+    RUN_ONLY = ("out", "overwrite", "progress", "num_shards", "shard_index", *PLACEMENT_OPTIONS)
 
     def validate(self) -> None:
         """Collect every problem into one error."""
@@ -175,8 +190,9 @@ class LabelConfig:
             problems.append(f"--head-dtype {self.head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
         if self.value_dtype not in data.manifest.VALUE_DTYPES:
             problems.append(f"--value-dtype {self.value_dtype!r} is not one of {', '.join(data.manifest.VALUE_DTYPES)}")
-        if self.shard_size < 1 or self.chunk_positions < 1:
-            problems.append("--shard-size and --chunk-positions must be >= 1")
+        problems += unit_problems(self.shard_size, self.shard_tokens, self.max_length)
+        if self.chunk_positions < 1:
+            problems.append(f"--chunk-positions must be >= 1, got {self.chunk_positions}")
         if not 0 < self.mlm_probability < 1:
             problems.append(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -192,6 +208,11 @@ class LabelConfig:
         if problems:
             raise LabelConfigError("; ".join(problems))
 
+    @property
+    def unit_tokens(self) -> int:
+        """Input tokens per work unit at most (0: units of ``shard_size`` examples)."""
+        return unit_tokens(self.shard_size, self.shard_tokens)
+
     def content_dict(self) -> dict[str, Any]:
         """The resolved configuration that determines the store's content (saved in its manifest).
 
@@ -200,6 +221,9 @@ class LabelConfig:
         stores labelled before those options existed still resume and merge.
         """
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
+        del out["shard_size" if self.shard_size is None else "shard_tokens"]  # how units are cut, resolved:
+        if self.shard_size is None:  # the tokens, or {"shard_size": S} as in stores from before --shard-tokens
+            out["shard_tokens"] = self.unit_tokens
         if self.method == "topk":
             del out["method"], out["samples"]
         if self.head_dtype == "model":
@@ -227,10 +251,12 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     """Label ``cfg.data`` with ``cfg.teacher`` into the store ``cfg.out``."""
     from .inputs import input_files, iter_records, scan_files
     from .models import OutputHead, load_model, load_tokenizer, output_width, resolve_device, resolve_dtype
+    from .placement import describe, input_device, plan
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     cfg.validate()
     # ---- setup: device, teacher, tokenizer, data (all checked before the store is touched)
+    placement = plan(cfg.device_map, cfg.max_memory, cfg.tensor_parallel, cfg.num_shards, cfg.shard_index)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source = cfg.data or str(default_corpus(say))
@@ -252,7 +278,11 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         gguf_file=cfg.gguf_file,
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
+        placement=placement.load,
     )
+    device = input_device(teacher, device)  # under a device map: where the input embedding is
+    if placement.request:
+        provenance["placement"] = describe(teacher, placement)
     width = output_width(teacher)
     if cfg.task == "seq-cls" and cfg.top_k > width:
         say(f"keeping all {width} classes (--top-k {cfg.top_k} exceeds the number of classes)")
@@ -274,13 +304,14 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         cfg.label_field,
         cfg.max_length,
         cfg.pack,
-        cfg.shard_size,
+        cfg.shard_size or 0,
         label2id=label2id,
         num_labels=width if cfg.task == "seq-cls" else None,
         mlm_probability=cfg.mlm_probability,
         seed=cfg.seed,
         limit=cfg.limit,
         spans=cfg.spans,
+        shard_tokens=cfg.unit_tokens,
     )
     if not first_example(files, spec):
         raise DataError(f"--data {cfg.data} gives no example of at least 2 tokens after tokenisation; nothing to label")
@@ -291,7 +322,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     template = _manifest_template(
         provenance, cfg, teacher, tokenizer, width, vocab_rows, fingerprint, str(dtype).removeprefix("torch.")
     )
-    part, parts, torchrun = _part(cfg)
+    part, parts, torchrun = placement.part, placement.parts, placement.torchrun
     target = f"{cfg.out.rstrip('/')}/.ranks/rank-{part:05d}" if torchrun else cfg.out
     template = with_part(template, part, parts, target)
     tokens_json, template = _with_token_strings(cfg, tokenizer, width, template)
@@ -300,10 +331,14 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     start = time.perf_counter()
     pad_id = tokenizer.pad_token_id
     labelled = new_tokens = units = 0
-    with data.StoreWriter(target, template, overwrite=cfg.overwrite) as writer:
-        if tokens_json is not None and writer.location.size(data.source_text.TOKEN_STRINGS_FILE) != len(tokens_json):
+    with placement.writer(target, template, cfg.overwrite) as writer:
+        if (
+            tokens_json is not None
+            and placement.writes
+            and writer.location.size(data.source_text.TOKEN_STRINGS_FILE) != len(tokens_json)
+        ):
             writer.location.write_once(data.source_text.TOKEN_STRINGS_FILE, tokens_json)
-        done = writer.committed_units | merged
+        done = placement.committed(writer, target) | merged
         if done:
             say(f"resuming {target}: {len(done)} shards already committed")
         progress = Progress.open(cfg.progress, estimate if cfg.limit is None else min(estimate, cfg.limit))
@@ -318,11 +353,11 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
                 progress.read(unit.records_read)
         progress.close()
         # the input's size is known now that it has been read to its end
-        manifest = writer.finish(dataset=with_counts(writer.manifest, progress.records, units).dataset)
+        manifest = placement.finish(writer, target, with_counts(writer.manifest, progress.records, units).dataset)
     if lock is not None:
         os.close(lock)  # rank 0 takes the store's exclusive lock to merge
     if torchrun:
-        manifest = merge_ranks(cfg.out, parts, part, say)
+        manifest = merge_ranks(cfg.out, parts, part if placement.writes else -1, say)
     seconds = time.perf_counter() - start
     kept = manifest.kept_mass_mean or 0.0
     result = LabelResult(
@@ -352,16 +387,6 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
         f"mean kept mass {kept:.3f} ({what}, T={cfg.temperature})"
     )
     return result
-
-
-def _part(cfg: LabelConfig) -> tuple[int, int, bool]:
-    """(part index, number of parts, launched by torchrun): torchrun ranks, or --shard-index of --num-shards."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if cfg.num_shards > 1:
-            raise LabelConfigError("use either torchrun or --num-shards/--shard-index, not both")
-        return int(os.environ["RANK"]), world, True
-    return cfg.shard_index, cfg.num_shards, False
 
 
 def _teacher_provenance(cfg: LabelConfig, say: Any) -> dict[str, Any]:
@@ -504,7 +529,8 @@ def _label_unit(
     """Label work unit ``index``; returns its rows (examples in input order) and summed statistics."""
     import torch
 
-    with torch.inference_mode():  # no autograd state for the teacher
+    # no autograd state for the teacher (tensor-parallel collectives need version counters: no_grad only)
+    with torch.inference_mode() if cfg.tensor_parallel == 1 else torch.no_grad():
         results: list[dict[str, Any] | None] = [None] * len(unit)
         kept_sum = ent_sum = ent_count = nll_sum = count = 0.0
         for b, batch in enumerate(_batches(unit, cfg)):
@@ -524,7 +550,7 @@ def _label_unit(
             else:
                 select = []
             # (N, H|V) for per-token tasks, (B, C) for classification
-            rows = torch.cat([out[row, pos.to(device)] for row, pos in select]) if select else out
+            rows = torch.cat([out[row, pos.to(out.device)] for row, pos in select]) if select else out
             labels = torch.from_numpy(row_labels(unit, batch, cfg.task))
             seed = [cfg.seed, index, b]
             if cfg.method == "sample":

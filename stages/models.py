@@ -107,19 +107,26 @@ def load_model(
     gguf_file: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    placement: dict[str, Any] | None = None,
 ) -> Any:
-    """A model for ``task`` in eval mode on ``device``. Raises ModelLoadError with what to do."""
+    """A model for ``task`` in eval mode on ``device``, or placed by ``placement`` (``from_pretrained`` keyword
+    arguments: a device map, or a tensor-parallel plan; stages/placement.py). Raises ModelLoadError."""
     import transformers
 
     _check_source(name, "model", gguf_file)
     cls = getattr(transformers, AUTO_CLASSES[task])
     try:
         model = cls.from_pretrained(
-            name, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
+            name,
+            gguf_file=gguf_file,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            **(placement or {}),
         )
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, NotImplementedError) as e:
         raise ModelLoadError(f"cannot load a {task} model from {name}: {str(e).splitlines()[0]}") from e
-    return model.to(device).eval()
+    return (model if placement else model.to(device)).eval()
 
 
 def output_width(model: Any) -> int:
@@ -201,9 +208,10 @@ class OutputHead:
         own = head.weight.dtype if self.split else next(model.parameters()).dtype
         if head_dtype != "model" and own != torch.float32:
             if self.split:
-                # detached: labeling needs no gradient, and the copy is made once, not per chunk
-                self.weight32 = head.weight.detach().float()
-                self.bias32 = head.bias.detach().float() if head.bias is not None else None
+                # detached: labeling needs no gradient, and the copy is made once, not per chunk; a tensor-parallel
+                # head's shards are gathered (every rank computes the whole logits, as the model's head returns them)
+                self.weight32 = _whole(head.weight, "weight").float()
+                self.bias32 = _whole(head.bias, "bias").float() if head.bias is not None else None
             elif head_dtype == "float32":
                 raise ModelLoadError(
                     f"--head-dtype float32 needs a causal-lm teacher with a separate linear output head; "
@@ -226,7 +234,7 @@ class OutputHead:
         if not self.split:
             return rows.float()
         if self.weight32 is not None:
-            z = torch.nn.functional.linear(rows.float(), self.weight32, self.bias32)
+            z = torch.nn.functional.linear(rows.float().to(self.weight32.device), self.weight32, self.bias32)
         else:
             z = self.head(rows).float()
         if self.scale:
@@ -234,6 +242,18 @@ class OutputHead:
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
+
+
+def _whole(param: torch.Tensor, what: str) -> torch.Tensor:
+    """A head parameter as one plain tensor: a tensor-parallel shard gathered; refused when offloaded to disk."""
+    full = getattr(param, "full_tensor", None)  # a DTensor
+    value = full() if full is not None else param.detach()
+    if value.device.type == "meta":
+        raise ModelLoadError(
+            f"the output head's {what} is offloaded (meta device) by the device map, so no float32 copy can be made: "
+            'put "lm_head" on a GPU or "cpu" in --device-map, or use --head-dtype model'
+        )
+    return value.detach()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,23 +1,32 @@
 """Work units streamed from the input: what ``pipeline label`` labels, one unit at a time.
 
-A unit is ``shard_size`` consecutive items of the input, where an item is
+Units are cut in one of two ways:
 
-* unpacked input: one **record** (unit u = records [u*S, (u+1)*S)); a record whose example is too short to
-  label (fewer than 2 tokens for causal-lm) is dropped from its unit, so a unit may hold fewer than S examples
-  (or none: it is still written, as an empty shard, so that every unit of the input is present);
-* ``--pack``: one **packed sequence** of ``max_length`` tokens (documents joined with EOS between them; the
-  packer carries a batch's remainder into the next batch, so the sequences equal packing the whole input at
-  once).
+* by tokens (``shard_tokens`` N, the default): a unit takes the input's examples in order while their input
+  tokens fit in N; the example that would overflow starts the next unit. Every unit holds at most N tokens
+  (N >= ``max_length``, so an example always fits) and every unit but the last more than N - ``max_length``.
+  Examples are made from records (truncated to ``max_length``; too short ones dropped) or, with ``--pack``, are
+  the packed sequences;
+* by count (``shard_size`` S): a unit is S consecutive items of the input, where an item is
 
-The input is read once, in order, a unit's worth of records at a time: memory stays flat in the size of the
-input. A process labels only its own units (``wanted``): unpacked, the records of other units are counted and
-skipped without being tokenised or kept; packed, a unit's boundaries depend on every token before it, so every
-process tokenises the whole input (the tokenizer is ~100x cheaper than a teacher per token) but keeps only the
-sequences of its own units. The number of units is known when the stream ends.
+  * unpacked input: one **record** (unit u = records [u*S, (u+1)*S)); a record whose example is too short to
+    label (fewer than 2 tokens for causal-lm) is dropped from its unit, so a unit may hold fewer than S examples
+    (or none: it is still written, as an empty shard, so that every unit of the input is present);
+  * ``--pack``: one **packed sequence** of ``max_length`` tokens.
+
+Packed sequences are documents joined with EOS between them; the packer carries a batch's remainder into the
+next batch, so the sequences equal packing the whole input at once.
+
+The input is read once, in order, a bounded batch of records at a time: memory stays flat in the size of the
+input. A process labels only its own units (``wanted``): unpacked and cut by count, the records of other units
+are counted and skipped without being tokenised or kept; otherwise a unit's boundaries depend on every token
+before it, so every process tokenises the whole input (the tokenizer is ~100x cheaper than a teacher per token)
+but keeps only the examples of its own units. The number of units is known when the stream ends.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +38,39 @@ import numpy as np
 
 from .inputs import DataError, Example, iter_records, prepare_examples, token_ids
 
-__all__ = ["Packer", "Progress", "Unit", "UnitSpec", "first_example", "stream_units"]
+__all__ = [
+    "SHARD_TOKENS",
+    "Packer",
+    "Progress",
+    "Unit",
+    "UnitSpec",
+    "first_example",
+    "stream_units",
+    "unit_problems",
+    "unit_tokens",
+]
+
+SHARD_TOKENS = 1 << 20
+"""Default input tokens per work unit (``LabelConfig.shard_tokens``)."""
+
+
+def unit_tokens(shard_size: int | None, shard_tokens: int | None) -> int:
+    """Input tokens per unit at most; 0 when units are ``shard_size`` examples instead."""
+    if shard_size is not None:
+        return 0
+    return SHARD_TOKENS if shard_tokens is None else shard_tokens
+
+
+def unit_problems(shard_size: int | None, shard_tokens: int | None, max_length: int) -> list[str]:
+    """What is wrong with ``--shard-size`` / ``--shard-tokens`` (nothing: [])."""
+    if shard_size is not None and shard_tokens is not None:
+        return ["give --shard-tokens (units cut by tokens) or --shard-size (by examples), not both"]
+    if shard_size is not None and shard_size < 1:
+        return [f"--shard-size must be >= 1, got {shard_size}"]
+    tokens = unit_tokens(shard_size, shard_tokens)
+    if shard_size is None and tokens < max_length:
+        return [f"--shard-tokens must be >= --max-length ({max_length}) so that every example fits, got {tokens}"]
+    return []
 
 
 @dataclass
@@ -43,6 +84,7 @@ class UnitSpec:
     max_length: int
     pack: bool
     shard_size: int
+    """Items per unit (records, or packed sequences); 0: cut by ``shard_tokens`` instead."""
     label2id: dict[str, int] | None = None
     num_labels: int | None = None
     mlm_probability: float = 0.15
@@ -51,6 +93,8 @@ class UnitSpec:
     """Only the first N items: records (unpacked) or packed sequences."""
     spans: bool = False
     """Keep each example's source text and token spans (``--spans``)."""
+    shard_tokens: int = 0
+    """Input tokens per unit at most, when ``shard_size`` is 0."""
 
     def prepare(self, records: list[dict[str, Any]], first: int) -> list[Example]:
         return prepare_examples(
@@ -107,6 +151,9 @@ def stream_units(files: list[tuple[Path, str]], spec: UnitSpec, wanted: Callable
     if spec.pack:
         yield from _packed(files, spec, wanted)
         return
+    if not spec.shard_size:
+        yield from _by_tokens(files, spec, wanted)
+        return
     S, limit = spec.shard_size, spec.limit
     u, n, in_unit, keep, chunk = 0, 0, 0, wanted(0), []
     for record in iter_records(files):
@@ -124,31 +171,65 @@ def stream_units(files: list[tuple[Path, str]], spec: UnitSpec, wanted: Callable
         yield Unit(u, spec.prepare(chunk, u * S) if keep else None, n)
 
 
+class _Cutter:
+    """Examples in input order in, units out: S examples per unit, or (S = 0) as many as fit in N tokens."""
+
+    def __init__(self, spec: UnitSpec, wanted: Callable[[int], bool]) -> None:
+        self.size, self.tokens, self.wanted = spec.shard_size, spec.shard_tokens, wanted
+        self.u, self.keep, self.unit, self.count, self.held = 0, wanted(0), list[Example](), 0, 0
+
+    def add(self, ex: Example, read: int) -> Iterator[Unit]:
+        """Add the next example (``read``: records read so far); yields the unit that it closes, if any."""
+        if self.count and not self.size and self.held + len(ex.input_ids) > self.tokens:
+            yield self.close(read)  # it would overflow this unit: it starts the next one
+        self.count += 1
+        self.held += len(ex.input_ids)
+        if self.keep:
+            self.unit.append(ex)
+        if self.count == self.size:
+            yield self.close(read)
+
+    def close(self, read: int) -> Unit:
+        unit = Unit(self.u, self.unit if self.keep else None, read)
+        self.u, self.unit, self.count, self.held = self.u + 1, [], 0, 0
+        self.keep = self.wanted(self.u)
+        return unit
+
+
+_BATCH = 256  # records tokenised at a time when units are cut by tokens
+
+
+def _by_tokens(files: list[tuple[Path, str]], spec: UnitSpec, wanted: Callable[[int], bool]) -> Iterator[Unit]:
+    """Unpacked records, tokenised ``_BATCH`` at a time, into units of at most ``shard_tokens`` tokens."""
+    cut, n = _Cutter(spec, wanted), 0
+    records = iter_records(files)
+    if spec.limit is not None:
+        records = itertools.islice(records, spec.limit)
+    while batch := list(itertools.islice(records, _BATCH)):
+        n += len(batch)
+        for ex in spec.prepare(batch, n - len(batch)):
+            yield from cut.add(ex, n)
+    if cut.count:
+        yield cut.close(n)
+
+
 def _packed(files: list[tuple[Path, str]], spec: UnitSpec, wanted: Callable[[int], bool]) -> Iterator[Unit]:
     if spec.task != "causal-lm":
         raise DataError("--pack applies to causal-lm only (it joins documents into fixed-length sequences)")
-    S, limit = spec.shard_size, spec.limit
+    S, limit = spec.shard_size or _BATCH, spec.limit
     packer = Packer(spec.max_length, spec.tokenizer.eos_token_id)
-    u, made, n, keep = 0, 0, 0, wanted(0)
-    unit: list[Example] = []
-    in_unit = 0
+    cut, made, n = _Cutter(spec, wanted), 0, 0
     batch: list[dict[str, Any]] = []
 
     def take(sequences: list[np.ndarray[Any, Any]]) -> Iterator[Unit]:
-        nonlocal u, made, keep, unit, in_unit
+        nonlocal made
         for seq in sequences:
             if limit is not None and made >= limit:
                 return
             if len(seq) < 2:
                 continue  # only the very last sequence can be this short: nothing to predict
             made += 1
-            in_unit += 1
-            if keep:
-                unit.append(Example(seq))
-            if in_unit == S:
-                yield Unit(u, unit if keep else None, n)
-                u, unit, in_unit = u + 1, [], 0
-                keep = wanted(u)
+            yield from cut.add(Example(seq), n)
 
     for record in iter_records(files):
         if limit is not None and made >= limit:
@@ -162,8 +243,8 @@ def _packed(files: list[tuple[Path, str]], spec: UnitSpec, wanted: Callable[[int
         first = n - len(batch)
         yield from take(packer.add(token_ids(batch, spec.tokenizer, spec.text_field, special=False, first=first)))
     yield from take(packer.finish())
-    if in_unit:
-        yield Unit(u, unit if keep else None, n)
+    if cut.count:
+        yield cut.close(n)
 
 
 def first_example(files: list[tuple[Path, str]], spec: UnitSpec) -> bool:

@@ -36,10 +36,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "args": args}
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m kd_pipeline ARGS`` (gloo on CPU), run
     from a directory holding its own ``data/`` package and ``pipeline.py`` (as a user's repository does)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kd_pipeline"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    cmd = [*run, "-m", "kd_pipeline"]
     # the ranks import the kd_pipeline of this checkout (the code under test), not whichever one is installed
     path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
