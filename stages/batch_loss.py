@@ -20,7 +20,7 @@ def batch_loss(
     rows: torch.Tensor,
     batch: dict[str, torch.Tensor],
     select: torch.Tensor,
-    head: OutputHead,
+    head: OutputHead | None,
     loss_chunk: int,
     options: dict[str, Any],
     counts: tuple[float, float] | None = None,
@@ -30,10 +30,12 @@ def batch_loss(
     Args:
         rows: (N, H) the student's final hidden states at the N selected positions when ``loss_chunk`` > 0 (the
             head and the loss run together, a chunk of rows at a time: (N, V) logits never exist), else what
-            ``head.logits`` takes: (N, H) hidden states of a split head, or (N, V) / (N, C) logits.
+            ``head.logits`` takes: (N, H) hidden states of a split head, or (N, V) / (N, C) logits; with no
+            ``head``, the (N, V) / (N, C) logits themselves.
         batch: the collated batch (``data.collate``'s keys) the rows come from.
         select: (B, P) bool (seq-cls: (B,)): the positions the rows are, in order (``weighting.selected``).
-        head: the student's output head (``models.OutputHead``).
+        head: the student's output head (``models.OutputHead``), or None when ``rows`` are logits (then
+            ``loss_chunk`` must be 0).
         loss_chunk: rows per chunk of the head + loss; 0: the dense head and loss.
         options: ``distill_loss``'s keyword options: alpha, kind, temperature, beta, tail.
         counts: (kd_count, ce_count), the whole optimizer step's positions (``weighting.step_counts``): the loss
@@ -57,6 +59,7 @@ def batch_loss(
         "ce_count": counts[1] if counts is not None else None,
     }
     if loss_chunk:  # (N, H) hidden states: head and loss together, never (N, V) logits
+        assert head is not None, "the chunked loss needs the output head"
         return chunked_distill_loss(
             rows,
             head.head.weight,
@@ -67,7 +70,7 @@ def batch_loss(
             chunk=loss_chunk,
             **options,
         )
-    z = head.logits(rows)  # (N, V) float32
+    z = head.logits(rows) if head is not None else rows.float()  # (N, V) float32
     if z.shape[0] == 0:  # a rank's padding-only batch: contribute zero, keep DDP in step
         zero = z.sum() * 0.0
         return zero, {"loss": 0.0, "kd": 0.0, "ce": 0.0}

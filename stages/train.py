@@ -298,10 +298,10 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         step_batches = [next(batches) for _ in range(cfg.grad_accum)]
         position = step_batches[-1][1]
         counts = step_counts([b for b, _ in step_batches], world, device)
-        for micro, (batch, _) in enumerate(step_batches):
+        for micro, (batch, after) in enumerate(step_batches):
             if trace is not None:
                 counted = batch["index"][batch["example_weight"] > 0].tolist()
-                seen += [[position["epoch"], int(i)] for i in counted]
+                seen += [[after["epoch"], int(i)] for i in counted]  # this micro-batch's epoch
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = micro == cfg.grad_accum - 1 or world == 1
             ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
