@@ -50,7 +50,7 @@ from .. import data
 from ..data.dataset import StoreDataset
 from .batch_loss import at_selected, batch_loss
 from .losses import check_loss_options, rows_per_chunk
-from .models import OutputHead, output_width
+from .models import _ARCH_SUFFIXES, OutputHead, output_width
 from .weighting import selected, step_counts
 
 __all__ = ["StoreTrainer"]
@@ -68,8 +68,10 @@ class StoreTrainer(Trainer):
         **kwargs: ``Trainer``'s (``model`` and ``args`` at least); no ``train_dataset`` or ``data_collator``.
 
     Raises:
-        ValueError: a bad loss option, or a ``train_dataset`` / ``data_collator`` / ``compute_loss_func`` given.
-        data.IncompatibleStoreError: a student that cannot be distilled from the store (vocabulary, task).
+        ValueError: a bad loss option, no ``model``, or a ``train_dataset`` / ``data_collator`` /
+            ``compute_loss_func`` given.
+        data.IncompatibleStoreError: a student that cannot be distilled from the store (vocabulary, task,
+            temperature; its tokenizer is not checked: use the teacher's).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's positions already
@@ -89,16 +91,22 @@ class StoreTrainer(Trainer):
         given = [k for k in ("train_dataset", "data_collator", "compute_loss_func") if kwargs.get(k) is not None]
         if given:
             raise ValueError(f"StoreTrainer reads its batches and its loss from the store; do not pass {given}")
+        model = kwargs.get("model")
+        if model is None:
+            raise ValueError("StoreTrainer needs model= (the student, e.g. AutoModelForCausalLM.from_pretrained(...))")
         reader = store if isinstance(store, data.StoreReader) else data.open_store(store)
         m = reader.manifest
         t = temperature if temperature is not None else m.targets.temperature
-        problems = check_loss_options(loss, t, beta, tail, alpha)
+        problems = check_loss_options(loss, t, beta, tail, alpha, {"kind": "loss"})  # this class's argument names
         if loss_chunk is not None and loss_chunk < 0:
             problems.append(f"loss_chunk must be >= 0 (0: the model's own logits), got {loss_chunk}")
+        if (m.targets.sampled or m.targets.hybrid) and tail == "renormalise":  # as pipeline train refuses it
+            problems.append(f"tail='renormalise' needs a top-k store; a {m.targets.method} store has no tail to drop")
         if problems:
             raise ValueError("; ".join(problems))
-        model = kwargs["model"]
-        data.check_compatible(m, vocab_size=output_width(model), temperature=t)
+        # the task the model's class trains for, by the end of its name (None: not checked)
+        task = next((name for end, name in _ARCH_SUFFIXES.items() if type(model).__name__.endswith(end)), None)
+        data.check_compatible(m, vocab_size=output_width(model), task=task, temperature=t)
         if model.config.pad_token_id is None:  # as pipeline train: HF classifiers find the last token by it
             model.config.pad_token_id = m.tokenizer.get("pad_token_id") or 0
         self._pad_id = int(model.config.pad_token_id)

@@ -149,3 +149,29 @@ def test_two_processes_take_the_reference_step(world: dict[str, Any], tmp_path: 
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         grads = {n: g.double() for n, g in load_file(str(out / f"grads-{rank}.safetensors")).items()}
         assert_same_gradients(grads, ref_grads)
+
+
+def test_bad_inputs_are_refused_with_what_to_do(world: dict[str, Any], tmp_path: Path) -> None:
+    """Refused before any work, each with one message: a bad loss option, a dataset or collator of one's own, no
+    model, a student whose vocabulary or task does not fit the store."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification, TrainingArguments
+
+    from kd_pipeline import data
+
+    student = AutoModelForCausalLM.from_pretrained(world["student"])
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    store = str(world["store"])
+    with pytest.raises(ValueError, match="loss must be one of forward-kl, .*; got 'kl-forward'"):
+        StoreTrainer(model=student, args=args, store=store, loss="kl-forward")
+    with pytest.raises(ValueError, match="alpha"):
+        StoreTrainer(model=student, args=args, store=store, alpha=1.5)
+    with pytest.raises(ValueError, match=r"do not pass \['data_collator'\]"):
+        StoreTrainer(model=student, args=args, store=store, data_collator=lambda rows: rows)
+    with pytest.raises(ValueError, match="needs model="):
+        StoreTrainer(args=args, store=store)
+    small = LlamaConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    with pytest.raises(data.IncompatibleStoreError, match="at least"):
+        StoreTrainer(model=AutoModelForCausalLM.from_config(small), args=args, store=store)
+    with pytest.raises(data.IncompatibleStoreError, match="the student is seq-cls"):
+        StoreTrainer(model=LlamaForSequenceClassification(LlamaConfig(**{**small.to_dict(), "vocab_size": 200})),
+                     args=args, store=store)  # fmt: skip
