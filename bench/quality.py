@@ -216,7 +216,7 @@ def train_online(cfg: Any, teacher: Any, temperature: float) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         batch, _ = next(batches)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        select = train._selected(batch, m.task)  # (B, L-1) bool
+        select = train._selected(batch)  # (B, L-1) bool
         with torch.no_grad():
             hidden = head.hidden_or_logits(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
             teacher_lp = torch.log_softmax(head.logits(hidden[:, :-1][select]) / temperature, dim=-1)  # (N, V)

@@ -117,9 +117,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             if self.mode in ("store", "dense"):
-                loss, _ = train._loss(self.net, b, "causal-lm", self.cfg, self.temperature)
+                counts = train.step_counts([b], 1, self.device)  # as train.run: the step's positions (one micro-batch)
+                loss, _ = train._loss(self.net, b, "causal-lm", self.cfg, self.temperature, counts)
             else:
-                select = train._selected(b, "causal-lm")  # (B, L-1): the same positions as (a)
+                select = train._selected(b)  # (B, L-1): the same positions as (a)
                 labels = b["labels"][select]
                 teacher_lp = self._teacher_logprobs(b, select) if self.mode == "online" else None
                 z = self.net.logits(self.net(b["input_ids"], b["attention_mask"], select))  # (N, V) float32

@@ -37,6 +37,8 @@ from .. import data
 from .losses import UNBIASED_WITH_SAMPLES, check_loss_options
 from .run_dir import Metrics, latest_checkpoint, load_checkpoint, plot_metrics, save_checkpoint, truncate_metrics
 from .sharding import FSDP_DTYPES
+from .weighting import selected as _selected
+from .weighting import step_counts, summed_over_ranks
 
 if TYPE_CHECKING:  # torch loads inside run(), so that `pipeline --help` stays instant
     import torch
@@ -322,22 +324,24 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         parts_sum: dict[str, float] = {}
-        tokens = 0
         seen: list[list[int]] = []  # [epoch, index] of this step's counted examples (--trace)
-        for micro in range(cfg.grad_accum):
-            batch, position = next(batches)
+        # the whole step's micro-batches first: each one's loss is its sum over the step's positions on every rank
+        # (stages/weighting.py), so that every token of the step weighs the same
+        step_batches = [next(batches) for _ in range(cfg.grad_accum)]
+        position = step_batches[-1][1]
+        counts = step_counts([b for b, _ in step_batches], world, device)
+        for micro, (batch, after) in enumerate(step_batches):
             if trace is not None:
                 counted = batch["index"][batch["example_weight"] > 0].tolist()
-                seen += [[position["epoch"], int(i)] for i in counted]
+                seen += [[after["epoch"], int(i)] for i in counted]  # this micro-batch's epoch
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = micro == cfg.grad_accum - 1 or world == 1
             ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, autocast:
-                loss, parts = in_forward(ddp_model, _loss, batch, m.task, cfg, temperature)
-            torch.autograd.backward(loss / cfg.grad_accum)
+                loss, parts = in_forward(ddp_model, _loss, batch, m.task, cfg, temperature, counts)
+            torch.autograd.backward(loss * world)  # DDP averages the ranks' gradients; the counts hold every rank
             for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + value / cfg.grad_accum
-            tokens += int(batch["position_mask"].sum())
+                parts_sum[key] = parts_sum.get(key, 0.0) + value  # this rank's shares of the step's loss
         grad_norm = (
             float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm else 0.0
         )
@@ -350,6 +354,8 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         last_loss = parts_sum.get("loss", float("nan"))
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
+            parts_sum = summed_over_ranks(parts_sum, world, device)  # on every rank: the step's loss
+            last_loss = parts_sum.get("loss", float("nan"))
             metrics.write(
                 {
                     "step": step,
@@ -357,7 +363,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
                     **parts_sum,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
-                    "tokens": tokens * world,
+                    "tokens": int(counts[0]),
                     "step_seconds": time.perf_counter() - t0,
                     "epoch": position["epoch"],
                     "samples_seen": position["samples_seen"],
@@ -561,61 +567,30 @@ def _unwrapped(e: data.StoreError) -> data.StoreError:
 
 
 def _loss(
-    model: Any, batch: dict[str, torch.Tensor], task: str, cfg: TrainConfig, temperature: float
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    task: str,
+    cfg: TrainConfig,
+    temperature: float,
+    counts: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The distillation loss of one collated batch; returns the loss and its parts for logging.
+
+    ``counts``: the soft and the hard term's denominators, the whole optimizer step's (``weighting.step_counts``);
+    the loss is then this batch's share of the step's. None: this batch's own (its mean).
 
     ``model`` is ``_at_positions``'s module, or DDP around it. With a chunked head, the head's weight enters the loss
     outside the module's forward, as an input of ``chunked_distill_loss``'s autograd Function: its gradient still
     reaches the parameter through autograd, where DDP's hooks reduce it like any other (for a tied student, summed
     with the input embedding's own gradient first).
     """
-    from .losses import chunked_distill_loss, distill_loss
+    from .batch_loss import batch_loss
 
     net = getattr(model, "module", model)  # the module under DDP
-    select = _selected(batch, task)  # (B, P) bool: real positions of examples that count
+    select = _selected(batch)  # (B, P) bool: real positions of examples that count
     rows = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))  # (N, H) or (N, V)
-    k = batch["target_ids"].shape[-1]
-    flat = select.reshape(-1)
-    tmask = batch.get("target_mask")  # sampled stores: (B, P, U) bool, False on padding slots
-    targets = (
-        batch["target_ids"].reshape(-1, k)[flat],
-        batch["target_logprobs"].reshape(-1, k)[flat],
-        batch["tail_mass"].reshape(-1)[flat],
-        batch["labels"].reshape(-1)[flat],
-    )
-    options: dict[str, Any] = {
-        "alpha": cfg.alpha,
-        "kind": cfg.loss,
-        "temperature": temperature,
-        "beta": cfg.beta,
-        "tail": cfg.tail,
-        "target_mask": tmask.reshape(-1, k)[flat] if tmask is not None else None,
-    }
-    if net.loss_chunk:  # (N, H) hidden states: head and loss together, never (N, V) logits
-        head = net.head
-        return chunked_distill_loss(
-            rows,
-            head.head.weight,
-            head.head.bias,
-            *targets,
-            logit_scale=head.scale,
-            softcap=head.softcap,
-            chunk=net.loss_chunk,
-            **options,
-        )
-    z = net.logits(rows)  # (N, V) float32
-    if z.shape[0] == 0:  # a rank's padding-only batch: contribute zero, keep DDP in step
-        zero = z.sum() * 0.0
-        return zero, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-    return distill_loss(z, *targets, **options)
-
-
-def _selected(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """(B, P) bool (seq-cls: (B,)): the positions whose targets count, i.e. real ones of weighted examples."""
-    weight = batch["example_weight"] > 0  # (B,): a rank's lockstep stand-in example has weight 0
-    mask = batch["position_mask"]
-    return mask & weight.reshape(-1, *([1] * (mask.dim() - 1)))
+    options = {"alpha": cfg.alpha, "kind": cfg.loss, "temperature": temperature, "beta": cfg.beta, "tail": cfg.tail}
+    return batch_loss(rows, batch, select, net.head, net.loss_chunk, options, counts)
 
 
 def _at_positions(model: Any, task: str, loss_chunk: int | None = None) -> Any:
@@ -635,6 +610,7 @@ def _at_positions(model: Any, task: str, loss_chunk: int | None = None) -> Any:
     """
     import torch
 
+    from .batch_loss import at_selected
     from .losses import rows_per_chunk
     from .models import OutputHead, output_width
 
@@ -659,13 +635,7 @@ def _at_positions(model: Any, task: str, loss_chunk: int | None = None) -> Any:
             pad = int(model.config.pad_token_id or 0)
             input_ids = input_ids.masked_fill(attention_mask == 0, pad)
             out = self.head.hidden_or_logits(input_ids, attention_mask)  # (B, L, H) or (B, L, V) or (B, C)
-            if task == "causal-lm":
-                return out[:, :-1][select]  # position i predicts token i + 1
-            if task == "masked-lm":
-                assert positions is not None
-                idx = positions.unsqueeze(-1).expand(-1, -1, out.shape[-1])
-                return out.gather(1, idx)[select]  # (N, V)
-            return out[select]  # (N, C)
+            return at_selected(out, task, select, positions)
 
         def logits(self, rows: torch.Tensor) -> torch.Tensor:
             """``forward``'s rows -> (N, V) float32 logits (the dense head)."""
@@ -684,22 +654,25 @@ def evaluate(
     rank: int,
     world: int,
 ) -> dict[str, float]:
-    """Held-out metrics: hard-label loss (and perplexity for LMs, accuracy for classification) and the KD loss."""
+    """Held-out metrics: hard-label loss (and perplexity for LMs, accuracy for classification) and the KD loss.
+
+    As in training, each is a sum over all the evaluated positions of every rank divided by their number: the KD
+    loss over the positions with targets, the others over those that also have a label ("positions")."""
     import torch
 
     from ..data.dataset import StoreDataset
-    from .losses import kd_loss
+    from .losses import hard_ce, kd_loss
 
     store, split = source
     dataset = StoreDataset(store, batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world, **split)
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce_sum, kd_sum, correct, count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # ce_sum, kd_sum, correct, labelled, kd positions
     with torch.no_grad():
         for i, batch in enumerate(dataset):
             if i >= cfg.eval_batches:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
-            select = _selected(batch, task) & (batch["labels"] >= 0)
+            select = _selected(batch)
             # every rank runs the forward, also on a batch of stand-ins: under FSDP it gathers parameters together
             rows = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))
             if not bool(select.any()):
@@ -715,8 +688,7 @@ def evaluate(
             for c in range(0, rows.shape[0], step):
                 part = slice(c, c + step)
                 z = model.logits(rows[part])  # (n, V) float32
-                n = z.shape[0]
-                sums[0] += torch.nn.functional.cross_entropy(z, labels[part], reduction="sum").double()
+                sums[0] += hard_ce(z, labels[part], count=1.0).double()  # count 1: the sum
                 kd = kd_loss(
                     z,
                     tid[part],
@@ -727,15 +699,17 @@ def evaluate(
                     beta=cfg.beta,
                     target_mask=tmask[part] if tmask is not None else None,
                     tail=cfg.tail,  # the KD figure measures the loss being trained, renormalised baseline included
+                    count=1.0,
                 )
-                sums[1] += kd.double() * n
-                sums[2] += (z.argmax(-1) == labels[part]).sum().double()
-                sums[3] += n
+                sums[1] += kd.double()
+                sums[2] += (z.argmax(-1) == labels[part]).sum().double()  # an unlabelled row's -100 never matches
+                sums[3] += (labels[part] >= 0).sum().double()
+                sums[4] += z.shape[0]
     if world > 1:
         torch.distributed.all_reduce(sums)
-    ce_sum, kd_sum, correct, count = (float(x) for x in sums)
+    ce_sum, kd_sum, correct, count, kd_count = (float(x) for x in sums)
     count = max(count, 1.0)
-    result = {"ce": ce_sum / count, "kd": kd_sum / count, "positions": count}
+    result = {"ce": ce_sum / count, "kd": kd_sum / max(kd_count, 1.0), "positions": count}
     if task == "seq-cls":
         result["accuracy"] = correct / count
     else:

@@ -25,6 +25,8 @@ Divergences, with p the teacher's bins and q the student's (all in nats, 0·log 
     tvd         0.5 sum |p - q|
 
 Each is averaged over valid positions and multiplied by T^2, which keeps the gradient's scale independent of T.
+Or, given ``kd_count`` / ``ce_count`` (``count`` in ``kd_loss`` and ``hard_ce``), summed and divided by those: the
+whole optimizer step's positions, over every micro-batch and rank, for exact token weighting (``stages.weighting``).
 
 Sampled targets (``sampled_targets``): ids drawn with replacement from the teacher, stored as counts. Their
 empirical distribution p̂ = count / N has E[p̂] = p, and the forward KL's student-dependent part, the cross-entropy

@@ -16,7 +16,8 @@ Per chunk, the default loss (forward-kl over the k+1 bins + cross-entropy) takes
 terms under autograd on the chunk's logits and takes ``torch.autograd.grad`` there: exact, and only (C, V) lives.
 
 The means are over ALL rows, not per chunk: the soft term divides by N, the hard term by the number of labelled
-rows, both counted before the first chunk, so the result does not depend on C.
+rows, both counted before the first chunk, so the result does not depend on C. (Or by ``kd_count`` and
+``ce_count``, the whole optimizer step's counts, for exact token weighting across micro-batches and ranks.)
 
 Dtypes: the chunk's hidden states and the head are upcast to float32 and the logits computed in float32 (under
 autocast too, which is switched off here): the losses need float32 logits anyway (bfloat16 logits lose the tail's
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from .bins import _ids_and_mask, _k1_bins, _normalise, student_bins, teacher_bins
 from .checks import _check_id_range, _check_shapes, _labelled
-from .divergences import _divergence
+from .divergences import _denominator, _divergence
 from .fused import fused_grad, fused_rows
 from .options import check_loss_options
 
@@ -64,6 +65,7 @@ class _Options:
     logit_scale: float | None
     softcap: float | None
     chunk: int
+    counts: tuple[float | None, float | None]  # kd_count, ce_count: as in distill_loss
     grad: bool  # compute the gradients (False under no_grad, or when no input needs one)
 
 
@@ -85,6 +87,8 @@ def chunked_distill_loss(
     logit_scale: float | None = None,
     softcap: float | None = None,
     chunk: int = 1024,
+    kd_count: float | None = None,
+    ce_count: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """``distill_loss`` of the logits z = f(hidden W^T + b), computed ``chunk`` rows at a time.
 
@@ -105,6 +109,8 @@ def chunked_distill_loss(
         softcap: cap the logits with softcap * tanh(z / softcap) (Gemma 2's ``final_logit_softcapping``); None:
             no cap.
         chunk: rows per chunk, >= 1 (``rows_per_chunk`` picks one for a memory budget).
+        kd_count, ce_count: the soft and the hard term's denominators, as in ``distill_loss`` (default: N and the
+            number of labelled rows); the whole optimizer step's counts for exact token weighting.
 
     Returns:
         loss: () float32: alpha * T^2 * mean soft divergence + (1 - alpha) * mean CE over the labelled rows;
@@ -127,7 +133,16 @@ def chunked_distill_loss(
     ids, mask = _ids_and_mask(target_ids, target_mask)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     opts = _Options(
-        alpha, kind, temperature, beta, tail, logit_scale, softcap, chunk, torch.is_grad_enabled() and any(needs)
+        alpha,
+        kind,
+        temperature,
+        beta,
+        tail,
+        logit_scale,
+        softcap,
+        chunk,
+        (kd_count, ce_count),
+        torch.is_grad_enabled() and any(needs),
     )
     loss, kd, ce = _ChunkedHeadLoss.apply(hidden, weight, bias, ids, mask, target_logprobs, tail_mass, labels, opts)  # type: ignore[no-untyped-call]
     return loss, {"loss": float(loss.detach()), "kd": float(kd), "ce": float(ce)}
@@ -179,9 +194,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             w = weight.float()  # (V, H): the weight itself when it is float32
             b = bias.float() if bias is not None else None
             valid = labels >= 0  # (N,)
-            # the normalisers of the whole batch, not of a chunk
-            c_kd = opts.alpha * t / max(n, 1)  # the soft term's d/dz is c_kd * (s - p̂) per row
-            c_ce = (1.0 - opts.alpha) * valid / valid.sum().clamp_min(1)  # (N,); 0 on unlabelled rows
+            # the normalisers of the whole batch (or of the whole optimizer step, when given), not of a chunk
+            n_kd = _denominator(opts.counts[0], n)
+            n_ce = _denominator(opts.counts[1], int(valid.sum()))
+            c_kd = opts.alpha * t / n_kd  # the soft term's d/dz is c_kd * (s - p̂) per row
+            c_ce = (1.0 - opts.alpha) * valid / n_ce  # (N,); 0 on unlabelled rows
             grad_h = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=device) if need_h else None
             grad_w = torch.zeros(v, weight.shape[1], dtype=torch.float32, device=device) if need_w else None
             grad_b = torch.zeros(v, dtype=torch.float32, device=device) if need_b else None
@@ -214,8 +231,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     grad_w.addmm_(du.T, h)  # (V, H)
                 if grad_b is not None:
                     grad_b += du.sum(0)
-            kd = (kd_sum * t**2 / max(n, 1)).float()
-            ce = (nll_sum / valid.sum().clamp_min(1)).float()
+            kd = (kd_sum * t**2 / n_kd).float()
+            ce = (nll_sum / n_ce).float()
             loss = opts.alpha * kd + (1.0 - opts.alpha) * ce
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)

@@ -65,8 +65,15 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
     return torch.where(both_empty, -math.inf, mixed)
 
 
-def _mean_nll(z: Tensor, lse: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
-    """Mean cross-entropy lse - z[y] over the ``valid`` rows of (N, C) float32 logits with their logsumexp (N,)."""
+def _mean_nll(z: Tensor, lse: Tensor, labels: Tensor, valid: Tensor, count: float | None = None) -> Tensor:
+    """Cross-entropy lse - z[y] summed over the ``valid`` rows of (N, C) float32 logits with their logsumexp (N,),
+    divided by the number of valid rows (or by ``count``, at least 1)."""
     safe = labels.long().clamp_min(0)[:, None]
     nll = (lse - z.gather(1, safe)[:, 0]) * valid  # (N,)
-    return nll.sum() / valid.sum().clamp_min(1)
+    return nll.sum() / (_denominator(count, 0) if count is not None else valid.sum().clamp_min(1))
+
+
+def _denominator(count: float | None, rows: int) -> float:
+    """What a loss term's sum is divided by: ``count`` when given (the whole optimizer step's positions), else this
+    call's ``rows``; at least 1, so that a term with no position is 0, not NaN."""
+    return max(float(count) if count is not None else float(rows), 1.0)

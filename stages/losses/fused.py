@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .bins import _ids_and_mask, _k1_bins, student_bins, teacher_bins
 from .checks import _check_id_range, _check_shapes, _labelled
-from .divergences import _kl
+from .divergences import _denominator, _kl
 
 __all__ = ["FusedRows", "distill_fused", "fused_grad", "fused_rows"]
 
@@ -33,6 +33,7 @@ def distill_fused(
     alpha: float,
     temperature: float,
     target_mask: Tensor | None,
+    counts: tuple[float | None, float | None] = (None, None),
 ) -> tuple[Tensor, dict[str, float]]:
     """distill_loss for the default loss (forward KL over the k+1 bins + cross-entropy), with its gradient in closed
     form: the value is computed as ``kd_loss`` and ``hard_ce`` compute it, the backward pass writes the gradient
@@ -41,7 +42,8 @@ def distill_fused(
     With s = softmax(z / T), the student's tail S = 1 - sum of s over the kept ids, and the teacher's bins p
     (normalised over the k+1 bins), the soft term's gradient is alpha * T * (s - p̂) / N, where p̂ is p on a kept id
     and p_tail * s_i / S on any other id i (the tail bin's mass spread as the student spreads its own); the hard
-    term's is (1 - alpha) * (softmax(z) - onehot(y)) / N_labelled.
+    term's is (1 - alpha) * (softmax(z) - onehot(y)) / N_labelled. ``counts`` (kd_count, ce_count), as in
+    ``distill_loss``, replace N and N_labelled where given.
     """
     _check_shapes(student_logits, target_ids, target_logprobs, tail_mass, None, target_mask)
     _labelled(labels, student_logits.shape, None)
@@ -51,7 +53,9 @@ def distill_fused(
         return zero, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
     _check_id_range(target_ids, target_mask, v)
     ids, mask = _ids_and_mask(target_ids, target_mask)
-    loss, kd, ce = _FusedKdCe.apply(student_logits, ids, mask, target_logprobs, tail_mass, labels, alpha, temperature)  # type: ignore[no-untyped-call]
+    loss, kd, ce = _FusedKdCe.apply(  # type: ignore[no-untyped-call]
+        student_logits, ids, mask, target_logprobs, tail_mass, labels, alpha, temperature, counts
+    )
     return loss, {"loss": float(loss.detach()), "kd": float(kd), "ce": float(ce)}
 
 
@@ -69,12 +73,15 @@ class _FusedKdCe(torch.autograd.Function):
         labels: Tensor,
         alpha: float,
         temperature: float,
+        counts: tuple[float | None, float | None],
     ) -> tuple[Tensor, Tensor, Tensor]:
         rows = fused_rows(z.float(), ids, mask, target_logprobs, tail_mass, labels, temperature)
-        kd = rows.kd.mean() * temperature**2
-        ce = rows.nll.sum() / rows.valid.sum().clamp_min(1)
+        n_kd = _denominator(counts[0], z.shape[0])
+        n_ce = _denominator(counts[1], 0) if counts[1] is not None else rows.valid.sum().clamp_min(1)
+        kd = rows.kd.sum() / n_kd * temperature**2
+        ce = rows.nll.sum() / n_ce
         ctx.save_for_backward(z, ids, mask, *rows.saved())
-        ctx.alpha, ctx.temperature = alpha, temperature
+        ctx.alpha, ctx.temperature, ctx.n_kd, ctx.n_ce = alpha, temperature, n_kd, n_ce
         ctx.mark_non_differentiable(kd, ce)
         return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
@@ -83,11 +90,11 @@ class _FusedKdCe(torch.autograd.Function):
         z, ids, mask, *saved = ctx.saved_tensors
         rows = FusedRows.from_saved(saved)
         alpha, t = ctx.alpha, ctx.temperature
-        c_kd = alpha * t / z.shape[0]  # d(T^2 * mean KL)/dz = T * (s - p̂) / N
-        c_ce = (1.0 - alpha) * rows.valid / rows.valid.sum().clamp_min(1)  # (N,): d(mean CE)/dz = (... - onehot) / N_y
+        c_kd = alpha * t / ctx.n_kd  # d(T^2 * sum KL / N)/dz = T * (s - p̂) / N
+        c_ce = (1.0 - alpha) * rows.valid / ctx.n_ce  # (N,): d(sum CE / N_y)/dz = (softmax - onehot) / N_y
         g = fused_grad(z, ids, mask, rows, c_kd, c_ce, t)
         g.mul_(grad_loss)
-        return g.to(z.dtype), None, None, None, None, None, None, None
+        return g.to(z.dtype), None, None, None, None, None, None, None, None
 
 
 @dataclass

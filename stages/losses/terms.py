@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .bins import _k1_bins, _normalise, student_bins, teacher_bins
 from .checks import _check_id_range, _check_shapes, _labelled
-from .divergences import _divergence, _mean_nll
+from .divergences import _denominator, _divergence, _mean_nll
 from .fused import distill_fused
 from .options import check_loss_options
 
@@ -32,11 +32,13 @@ def kd_loss(
     target_mask: Tensor | None = None,
     tail: str = "bin",
     student_lse: Tensor | None = None,
+    count: float | None = None,
 ) -> Tensor:
     """The distillation loss against cached soft targets, over the k+1 bins.
 
     The per-position divergence (``kind``, see the package docstring for the definitions) between the teacher's
-    bins p and the student's bins q, averaged over the valid positions and multiplied by T^2.
+    bins p and the student's bins q, summed over the valid positions, divided by their number (or by ``count``)
+    and multiplied by T^2.
 
     The teacher's bins are rescaled jointly to sum to exactly 1 before use. That only absorbs the rounding of
     float16-stored log-probs against a tail measured from unquantised values (a relative change of ~1e-3 at most);
@@ -57,10 +59,13 @@ def kd_loss(
         tail: "bin" (default): the k+1 bins, unbiased to the tail. "renormalise": the usual biased baseline,
             renormalise BOTH teacher and student over the kept ids and drop the tail; for comparison only.
         student_lse: (N,) float32 or None: logsumexp(student_logits / T), if the caller already computed it.
+        count: divide the sum by this instead of the number of valid positions: for exact token weighting, the
+            valid positions of the whole optimizer step (every micro-batch, every rank; ``stages.weighting``).
+            The result is then this call's share of the step's mean, and the shares add up. 1: the sum.
 
     Returns:
-        () float32 scalar: the loss, T^2 * mean over valid positions. 0 (still attached to the graph) when no
-        position is valid.
+        () float32 scalar: the loss, T^2 * (sum over valid positions) / (their number, or ``count``). 0 (still
+        attached to the graph) when no position is valid.
 
     Raises:
         ValueError: an unknown kind or tail mode, a beta out of range for the kind, T <= 0, shapes that do not
@@ -92,16 +97,20 @@ def kd_loss(
         log_p, log_q = _normalise(log_p_kept), _normalise(log_q_kept)  # (N, K): the biased baseline
 
     per_position = _divergence(kind, log_p, log_q, beta)  # (N,)
-    return per_position.mean() * temperature**2
+    return per_position.sum() / _denominator(count, per_position.shape[0]) * temperature**2
 
 
-def hard_ce(student_logits: Tensor, labels: Tensor, position_mask: Tensor | None = None) -> Tensor:
-    """Cross-entropy against hard labels at temperature 1, averaged over the valid positions.
+def hard_ce(
+    student_logits: Tensor, labels: Tensor, position_mask: Tensor | None = None, *, count: float | None = None
+) -> Tensor:
+    """Cross-entropy against hard labels at temperature 1, summed over the valid positions and divided by their
+    number (or by ``count``).
 
     Args:
         student_logits: (N, C) any float dtype; computed in float32.
         labels: (N,) integer: the true class/token; a negative label (the usual -100) marks a position to ignore.
         position_mask: (N,) bool or None: False = a padding position, excluded. None: all valid.
+        count: divide by this instead of the number of valid positions (as in ``kd_loss``).
 
     Returns:
         () float32 scalar; 0 (still attached to the graph) when no position is valid.
@@ -114,9 +123,10 @@ def hard_ce(student_logits: Tensor, labels: Tensor, position_mask: Tensor | None
     valid = _labelled(labels, student_logits.shape, position_mask)
     if not bool(valid.any()):
         return student_logits.float().sum() * 0.0
+    denominator = _denominator(count, int(valid.sum()))
     if bool(valid.all()):  # no (N, C) copy for the common case
-        return F.cross_entropy(student_logits.float(), labels.long())
-    return F.cross_entropy(student_logits[valid].float(), labels[valid].long())
+        return F.cross_entropy(student_logits.float(), labels.long(), reduction="sum") / denominator
+    return F.cross_entropy(student_logits[valid].float(), labels[valid].long(), reduction="sum") / denominator
 
 
 def distill_loss(
@@ -133,6 +143,8 @@ def distill_loss(
     position_mask: Tensor | None = None,
     target_mask: Tensor | None = None,
     tail: str = "bin",
+    kd_count: float | None = None,
+    ce_count: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The classic mix: alpha * kd_loss + (1 - alpha) * hard_ce.
 
@@ -142,6 +154,11 @@ def distill_loss(
             ``kd_loss``.
         labels: (N,) integer hard labels; negative = no label at that position (as in ``hard_ce``).
         alpha: the weight of the soft term, in [0, 1].
+        kd_count: the soft term's denominator (``kd_loss``'s ``count``): default, its valid positions here.
+        ce_count: the hard term's denominator (``hard_ce``'s ``count``): default, its labelled positions here.
+            The two differ where positions have targets but no label. For exact token weighting pass the whole
+            optimizer step's counts (``stages.weighting``): the loss and the parts are then this call's shares of
+            the step's, which add up over its micro-batches and ranks.
 
     Returns:
         loss: () float32 scalar, the total.
@@ -156,7 +173,15 @@ def distill_loss(
     per_row = student_logits.dim() == 2 and labels.shape == student_logits.shape[:1]  # (N, V) logits, (N,) labels
     if per_row and kind == "forward-kl" and tail == "bin" and position_mask is None:
         return distill_fused(
-            student_logits, target_ids, target_logprobs, tail_mass, labels, alpha, temperature, target_mask
+            student_logits,
+            target_ids,
+            target_logprobs,
+            tail_mass,
+            labels,
+            alpha,
+            temperature,
+            target_mask,
+            (kd_count, ce_count),
         )
     if per_row and temperature == 1.0:
         return _distill_shared(
@@ -171,6 +196,7 @@ def distill_loss(
             position_mask=position_mask,
             target_mask=target_mask,
             tail=tail,
+            counts=(kd_count, ce_count),
         )
     kd = kd_loss(
         student_logits,
@@ -183,8 +209,9 @@ def distill_loss(
         position_mask=position_mask,
         target_mask=target_mask,
         tail=tail,
+        count=kd_count,
     )
-    ce = hard_ce(student_logits, labels, position_mask)
+    ce = hard_ce(student_logits, labels, position_mask, count=ce_count)
     loss = alpha * kd + (1.0 - alpha) * ce
     return loss, {"loss": float(loss.detach()), "kd": float(kd.detach()), "ce": float(ce.detach())}
 
@@ -202,6 +229,7 @@ def _distill_shared(
     position_mask: Tensor | None,
     target_mask: Tensor | None,
     tail: str,
+    counts: tuple[float | None, float | None],
 ) -> tuple[Tensor, dict[str, float]]:
     """distill_loss at T = 1: the soft and the hard term share one logsumexp over the vocabulary.
 
@@ -222,7 +250,8 @@ def _distill_shared(
         target_mask=target_mask,
         tail=tail,
         student_lse=lse,
+        count=counts[0],
     )
-    ce = _mean_nll(z, lse, labels, _labelled(labels, z.shape, position_mask))
+    ce = _mean_nll(z, lse, labels, _labelled(labels, z.shape, position_mask), counts[1])
     loss = alpha * kd + (1.0 - alpha) * ce
     return loss, {"loss": float(loss.detach()), "kd": float(kd.detach()), "ce": float(ce.detach())}
