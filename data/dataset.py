@@ -422,14 +422,20 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             "epoch": self.epoch,
             "samples_seen": self._leg_start + leg.steps * self.batch_size * self.world_size,
             "legs": [dataclasses.asdict(g) for g in [*self._legs, leg]],
+            **self._order_fields(),
+            "num_examples": self.num_examples,
+            "store_fingerprint": self.fingerprint,
+        }
+
+    def _order_fields(self) -> dict[str, Any]:
+        """What fixes the blocks and their order besides the store: a state must match them to resume."""
+        return {
             "seed": self.seed,
             "shuffle": self.shuffle,
             "block_shards": self.block_shards,
             "shards": self.shard_ids,
             "split": self.split,
             "eval_fraction": self.eval_fraction,
-            "num_examples": self.num_examples,
-            "store_fingerprint": self.fingerprint,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -446,14 +452,7 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
                 f"loader state version {state.get('version')} is not {_STATE_VERSION} (version 1 states describe "
                 "the order before each shard was decoded once per job; resume from the epoch's start instead)"
             )
-        mine = {
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "block_shards": self.block_shards,
-            "shards": self.shard_ids,
-            "split": self.split,
-            "eval_fraction": self.eval_fraction,
-        }
+        mine = self._order_fields()
         problems = []
         if state.get("store_fingerprint") != self.fingerprint:
             problems.append(
