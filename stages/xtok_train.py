@@ -32,7 +32,7 @@ from .run_dir import Metrics
 if TYPE_CHECKING:
     import torch
 
-    from .train import TrainConfig, TrainResult
+    from .train_config import TrainConfig, TrainResult
 
 __all__ = ["bits_per_char", "run_cross", "split_examples"]
 
@@ -57,7 +57,8 @@ def run_cross(cfg: TrainConfig, log: Any = None) -> TrainResult:
 
     from .models import copy_tokenizer, load_student, load_tokenizer, resolve_device
     from .source_spans import token_strings
-    from .train import TrainConfigError, TrainResult, _check_run_dir, _warmup_cosine
+    from .train_config import TrainConfigError, TrainResult
+    from .train_setup import check_run_dir, warmup_cosine
     from .xtok import CrossCollator
     from .xtok_align import vocab_map
 
@@ -67,7 +68,7 @@ def run_cross(cfg: TrainConfig, log: Any = None) -> TrainResult:
         raise TrainConfigError("; ".join(problems))
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    _check_run_dir(out, False)
+    check_run_dir(out, False)
     store = data.open_store(cfg.store, verify=cfg.verify != "none")
     m = store.manifest
     if m.task != "causal-lm":
@@ -106,7 +107,7 @@ def run_cross(cfg: TrainConfig, log: Any = None) -> TrainResult:
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, total_steps))
 
     # ---- loop
     metrics = Metrics(out / "metrics.jsonl", True)
