@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -47,6 +48,7 @@ from .train_setup import (
     check_run_dir,
     check_sampled,
     data_split,
+    matching_student,
     progress_bar,
     setup_distributed,
     verify_full,
@@ -54,6 +56,7 @@ from .train_setup import (
     weights_digest,
 )
 from .weighting import selected, step_counts, summed_over_ranks
+from .xtok_train import cross_counts, cross_evaluate, cross_loss, cross_refusals, cross_student
 
 __all__ = ["VERIFY_MODES", "TrainConfig", "TrainConfigError", "TrainResult", "evaluate", "run"]
 
@@ -69,19 +72,13 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     from ..data.dataset import StoreDataset
     from .models import (
         copy_tokenizer,
-        declared_task,
-        load_student,
-        output_width,
         resolve_device,
-        student_tokenizer_digest,
     )
     from .sharding import full_model_state, in_forward, shard_student
 
     cfg.validate()
-    if cfg.cross_tokenizer:
-        from .xtok_train import run_cross
-
-        return run_cross(cfg, log)
+    if cfg.cross_tokenizer and cross_refusals(cfg):
+        raise TrainConfigError("; ".join(cross_refusals(cfg)))
     rank, world, device = setup_distributed(resolve_device(cfg.device))
     if cfg.fsdp and world == 1:
         raise TrainConfigError(
@@ -102,21 +99,14 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     check_sampled(cfg, m, say)
     torch.manual_seed(cfg.seed)
 
-    # ---- model
-    student_task = declared_task(cfg.student)
-    data.check_compatible(m, task=student_task, temperature=temperature)  # before any loading
-    model, tokenizer_dir = load_student(cfg.student, m)
-    if model.config.pad_token_id is None:  # HF classifiers find each sequence's last token by the pad id
-        model.config.pad_token_id = m.tokenizer.get("pad_token_id") or 0
-    width = output_width(model)
-    digest = student_tokenizer_digest(tokenizer_dir)
-    data.check_compatible(m, vocab_size=width, tokenizer_digest=digest, task=student_task, temperature=temperature)
-    in_rows = int(model.get_input_embeddings().weight.shape[0])
-    if in_rows < m.vocab_size:
-        raise data.IncompatibleStoreError(
-            f"the student's input embeddings have {in_rows} rows but the store's input ids go up to "
-            f"{m.vocab_size - 1}; use a student with at least {m.vocab_size} embedding rows"
-        )
+    # ---- model (a student with its own tokenizer: its batches, counts, loss and evaluation from xtok_train)
+    loss_fn, count_fn, eval_fn, collate, note = train_loss, None, evaluate, None, ""
+    if cfg.cross_tokenizer:
+        model, tokenizer_dir, collate, shared = cross_student(cfg, store, temperature)
+        loss_fn, count_fn, eval_fn = cross_loss, cross_counts, functools.partial(cross_evaluate, collate=collate)
+        note = f"; cross-tokenizer, {shared:,} of the teacher's {m.targets.num_classes:,} ids shared"
+    else:
+        model, tokenizer_dir = matching_student(cfg, m, temperature)
     check_kept_mass(m, say)  # once the run is known to go ahead: a refused run prints its one error line only
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -143,6 +133,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             rank=rank,
             world_size=world,
             num_workers=cfg.workers,
+            collate_fn=collate,
             **train_split,
         )
 
@@ -158,6 +149,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         f"{total_steps} steps of {per_step} examples; "
         + (f"head and loss in chunks of {net.loss_chunk} positions" if net.loss_chunk else "dense head and loss")
         + (f"; FSDP over {world} ranks, {cfg.fsdp_dtype} compute" if cfg.fsdp else "")
+        + note
     )
 
     # ---- optimizer, schedule, resume
@@ -198,7 +190,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         # (stages/weighting.py), so that every token of the step weighs the same
         step_batches = [next(batches) for _ in range(cfg.grad_accum)]
         position = step_batches[-1][1]
-        counts = step_counts([b for b, _ in step_batches], world, device)
+        counts = step_counts([b for b, _ in step_batches], world, device, count_fn)
         for micro, (batch, after) in enumerate(step_batches):
             if trace is not None:
                 counted = batch["index"][batch["example_weight"] > 0].tolist()
@@ -207,7 +199,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             sync = micro == cfg.grad_accum - 1 or world == 1
             ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, autocast:
-                loss, parts = in_forward(ddp_model, train_loss, batch, m.task, cfg, temperature, counts)
+                loss, parts = in_forward(ddp_model, loss_fn, batch, m.task, cfg, temperature, counts)
             torch.autograd.backward(loss * world)  # DDP averages the ranks' gradients; the counts hold every rank
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value  # this rank's shares of the step's loss
@@ -240,7 +232,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
             )
         if eval_source is not None and (step % cfg.eval_every == 0 or step == total_steps):
             eval_model = ddp_model if cfg.fsdp else net
-            eval_result = in_forward(eval_model, evaluate, eval_source, cfg, m.task, temperature, device, rank, world)
+            eval_result = in_forward(eval_model, eval_fn, eval_source, cfg, m.task, temperature, device, rank, world)
             metrics.write({"step": step, "split": "eval", **eval_result})
             say(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in eval_result.items()))
             model.train()

@@ -27,6 +27,7 @@ __all__ = [
     "check_run_dir",
     "check_sampled",
     "data_split",
+    "matching_student",
     "progress_bar",
     "setup_distributed",
     "verify_full",
@@ -196,6 +197,31 @@ def _unwrapped(e: data.StoreError) -> data.StoreError:
     last = text.rstrip().splitlines()[-1]
     prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
     return type(e)(last.removeprefix(prefix))
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def matching_student(cfg: TrainConfig, m: data.Manifest, temperature: float) -> tuple[Any, Any]:
+    """The student and its tokenizer's folder, refused before any work unless it matches the store: its task, its
+    output width and tokenizer (the teacher's), embedding rows for every stored input id."""
+    from .models import declared_task, load_student, output_width, student_tokenizer_digest
+
+    student_task = declared_task(cfg.student)
+    data.check_compatible(m, task=student_task, temperature=temperature)  # before any loading
+    model, tokenizer_dir = load_student(cfg.student, m)
+    if model.config.pad_token_id is None:  # HF classifiers find each sequence's last token by the pad id
+        model.config.pad_token_id = m.tokenizer.get("pad_token_id") or 0
+    width = output_width(model)
+    digest = student_tokenizer_digest(tokenizer_dir)
+    data.check_compatible(m, vocab_size=width, tokenizer_digest=digest, task=student_task, temperature=temperature)
+    in_rows = int(model.get_input_embeddings().weight.shape[0])
+    if in_rows < m.vocab_size:
+        raise data.IncompatibleStoreError(
+            f"the student's input embeddings have {in_rows} rows but the store's input ids go up to "
+            f"{m.vocab_size - 1}; use a student with at least {m.vocab_size} embedding rows"
+        )
+    return model, tokenizer_dir
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
