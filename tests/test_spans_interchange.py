@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return w
 
 
+def _tamper(path: Path) -> None:
+    """One letter of ``path`` changed: the same size, other content."""
+    body = path.read_bytes()
+    i = re.search(rb"[a-z]", body).start()  # type: ignore[union-attr]
+    path.write_bytes(body[:i] + (b"b" if body[i : i + 1] != b"b" else b"c") + body[i + 1 :])
+
+
 def _run(*args: str) -> Any:
     return CliRunner().invoke(cli, list(args))
 
@@ -68,9 +76,7 @@ def test_export_keeps_texts_spans_and_token_strings(world: dict[str, Any], tmp_p
 def test_export_refuses_tampered_token_strings_in_one_line(world: dict[str, Any], tmp_path: Path) -> None:
     store = tmp_path / "s"
     shutil.copytree(world["root"] / "single", store)
-    strings = json.loads((store / "tokens.json").read_text())
-    strings[7] = "#" * len(strings[7] or "")
-    (store / "tokens.json").write_text(json.dumps(strings, ensure_ascii=False, separators=(",", ":")))
+    _tamper(store / "tokens.json")
     result = _run("export", str(store), "--to", "parquet", "--out", str(tmp_path / "x.parquet"))
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
@@ -109,8 +115,7 @@ def test_verify_checks_token_strings(world: dict[str, Any], tmp_path: Path) -> N
     shutil.copytree(world["root"] / "single", store)
     assert data.verify_store(store).ok
     clean = data.verify_store(store)
-    body = (store / "tokens.json").read_bytes()
-    (store / "tokens.json").write_bytes(body.replace(b'"the', b'"tho', 1))  # same size, other content
+    _tamper(store / "tokens.json")
     report = data.verify_store(store)
     assert not report.ok and report.files_checked == clean.files_checked
     assert any("tokens.json: does not match its SHA-256" in p for p in report.problems), report.problems
