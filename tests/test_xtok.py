@@ -203,7 +203,7 @@ def _reference(
     loss = alpha * kd + (1 - alpha) * ce
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return float(loss), float(kd), float(ce), grads
+    return float(loss.detach()), float(kd.detach()), float(ce.detach()), grads
 
 
 @pytest.mark.parametrize(("method", "chunk"), [("topk", 0), ("topk", 3), ("sample", 0), ("hybrid", 3)])
