@@ -8,7 +8,8 @@ Data: the built-in corpus (the Python docs' topics), cut into its paragraphs of 
 record each, so that examples are short and many), the first --records of them; labelled once with the built-in
 teacher (SmolLM2-135M-Instruct) with ``--spans`` (top-32 at T=1, --max-length 128). The held-out split is
 ``pipeline train``'s (10% by content key); the student's BPE is trained on the training split's texts only.
-Both arms run ``stages/xtok_train.py`` (alpha 0.5 vs alpha 0: the same loop, order, schedule and evaluation).
+Both arms run ``pipeline train --cross-tokenizer`` (``stages.train.run``; alpha 0.5 vs alpha 0: the same loop,
+order, schedule and evaluation).
 Writes bench/results/xtok_quality.json.
 """
 
@@ -26,10 +27,11 @@ import numpy as np
 from common import environment, markdown_table, write_results
 
 from kd_pipeline import data
+from kd_pipeline.data.dataset import held_out
 from kd_pipeline.stages.label import LabelConfig
 from kd_pipeline.stages.label import run as label
 from kd_pipeline.stages.train import TrainConfig
-from kd_pipeline.stages.xtok_train import run_cross, split_examples
+from kd_pipeline.stages.train import run as train
 
 
 def _paragraphs(path: Path, records: int) -> Path:
@@ -94,7 +96,8 @@ def main() -> None:
         label(cfg, log=lambda m: print(m, file=sys.stderr))
     label_s = time.perf_counter() - t0
     store = data.open_store(str(store_path))
-    train_idx, eval_idx = split_examples(store, 0.1)
+    held = held_out(np.concatenate([store.shard_keys(s) for s in range(store.num_shards)]), 0.1)  # as train's split
+    train_idx, eval_idx = np.flatnonzero(~held), np.flatnonzero(held)
     texts = [bytes(store[int(i)]["text"]).decode() for i in train_idx]
     student_dir = work / "student"
     student = _student(student_dir, texts, args.vocab, 0)
@@ -113,7 +116,7 @@ def main() -> None:
             cfg.steps, cfg.batch_size, cfg.lr, cfg.alpha, cfg.seed = args.steps, args.batch_size, args.lr, alpha, seed
             cfg.eval_every, cfg.eval_batches, cfg.warmup, cfg.log_every = args.steps, 1000, 20, 50
             start = time.perf_counter()
-            result = run_cross(cfg, log=lambda m: print(m, file=sys.stderr))
+            result = train(cfg, log=lambda m: print(m, file=sys.stderr))
             row = {"seed": seed, "arm": arm, "alpha": alpha, **result.eval, "seconds": time.perf_counter() - start}
             report["runs"].append(row)
             print(json.dumps(row), file=sys.stderr)

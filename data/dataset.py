@@ -70,7 +70,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -277,6 +277,10 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             fraction ``eval_fraction`` of the key space (see :func:`held_out`); ``batch["index"]`` then counts
             the covered examples only, in store order.
         eval_fraction: the held-out fraction for ``split``, in (0, 1).
+        collate_fn: ``(examples, task) -> batch`` for each batch's stored examples (numpy dicts, as
+            ``StoreReader`` gives them); :func:`collate` by default. Another one (cross-tokenizer training's, which
+            tokenizes the source texts for the student) must be picklable when ``num_workers`` > 0. It does not
+            change the order or the resume state.
     """
 
     def __init__(
@@ -296,6 +300,7 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         shards: Sequence[int] | None = None,
         split: str = "all",
         eval_fraction: float = 0.0,
+        collate_fn: Callable[[list[dict[str, NDArray]], str], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         default_rank, default_world = _default_rank_world()
@@ -354,6 +359,7 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.world_size = world_size
         self.num_workers = num_workers
         self.drop_last = drop_last
+        self.collate_fn = collate_fn or collate
         self.fingerprint = store_fingerprint(self.reader.manifest)
         self.epoch = epoch
         self.samples_seen = samples_seen
@@ -540,7 +546,7 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
                     parts.append(idx)
                 indices, weight = np.concatenate(parts), np.ones(len(pos), np.float32)
                 last = (_copy(examples[-1]), int(indices[-1]))
-            batch = collate(examples, self.task)
+            batch = self.collate_fn(examples, self.task)
             batch["index"] = torch.from_numpy(indices)
             batch["example_weight"] = torch.from_numpy(weight)
             yield batch

@@ -37,6 +37,11 @@ and ``tail_counts`` ``list<list<uint8|uint16>>`` (each list sums to ``targets.nu
 ``target_logprobs`` holds the *decoded* values, exactly what ``data.open_store`` returns: float16 for float16
 stores (Parquet stores float16 as its FLOAT16 logical type, which pyarrow >= 15 writes and reads), float32 for
 float32 and q8 stores. Causal-LM labels are not exported: position i's label is ``input_ids[i + 1]``.
+
+Stores labelled with ``--spans`` add ``text`` (``string``: the example's source text, its UTF-8 bytes as stored)
+and ``token_spans`` (``list<fixed_size_list<int32>[2]>`` (L, 2): each input token's byte range ``[start, end)`` in
+the text), and put the teacher's strings (the store's ``tokens.json``, byte for byte, so that its SHA-256 in the
+embedded manifest still matches) in the schema metadata under ``"kd-token-strings"``.
 The store's manifest (all of its provenance) is embedded as JSON in the schema metadata under the key
 ``"kd-soft-labels"``, with an added ``"export"`` object that says what the file holds (its ``targets.encoding``
 describes the source store's files, not this export's values).
@@ -52,13 +57,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import StoreExistsError
+from .errors import CorruptShardError, StoreExistsError
 from .location import is_url
 from .manifest import FORMAT_NAME, Manifest
 from .reader import StoreReader, open_store
 from .shard import NDArray, ShardData
+from .source_text import has_spans, read_token_strings, token_strings_record
 
-__all__ = ["EXPORT_FORMATS", "export_schema", "export_store"]
+__all__ = ["EXPORT_FORMATS", "TOKEN_STRINGS_KEY", "export_schema", "export_store"]
+
+TOKEN_STRINGS_KEY = "kd-token-strings"
+"""Schema metadata key of an export of a store with spans: the store's ``tokens.json``."""
 
 EXPORT_FORMATS = ("parquet", "arrow")
 # Per-row lists use 32-bit offsets (``list``, not ``large_list``): the type every reader supports; a shard's axis
@@ -107,6 +116,9 @@ def export_store(
         raise StoreExistsError(f"{target} already exists; pass overwrite=True to replace it or choose another path")
     reader = open_store(store, allow_incomplete=allow_incomplete, storage_options=storage_options, cache_dir=cache_dir)
     schema = export_schema(reader.manifest, source=str(reader.location))
+    if has_spans(reader.manifest):  # checked against its SHA-256 in the manifest, then written as recorded
+        body, _ = token_strings_record(read_token_strings(reader.location, reader.manifest))
+        schema = schema.with_metadata({**schema.metadata, TOKEN_STRINGS_KEY.encode(): body})
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -154,6 +166,9 @@ def export_schema(manifest: Manifest, source: str = "") -> Any:
     elif manifest.task == "masked-lm":
         fields.append(pa.field("label", pa.list_(ids), nullable=False))
         fields.append(pa.field("positions", pa.list_(pa.int32()), nullable=False))
+    if has_spans(manifest):
+        fields.append(pa.field("text", pa.string(), nullable=False))
+        fields.append(pa.field("token_spans", pa.list_(pa.list_(pa.int32(), 2)), nullable=False))
     about = {
         "source": source,
         "targets": f"{t.num_samples} draws per position at T={t.temperature:g}: unique ids drawn, their counts"
@@ -224,4 +239,17 @@ def _batch(data: ShardData, schema: Any) -> Any:
     elif "label" in schema.names:  # seq-cls: a shard written without labels has none (-1)
         labels = data.labels if data.labels is not None else np.full(data.rows, -1, dtype=np.int64)
         cols["label"] = pa.array(labels, pa.int64())
+    if "text" in schema.names:
+        assert data.text is not None and data.text_offsets is not None and data.token_spans is not None
+        if int(data.text_offsets[-1]) > _MAX_LIST_ENTRIES:
+            raise ValueError(f"a shard with {int(data.text_offsets[-1])} bytes of text is too large for string columns")
+        text = pa.StringArray.from_buffers(
+            data.rows, pa.py_buffer(data.text_offsets.astype(np.int32)), pa.py_buffer(data.text.tobytes())
+        )
+        try:
+            text.validate(full=True)  # the stored bytes are UTF-8 (a corrupt shard's need not be)
+        except pa.ArrowInvalid as e:
+            raise CorruptShardError(f"a shard's source text is not valid UTF-8 ({e}); it cannot be exported") from None
+        cols["text"] = text
+        cols["token_spans"] = rows(data.token_spans, to)
     return pa.RecordBatch.from_arrays([cols[name] for name in schema.names], schema=schema)

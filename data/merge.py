@@ -5,7 +5,9 @@ it holds the work units u with u % N == I, under their global names, and records
 checks that every part is complete and has the same provenance, then copies (or moves) the shards of all parts in
 unit order, hashing each file once, and commits them in bulk (one root per segment of shards). Its time is
 linear in the shards. The output is marked complete once every unit of the dataset is present, so it equals a
-single-process run. A merge that stops half-way resumes when run again.
+single-process run. A merge that stops half-way resumes when run again. Parts labelled with ``--spans`` carry
+their source texts and token spans in their shards; the teacher's strings (``tokens.json``, the same in every
+part: the manifests' records must agree) are checked against their SHA-256 and written once to the output.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .errors import IncompleteStoreError, StoreError
 from .location import Location
 from .manifest import Manifest, ShardRecord
 from .reader import read_manifest
+from .source_text import TOKEN_STRINGS_FILE, has_spans, read_token_strings, token_strings_record
 from .writer import StoreWriter, differences
 
 __all__ = ["MergeError", "merge_stores", "without_part"]
@@ -72,7 +75,10 @@ def merge_stores(
                 raise MergeError(f"unit {s.unit} ({s.name}) is in both {locations[owner[s.unit][0]]} and {loc}")
             owner[s.unit] = (p, s)
     total = base.dataset.get("units")
+    tokens_json = _token_strings(locations, manifests)
     with StoreWriter(out, base) as writer:
+        if tokens_json is not None and writer.location.size(TOKEN_STRINGS_FILE) != len(tokens_json):
+            writer.location.write_once(TOKEN_STRINGS_FILE, tokens_json)
         done = writer.committed_units  # merged by an earlier, interrupted merge
         todo = [(locations[p], record) for unit, (p, record) in sorted(owner.items()) if unit not in done]
         writer.adopt_shards(todo, move=move)
@@ -85,6 +91,25 @@ def merge_stores(
                 f"{_ranges(missing)}: label them (--shard-index) and merge again"
             )
         return writer.finish() if not missing else writer.manifest
+
+
+def _token_strings(locations: list[Location], manifests: list[Manifest]) -> bytes | None:
+    """Parts with spans: the body of ``tokens.json``, read from the first part and checked there against its
+    record, which every part's manifest must repeat. None for parts without spans."""
+    spans = [has_spans(m) for m in manifests]
+    if not any(spans):
+        return None
+    records = [m.tokenizer.get("token_strings") for m in manifests]
+    if not all(spans) or any(r != records[0] for r in records):
+        which = next(loc for loc, r in zip(locations, records, strict=True) if r != records[0])
+        raise MergeError(
+            f"{which} records other teacher strings ({TOKEN_STRINGS_FILE}) than {locations[0]}, or none; merge parts "
+            "labelled with the same --spans configuration"
+        )
+    body, record = token_strings_record(read_token_strings(locations[0], manifests[0]))
+    if record != records[0]:  # the writer's serialisation: the same bytes the labeling run wrote
+        raise MergeError(f"{locations[0]}: {TOKEN_STRINGS_FILE} does not re-serialise to its recorded bytes")
+    return body
 
 
 def _ranges(units: list[int]) -> str:

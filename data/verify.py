@@ -2,8 +2,9 @@
 
 Catches a flipped byte (checksum), a truncated or missing file (size), a missing shard, a shard directory
 that the manifest does not list, content whose counts or shapes disagree with the manifest, insane values
-(data/values.py: NaN or positive log-probs, a wrong tail, repeated ids, bad sampled counts), and a manifest
-whose paths leave the store (rejected when the manifest is parsed, before any file is opened).
+(data/values.py: NaN or positive log-probs, a wrong tail, repeated ids, bad sampled counts), a store with spans
+whose ``tokens.json`` is missing or does not match its size and SHA-256 in the manifest, and a manifest whose paths
+leave the store (rejected when the manifest is parsed, before any file is opened).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .backends import shard_files
 from .errors import StoreError
 from .location import Location
 from .reader import StoreReader, check_files, read_manifest
+from .source_text import TOKEN_STRINGS_FILE, has_spans, read_token_strings
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -57,6 +59,15 @@ def verify_store(path_or_url: str | os.PathLike[str], storage_options: dict[str,
     report = VerifyReport(store=str(location), complete=manifest.complete)
     if not manifest.complete:
         report.problems.append("the store is incomplete: its labeling run has not finished")
+    if has_spans(manifest):  # the teacher's strings, checked against the manifest's record
+        try:
+            read_token_strings(location, manifest)
+        except StoreError as e:
+            report.problems.append(str(e))
+        report.files_checked += 1
+        report.bytes_checked += int(manifest.tokenizer["token_strings"].get("bytes") or 0)
+    elif (location.size(TOKEN_STRINGS_FILE) if location.resolves_inside(TOKEN_STRINGS_FILE) else None) is not None:
+        report.problems.append(f"{TOKEN_STRINGS_FILE}: present in the store but the manifest records no spans")
     listed = {s.path.removeprefix("shards/") for s in manifest.shards}
     for entry in location.list_shard_entries():
         if entry not in listed:

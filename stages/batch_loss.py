@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .weighting import selected
+
 if TYPE_CHECKING:
     import torch
 
     from .models import OutputHead
+    from .train_config import TrainConfig
 
-__all__ = ["at_selected", "batch_loss"]
+__all__ = ["at_positions", "at_selected", "batch_loss", "train_loss"]
 
 
 def batch_loss(
@@ -87,3 +90,78 @@ def at_selected(out: torch.Tensor, task: str, select: torch.Tensor, positions: t
         idx = positions.unsqueeze(-1).expand(-1, -1, out.shape[-1])
         return out.gather(1, idx)[select]  # (N, V)
     return out[select]  # (N, C)
+
+
+def train_loss(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    task: str,
+    cfg: TrainConfig,
+    temperature: float,
+    counts: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The distillation loss of one collated batch; returns the loss and its parts for logging.
+
+    ``counts``: the soft and the hard term's denominators, the whole optimizer step's (``weighting.step_counts``);
+    the loss is then this batch's share of the step's. None: this batch's own (its mean).
+
+    ``model`` is ``at_positions``'s module, or DDP around it. With a chunked head, the head's weight enters the loss
+    outside the module's forward, as an input of ``chunked_distill_loss``'s autograd Function: its gradient still
+    reaches the parameter through autograd, where DDP's hooks reduce it like any other (for a tied student, summed
+    with the input embedding's own gradient first).
+    """
+    net = getattr(model, "module", model)  # the module under DDP
+    select = selected(batch)  # (B, P) bool: real positions of examples that count
+    rows = model(batch["input_ids"], batch["attention_mask"], select, batch.get("positions"))  # (N, H) or (N, V)
+    options = {"alpha": cfg.alpha, "kind": cfg.loss, "temperature": temperature, "beta": cfg.beta, "tail": cfg.tail}
+    return batch_loss(rows, batch, select, net.head, net.loss_chunk, options, counts)
+
+
+def at_positions(model: Any, task: str, loss_chunk: int | None = None) -> Any:
+    """The student as a module that returns its output at the selected positions only, and the head to apply to it.
+
+    A causal LM runs its backbone once and returns the (N, H) hidden states of the selected positions; its output
+    head (``logits``, or the chunked head and loss) is applied to those rows only, so the (B, L, V) logits are never
+    built. Other students run their full forward and are indexed: (N, V) or (N, C) logits. An ``nn.Module``, so
+    that DDP can wrap it; its parameters are the student's.
+
+    Args:
+        model: the Hugging Face student.
+        task: the store's task.
+        loss_chunk: ``TrainConfig.loss_chunk``: rows per chunk of the head + loss, None to size them by
+            ``losses.rows_per_chunk``, 0 for the dense head. Resolved to the module's ``loss_chunk``, which is 0
+            (dense) for a student whose head is not one linear layer.
+    """
+    import torch
+
+    from .losses import rows_per_chunk
+    from .models import OutputHead, output_width
+
+    class _AtPositions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.head = OutputHead(model, task)
+            chunk = rows_per_chunk(output_width(model)) if loss_chunk is None else loss_chunk
+            self.loss_chunk = chunk if self.head.split else 0
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            select: torch.Tensor,
+            positions: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            """(N, H) hidden states where the head is split off, else (N, V) / (N, C) logits."""
+            # the loader pads with 0; the model must see its own pad id there (classifiers locate the last
+            # token by it)
+            pad = int(model.config.pad_token_id or 0)
+            input_ids = input_ids.masked_fill(attention_mask == 0, pad)
+            out = self.head.hidden_or_logits(input_ids, attention_mask)  # (B, L, H) or (B, L, V) or (B, C)
+            return at_selected(out, task, select, positions)
+
+        def logits(self, rows: torch.Tensor) -> torch.Tensor:
+            """``forward``'s rows -> (N, V) float32 logits (the dense head)."""
+            return self.head.logits(rows)
+
+    return _AtPositions()

@@ -203,8 +203,6 @@ class LabelConfig:
             problems.append("seq-cls examples cannot be packed")
         if self.spans and (self.task != "causal-lm" or self.pack):
             problems.append("--spans applies to causal-lm without --pack (each example is one record's text)")
-        if self.spans and self.num_shards > 1:
-            problems.append("--spans is not supported with --num-shards > 1 yet; label with one job")
         if problems:
             raise LabelConfigError("; ".join(problems))
 

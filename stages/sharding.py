@@ -5,7 +5,7 @@ ranks with PyTorch's ``fully_shard`` (FSDP2), optionally in bfloat16 mixed preci
 
 Each transformer block (the classes a Hugging Face model names in ``_no_split_modules``) is one FSDP unit, gathered
 for its own forward and backward only; the rest (embeddings, final norm, output head) is the root unit, a wrapper
-around ``train._at_positions``' module. Outside a unit's forward, FSDP2 parameters are sharded DTensors: a (V, H) head
+around ``at_positions``' module. Outside a unit's forward, FSDP2 parameters are sharded DTensors: a (V, H) head
 weight is one (V / world, H) shard per rank. The chunked head-and-loss reads the head's weight outside the head's own
 forward, so the whole loss function runs inside the root wrapper's forward (``in_forward``): there the root's
 parameters are the gathered, unsharded tensors (bfloat16 under mixed precision), the loss's autograd graph reaches
@@ -51,7 +51,7 @@ def shard_student(net: Any, param_dtype: str) -> Any:
     """``fully_shard`` every transformer block of ``net``'s student, then a root wrapper around ``net``.
 
     Args:
-        net: ``train._at_positions``' module (its ``model`` is the Hugging Face student, already on its device).
+        net: ``batch_loss.at_positions``' module (its ``model`` is the Hugging Face student, already on its device).
         param_dtype: one of :data:`FSDP_DTYPES`.
 
     Returns:

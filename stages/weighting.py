@@ -19,7 +19,7 @@ The logged loss is the step's, summed over micro-batches and, at logging steps, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,7 +35,12 @@ def selected(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return mask & weight.reshape(-1, *([1] * (mask.dim() - 1)))
 
 
-def step_counts(batches: Sequence[dict[str, torch.Tensor]], world: int, device: torch.device) -> tuple[float, float]:
+def step_counts(
+    batches: Sequence[dict[str, torch.Tensor]],
+    world: int,
+    device: torch.device,
+    count: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[float, float]:
     """The positions of one optimizer step: (with soft targets, with a hard label too), over its micro-batches
     on every rank: one all-reduce of two numbers when ``world`` > 1 (every rank must call it, once a step).
 
@@ -43,6 +48,8 @@ def step_counts(batches: Sequence[dict[str, torch.Tensor]], world: int, device: 
         batches: this rank's collated micro-batches of the step (``StoreDataset``'s), on any device.
         world: the number of data-parallel ranks.
         device: where the all-reduce runs (the process group's device: CUDA for nccl).
+        count: one batch's (kd, ce) counts; by default its selected positions and those with a label
+            (``stages.xtok_train.cross_counts`` for cross-tokenizer batches).
 
     Returns:
         (kd_count, ce_count) as floats: what the losses' ``kd_count`` and ``ce_count`` divide by.
@@ -51,13 +58,18 @@ def step_counts(batches: Sequence[dict[str, torch.Tensor]], world: int, device: 
 
     counts = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
-        select = selected(batch)
-        counts[0] += select.sum()
-        counts[1] += (select & (batch["labels"] >= 0)).sum()
+        kd, ce = (count or _store_counts)(batch)
+        counts[0] += kd
+        counts[1] += ce
     if world > 1:
         counts = counts.to(device)
         torch.distributed.all_reduce(counts)
     return float(counts[0]), float(counts[1])
+
+
+def _store_counts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    select = selected(batch)
+    return select.sum(), (select & (batch["labels"] >= 0)).sum()
 
 
 def summed_over_ranks(parts: dict[str, float], world: int, device: torch.device) -> dict[str, float]:

@@ -117,8 +117,10 @@ class CrossCollator:
         chars = len(bytes(ex["text"])[int(real[0, 0]) : int(real[-1, 1])].decode("utf-8")) if len(real) else 0
         return {"ids": ids, "pos": pairs[:, 1], "sid": sid, "prob": prob, "known": known, "chars": chars}
 
-    def __call__(self, examples: list[dict[str, NDArray]]) -> dict[str, torch.Tensor]:
-        """Shapes: input_ids, attention_mask (B, M); labels (B, M - 1), -100 on padding; pair_row, pair_pos (N,)
+    def __call__(self, examples: list[dict[str, NDArray]], task: str = "causal-lm") -> dict[str, torch.Tensor]:
+        """``StoreDataset``'s ``collate_fn`` (``task`` is always causal-lm here).
+
+        Shapes: input_ids, attention_mask (B, M); labels (B, M - 1), -100 on padding; pair_row, pair_pos (N,)
         the aligned student positions; t_sid (N, W) int64 student id or -1; t_prob (N, W) float32; t_known (N, W)
         bool; chars (B,) the characters the student's predicted tokens cover."""
         import torch

@@ -89,7 +89,7 @@ def test_resume_with_spans_and_refusals(world: dict[str, Any], tmp_path: Path) -
     again = LabelConfig(teacher=str(world["root"] / "teacher"), data=str(world["docs"]), out=str(tmp_path / "s"))
     again.top_k, again.spans = 4, True
     assert label(again, log=_quiet).resumed_units == 1  # tokens.json present and matching: resumes
-    for bad in ({"pack": True}, {"task": "masked-lm"}, {"num_shards": 2}):
+    for bad in ({"pack": True}, {"task": "masked-lm"}):
         with pytest.raises(LabelConfigError, match="--spans"):
             LabelConfig(out="x", spans=True, **bad).validate()
 
