@@ -369,8 +369,8 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         if self._rows is not None:
             self._shard_rows = [len(r) for r in self._rows]
         else:  # from the root and the segments' summaries: no shard record is read (data/segments.py)
-            shards = self.reader.manifest.shards
-            every = shards.shard_rows() if isinstance(shards, LazyShards) else [r.rows for r in shards]
+            records = self.reader.manifest.shards
+            every = records.shard_rows() if isinstance(records, LazyShards) else [r.rows for r in records]
             self._shard_rows = [every[i] for i in self.shard_ids]
         self._num_examples = sum(self._shard_rows)
         self.batch_size = batch_size
