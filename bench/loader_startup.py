@@ -65,6 +65,7 @@ def start(path: Path) -> dict[str, Any]:
 def strip_counts(path: Path) -> None:
     """The root without the per-shard counts (what the writer wrote before them); segments unchanged."""
     root = json.loads((path / "manifest.json").read_text())
+    root.pop("segment_counts")
     for ref in root["segments"]:
         ref.pop("shard_rows", None)
         ref.pop("summary", None)

@@ -25,7 +25,9 @@ reference to a segment below ``SEGMENT_SHARDS`` records lists them inline (``sha
 beside it (``summary``: ``{path, bytes, sha256}``, ``records/rows-<start>-<count>.json``, ~5 KB for 1,024 shards),
 written once when it is sealed. Both fields are optional: roots written before them (and their segments) stay
 readable; for those the counts come from the records (:meth:`LazyShards.shard_rows`, the slow path), and readers
-that predate them ignore them.
+that predate them ignore them. A root written with them says so (``segment_counts``: 1); in it, a segment with
+neither field holds shards of equal example counts (rows / shards each; checked when the segment is read), so
+that stores of equal-sized shards write no summary and no inline counts.
 """
 
 from __future__ import annotations
@@ -248,6 +250,8 @@ class LazyShards(Sequence[ShardRecord]):
         # where a remote store's segments are kept once read (set by the reader): they never change, so a later
         # reader of the same store reads them from there, offline if need be
         self.cache_dir: Path | None = None
+        # a root with ``segment_counts``: a segment listing no counts has shards of rows / shards examples each
+        self.uniform_unless_listed = False
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -305,6 +309,8 @@ class LazyShards(Sequence[ShardRecord]):
                 if len(counts) != ref.shards or sum(counts) != ref.rows:
                     raise ManifestError(f"{where} does not match its segment's shards / rows in the manifest")
                 rows += counts
+            elif self.uniform_unless_listed:
+                rows += [ref.rows // ref.shards] * ref.shards
             else:
                 rows += [s.rows for s in self.segment(j)]
         return rows
@@ -319,7 +325,11 @@ class LazyShards(Sequence[ShardRecord]):
         if j in self._cache:
             self._cache.move_to_end(j)
             return self._cache[j]
-        records = read_segment(self.location, self.refs[j], self._starts[j], self._targets, self.cache_dir)
+        ref = self.refs[j]
+        records = read_segment(self.location, ref, self._starts[j], self._targets, self.cache_dir)
+        listed = ref.shard_rows is not None or ref.summary is not None
+        if self.uniform_unless_listed and not listed and any(s.rows != ref.rows // ref.shards for s in records):
+            raise ManifestError(f"{self.location}: {ref.path}: its shards' example counts are not all equal")
         self._cache[j] = records
         while len(self._cache) > _CACHED_SEGMENTS:
             self._cache.popitem(last=False)
@@ -380,7 +390,7 @@ def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets:
 
 def parse_root(d: dict[str, Any], location: Location) -> Manifest:
     """Parse and check an untrusted version-2 root; its shard records stay in their segments until used."""
-    base = Manifest.from_dict({**{k: v for k, v in d.items() if k != "segments"}, "shards": []})
+    base = Manifest.from_dict({**{k: v for k, v in d.items() if k not in ("segments", "segment_counts")}, "shards": []})
     raw_refs = _get(d, "segments", list, "manifest")
     if len(raw_refs) > _MAX_SEGMENTS:
         raise ManifestError(f"manifest: {len(raw_refs)} segments, more than any real store ({_MAX_SEGMENTS})")
@@ -393,7 +403,12 @@ def parse_root(d: dict[str, Any], location: Location) -> Manifest:
     totals = Totals.from_dict(_get(d, "totals", dict, "manifest"))
     if totals.shards != sum(r.shards for r in refs) or totals.rows != sum(r.rows for r in refs):
         raise ManifestError("manifest: totals.shards / totals.rows do not match the segments")
-    return replace(base, shards=LazyShards(location, refs, totals, base.targets))
+    shards = LazyShards(location, refs, totals, base.targets)
+    shards.uniform_unless_listed = d.get("segment_counts") == 1
+    for i, r in enumerate(refs):
+        if shards.uniform_unless_listed and r.shard_rows is None and r.summary is None and r.rows % r.shards:
+            raise ManifestError(f"manifest: segments[{i}] has {r.rows} rows, not a multiple of its {r.shards} shards")
+    return replace(base, shards=shards)
 
 
 def root_dict(base: Manifest, refs: Sequence[SegmentRef], totals: Totals) -> dict[str, Any]:
@@ -401,6 +416,7 @@ def root_dict(base: Manifest, refs: Sequence[SegmentRef], totals: Totals) -> dic
     d = replace(base, shards=()).to_dict()
     del d["shards"]
     d["format_version"] = 2
+    d["segment_counts"] = 1  # a segment without shard_rows or summary holds shards of equal example counts
     d["totals"] = totals.to_dict()
     d["segments"] = [r.to_dict() for r in refs]
     return d
@@ -533,7 +549,8 @@ class RecordLog:
                 path = segment_path(index, size)
                 self.location.write_once(path, body)
                 rows, summary = tuple(s.rows for s in records), None
-                if size >= self.seal:  # once per sealed segment: the root stays small, the counts readable
+                uniform = len(set(rows)) == 1  # the root's rows / shards says it all (see segment_counts)
+                if size >= self.seal and not uniform:  # once per sealed segment: the root stays small
                     text = summary_bytes(records)
                     summary = FileRef(summary_path(index, size), len(text), hashlib.sha256(text).hexdigest())
                     self.location.write_once(summary.path, text)
@@ -545,7 +562,7 @@ class RecordLog:
                     last_unit=records[-1].unit,
                     bytes=len(body),
                     sha256=hashlib.sha256(body).hexdigest(),
-                    shard_rows=None if summary else rows,
+                    shard_rows=None if summary or uniform else rows,
                     summary=summary,
                 )
             offset += size

@@ -60,6 +60,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def strip_counts(path: Path) -> None:
     """The root as the writer wrote it before the counts existed (segments unchanged)."""
     root = json.loads((path / "manifest.json").read_text())
+    root.pop("segment_counts")
     for ref in root["segments"]:
         ref.pop("shard_rows", None)
         ref.pop("summary", None)
@@ -75,7 +76,8 @@ def test_the_root_holds_the_counts(store: tuple[Path, Any]) -> None:
     root = json.loads((store[0] / "manifest.json").read_text())
     refs = root["segments"]
     assert [r["shards"] for r in refs] == [4, 4, 2, 1]
-    assert [r.get("shard_rows") for r in refs[2:]] == ["3,5", "1"]  # ROWS[8:10], ROWS[10:], run-length
+    assert root["segment_counts"] == 1
+    assert [r.get("shard_rows") for r in refs[2:]] == ["3,5", None]  # ROWS[8:10] run-length; one shard: its rows
     for i, ref in enumerate(refs[:2]):
         assert "shard_rows" not in ref
         summary = json.loads((store[0] / ref["summary"]["path"]).read_text())
