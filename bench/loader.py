@@ -19,6 +19,14 @@ shard once per job. And loader tokens/s through ``DataLoader(ds, batch_size=None
 2, interleaved (1, 2, 2, 1, ...), ``--scale-repeats`` epochs each, medians; each worker is pinned to its own core
 (of those this process may use) with one torch thread; the main process only receives batches. Target: 2 workers
 >= 1.7x 1 worker on 2 cores. Worker start-up is inside the timed epoch, as a trainer pays it every epoch.
+
+Last, where a batch's time goes (``profile``, on the scaling store, one core, CPU seconds per batch, medians):
+reading a shard's files, decoding them (decompression and checks, with the value checks on and off), collating
+(wide tensors, as before; narrow arrays, as workers do now), pickling a batch in a worker (the wide dict of
+tensors moves each tensor into its own shared-memory file; a ``WireBatch`` packs the narrow arrays into one
+buffer), and the receiving process's CPU per batch through a real 1-worker DataLoader whose dataset yields
+ready batches (``time.process_time`` of the main process: unpickling, fetching shared-memory descriptors, or
+unpacking and widening). CPU time, not wall time, so it means something on a shared machine too.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ import numpy as np
 import torch
 
 from kd_pipeline.data import Manifest, ShardData, StoreWriter, TargetSpec, example_key, open_store, values
+from kd_pipeline.data.backends import shard_files
+from kd_pipeline.data.collate import WireBatch, collate_arrays, widen
 from kd_pipeline.data.dataset import StoreDataset, collate
 from kd_pipeline.data.reader import StoreReader
 from kd_pipeline.data.shard import NDArray
@@ -223,6 +233,98 @@ def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class _Ready(torch.utils.data.IterableDataset[Any]):
+    """Yields ``n`` batches made by ``make`` (fresh each time: a tensor already in shared memory moves for free)."""
+
+    def __init__(self, make: Any, n: int) -> None:
+        self.make, self.n = make, n
+
+    def __iter__(self) -> Any:
+        for _ in range(self.n):
+            yield self.make()
+
+
+def _cpu_per_call(fn: Any, n: int) -> float:
+    t0 = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - t0) / n
+
+
+def profile_stages(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """CPU milliseconds per batch of each stage a batch goes through (see the module doc); medians over shards."""
+    from multiprocessing.reduction import ForkingPickler
+
+    reader = open_store(path)
+    m = reader.manifest
+    per_shard: dict[str, list[float]] = {"read": [], "decode": [], "decode_no_value_checks": []}
+    try:
+        for record in m.shards:
+            per_shard["read"].append(
+                _cpu_per_call(lambda r=record: [reader.location.read_bytes(f) for f in shard_files(m.backend, r)], 1)
+            )
+            for checks, key in ((True, "decode"), (False, "decode_no_value_checks")):
+                values._ENABLED = checks  # private switch, for this measurement only
+                per_shard[key].append(_cpu_per_call(lambda r=record: reader.load_shard(r, verify=False), 1))
+    finally:
+        values._ENABLED = True
+    shard = reader.load_shard(m.shards[0], verify=False)
+    batches_per_shard = m.shards[0].rows / args.batch_size
+    examples = [shard.example(r, m.task) for r in range(args.batch_size)]
+    n = 20
+    arrays = collate_arrays(examples, m.task)
+    wide = collate(examples, m.task)
+    ms: dict[str, float] = {k: 1e3 * float(np.median(v)) / batches_per_shard for k, v in per_shard.items()}
+    ms |= {
+        "collate_wide": 1e3 * _cpu_per_call(lambda: collate(examples, m.task), n),
+        "collate_narrow": 1e3 * _cpu_per_call(lambda: collate_arrays(examples, m.task), n),
+        "widen": 1e3 * _cpu_per_call(lambda: widen(arrays), n),
+        # a fresh batch each time (a tensor already in shared memory would move for free), less its collation
+        "pickle_wide_tensors": 1e3 * _cpu_per_call(lambda: ForkingPickler.dumps(collate(examples, m.task)), n),
+        "pickle_wire_batch": 1e3 * _cpu_per_call(lambda: ForkingPickler.dumps(WireBatch(arrays)), n),
+    }
+    ms["pickle_wide_tensors"] -= ms["collate_wide"]
+    for name, make in (
+        ("receive_wide_tensors", lambda: collate(examples, m.task)),
+        ("receive_wire_batch", lambda: WireBatch(collate_arrays(examples, m.task))),
+    ):
+        count = 64
+        loader = torch.utils.data.DataLoader(_Ready(make, count), batch_size=None, num_workers=1)
+        it = iter(loader)
+        next(it)  # worker start-up is not a batch's cost
+        t0 = time.process_time()
+        got = sum(1 for _ in it)
+        ms[name] = 1e3 * (time.process_time() - t0) / got
+    return {
+        "what": "CPU milliseconds per batch (medians over shards for read/decode, divided by batches per shard)",
+        "batch_bytes_wide": sum(t.numel() * t.element_size() for t in wide.values()),
+        "batch_bytes_narrow": sum(a.nbytes for a in arrays.values()),
+        "ms_per_batch": ms,
+    }
+
+
+def profile_only(args: argparse.Namespace) -> None:
+    """The per-stage CPU profile alone (CPU seconds mean something on a busy machine; wall seconds do not)."""
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="kd-bench-loader-") as tmp:
+        write_store(Path(tmp) / "p", "zarr", args)
+        prof = profile_stages(Path(tmp) / "p", args)
+    print(", ".join(f"{k} {v:.2f}" for k, v in prof["ms_per_batch"].items()), "(CPU ms per batch)")
+    report = {
+        "benchmark": "loader --profile-only",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "cpu": _cpu_name(),
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "load_average_before_after": [load, os.getloadavg()],
+        "profile": prof,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1 << 20, help="tokens in the synthetic store")
@@ -233,11 +335,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-shards", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per variant (value checks on, off)")
-    p.add_argument("--backends", nargs="+", default=["zarr", "arrow"], choices=["zarr", "arrow"])
+    p.add_argument(
+        "--backends", nargs="*", default=["zarr", "arrow"], choices=["zarr", "arrow"], help="none: scaling only"
+    )
     p.add_argument("--scale-tokens", type=int, default=1 << 21, help="tokens in the store of the worker scaling")
     p.add_argument("--scale-repeats", type=int, default=6, help="timed epochs per worker count")
+    p.add_argument(
+        "--profile-only", action="store_true", help="only the per-stage profile, on a store of --tokens (one shard)"
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loader.json")
     args = p.parse_args()
+    if args.profile_only:
+        profile_only(args)
+        return
 
     all_cores = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else set()
     # one core, honestly: every thread (torch, blosc, zarr's event loop) is pinned to the same CPU
@@ -262,6 +372,9 @@ def main() -> None:
             **time_workers(Path(tmp) / "scale", args),
             "load_average_after": os.getloadavg(),
         }
+        if all_cores:  # the stages, like the main-process timings, on one core
+            os.sched_setaffinity(0, {min(all_cores)})
+        scaling["profile"] = profile_stages(Path(tmp) / "scale", args)
 
     print(
         f"{'backend':8} {'tokens/s':>12} {'median':>12} {'median, no checks':>18} {'ratio':>6} "
@@ -281,6 +394,11 @@ def main() -> None:
         f"DataLoader tokens/s (median): 1 worker {per_s['1']:,.0f}, 2 workers {per_s['2']:,.0f}; "
         f"2 / 1 = {scaling['speedup_2_over_1']:.2f}x (target >= {TARGET_TWO_WORKER_SPEEDUP}x); "
         f"load average {scaling['load_average_before']} -> {scaling['load_average_after']}"
+    )
+    prof = scaling["profile"]
+    print(
+        f"CPU ms per batch ({prof['batch_bytes_wide']:,} bytes wide, {prof['batch_bytes_narrow']:,} narrow): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in prof["ms_per_batch"].items())
     )
     report = {
         "benchmark": "loader",

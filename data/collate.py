@@ -5,15 +5,28 @@ Used by :class:`data.dataset.StoreDataset`; with it, the only modules of ``data`
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from .shard import NDArray
 
-__all__ = ["IGNORE_INDEX", "collate"]
+__all__ = ["IGNORE_INDEX", "WIDE_DTYPES", "WireBatch", "collate", "collate_arrays", "widen"]
 
 # The label that torch's cross-entropy ignores by default: padding and examples without a label.
 IGNORE_INDEX = -100
+
+# The batch fields that :func:`collate_arrays` leaves as stored (ids uint16/uint32, log-probs float16 or float32,
+# the attention mask bool) and their public dtypes, given by :func:`widen`. They hold ~95% of a top-k batch's
+# bytes: int64 ids and float32 log-probs are 12 bytes a kept id against 4 as stored, so a DataLoader worker sends
+# the narrow arrays and the receiving process widens them (data/dataset.py, ``WireBatch``).
+WIDE_DTYPES: dict[str, torch.dtype] = {
+    "input_ids": torch.int64,
+    "attention_mask": torch.int64,
+    "target_ids": torch.int64,
+    "target_logprobs": torch.float32,
+}
 
 
 def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Tensor]:
@@ -53,16 +66,26 @@ def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Te
     are real. ``tail_mass`` is then 0: the draws carry the tail's mass, so the losses must not add a tail bin.
 
     Ids are widened to int64 (what embedding lookups, gather and cross-entropy take) and log-probs to float32
-    here, once per batch, each while copying into its padded array.
+    once per batch: ``widen(collate_arrays(examples, task))``.
+    """
+    return widen(collate_arrays(examples, task))
+
+
+def collate_arrays(examples: list[dict[str, NDArray]], task: str) -> dict[str, NDArray]:
+    """:func:`collate`'s batch as numpy arrays, the fields of :data:`WIDE_DTYPES` in their stored dtypes.
+
+    ``input_ids`` and ``target_ids`` keep the store's id dtype, ``target_logprobs`` its log-prob dtype (sampled
+    and hybrid targets, computed here, are int64 / float32 already) and ``attention_mask`` is bool; every other
+    field has its public dtype. Padding as in :func:`collate`.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
     lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=len(examples))
-    input_ids = _pad([ex["input_ids"] for ex in examples], lengths, np.int64)  # (B, L)
+    input_ids = _pad([ex["input_ids"] for ex in examples], lengths, examples[0]["input_ids"].dtype)  # (B, L)
     L = input_ids.shape[1]
     batch: dict[str, NDArray] = {
         "input_ids": input_ids,
-        "attention_mask": (np.arange(L) < lengths[:, None]).astype(np.int64),
+        "attention_mask": np.arange(L) < lengths[:, None],  # (B, L) bool
     }
     hybrid = "tail_counts" in examples[0]
     if "target_counts" in examples[0]:
@@ -76,8 +99,8 @@ def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Te
             labels[labels < 0] = IGNORE_INDEX
         if "target_mask" not in batch:
             batch |= {
-                "target_ids": np.concatenate([ex["target_ids"] for ex in examples]).astype(np.int64),
-                "target_logprobs": np.concatenate([ex["target_logprobs"] for ex in examples]).astype(np.float32),
+                "target_ids": np.concatenate([ex["target_ids"] for ex in examples]),
+                "target_logprobs": np.concatenate([ex["target_logprobs"] for ex in examples]),
             }
         batch |= {
             "tail_mass": np.concatenate([ex["tail_mass"] for ex in examples]).astype(np.float32),
@@ -88,15 +111,17 @@ def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Te
         counts = np.fromiter((len(ex["tail_mass"]) for ex in examples), dtype=np.int64, count=len(examples))
         position_mask = np.arange(counts.max()) < counts[:, None]  # (B, P)
         if task == "causal-lm":
-            labels = input_ids[:, 1:].copy()  # (B, L-1): position i's hard label is token i + 1
+            labels = input_ids[:, 1:].astype(np.int64)  # (B, L-1): position i's hard label is token i + 1
         else:
             labels = _pad([ex["label"] for ex in examples], counts, np.int64)
             batch["positions"] = _pad([ex["positions"] for ex in examples], counts, np.int64)
         labels[~position_mask] = IGNORE_INDEX
         if "target_mask" not in batch:
             batch |= {
-                "target_ids": _pad([ex["target_ids"] for ex in examples], counts, np.int64),
-                "target_logprobs": _pad([ex["target_logprobs"] for ex in examples], counts, np.float32),
+                "target_ids": _pad([ex["target_ids"] for ex in examples], counts, examples[0]["target_ids"].dtype),
+                "target_logprobs": _pad(
+                    [ex["target_logprobs"] for ex in examples], counts, examples[0]["target_logprobs"].dtype
+                ),
             }
         batch |= {
             "tail_mass": _pad([ex["tail_mass"] for ex in examples], counts, np.float32),
@@ -107,7 +132,64 @@ def collate(examples: list[dict[str, NDArray]], task: str) -> dict[str, torch.Te
         raise ValueError(f"collate: unknown task {task!r} (expected causal-lm, masked-lm or seq-cls)")
     if hybrid:  # the tail's mass is in the drawn slots (see above); a tail bin would count it twice
         batch["tail_mass"] = np.zeros_like(batch["tail_mass"])
-    return {name: torch.from_numpy(arr) for name, arr in batch.items()}
+    return batch
+
+
+def widen(batch: dict[str, NDArray]) -> dict[str, torch.Tensor]:
+    """:func:`collate_arrays`'s batch as tensors of the public dtypes (:data:`WIDE_DTYPES`; the other fields as
+    they are, sharing memory with the arrays)."""
+    out = {}
+    for name, arr in batch.items():
+        if not arr.dtype.isnative:  # torch takes native byte order only
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        t = torch.from_numpy(arr)
+        # torch's casts, not numpy's: numpy converts float16 element by element, ~10x slower
+        out[name] = t.to(WIDE_DTYPES[name]) if name in WIDE_DTYPES else t
+    return out
+
+
+class WireBatch:
+    """A collated batch (:func:`collate_arrays`) on its way out of a DataLoader worker: pickled as one buffer of
+    its narrow arrays, unpickled as :func:`widen`'s dict of tensors.
+
+    Why: torch sends each tensor a worker yields through its own shared-memory file whose descriptor the
+    receiving process fetches from the worker in a socket handshake, per tensor and per batch (BENCHMARKS 3b').
+    One in-band buffer of the stored dtypes goes through the DataLoader's pipe instead, about a third of the
+    widened bytes at k=32; the receiving process (the main one, or its pin-memory thread) widens it. The
+    DataLoader's default ``collate_fn`` (``default_convert``) passes it through untouched; a custom
+    ``collate_fn`` receives it and can call :meth:`tensors`.
+    """
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, arrays: dict[str, NDArray]) -> None:
+        self.arrays = arrays
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The batch as the dict of tensors that :func:`collate` returns."""
+        return widen(self.arrays)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        layout, offset = [], 0
+        for name, arr in self.arrays.items():
+            layout.append((name, arr.dtype.str, arr.shape, offset))
+            offset += -(-arr.nbytes // _ALIGN) * _ALIGN  # each array starts aligned for any dtype
+        buffer = bytearray(offset)
+        for (_, dtype, shape, start), arr in zip(layout, self.arrays.values(), strict=True):
+            np.frombuffer(buffer, dtype, arr.size, start).reshape(shape)[...] = arr
+        return _unpack, (layout, buffer)
+
+
+_ALIGN = 16
+
+
+def _unpack(layout: list[tuple[str, str, tuple[int, ...], int]], buffer: bytearray) -> dict[str, torch.Tensor]:
+    """A pickled :class:`WireBatch`, widened: the arrays are views of ``buffer`` (writable, owned by them)."""
+    arrays = {}
+    for name, dtype, shape, start in layout:
+        count = int(np.prod(shape))
+        arrays[name] = np.frombuffer(buffer, dtype, count, start).reshape(shape) if count else np.zeros(shape, dtype)
+    return widen(arrays)
 
 
 def _ragged(examples: list[dict[str, NDArray]], prefix: str) -> tuple[NDArray, NDArray]:
@@ -159,7 +241,7 @@ def _sampled_targets(examples: list[dict[str, NDArray]], task: str) -> dict[str,
     return {k: v[:, 0] for k, v in out.items()} if task == "seq-cls" else out
 
 
-def _pad(parts: list[NDArray], lengths: NDArray, dtype: type) -> NDArray:
+def _pad(parts: list[NDArray], lengths: NDArray, dtype: Any) -> NDArray:
     """Stack ragged (n_b, ...) arrays into a zero-padded (B, max n_b, ...) array of ``dtype``.
 
     One slice assignment per example: the dtype conversion happens in the copy, with no temporary.

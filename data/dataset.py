@@ -60,6 +60,15 @@ dataset); call ``set_epoch`` before creating the DataLoader's iterator and leave
 The permutations come from numpy's PCG64 ``Generator.permutation``; numpy does not promise that stream
 across major versions, so resume a run with the numpy it started with.
 
+Start-up reads the root and, per 1,024 shards, one small summary of their example counts (data/segments.py): no
+shard record, whose files' sizes and checksums are read (and with ``verify`` checked) when a consumer first
+decodes the shard. Stores written before those summaries fall back to reading every record once (slower).
+``split="train"|"eval"`` still reads every covered shard's keys column at start.
+
+Through DataLoader workers, a batch leaves the worker with the store's narrow dtypes, packed in one buffer, and
+is widened to the dtypes above when the reading process unpickles it (:class:`~data.collate.WireBatch`): what a
+consumer receives is the same dict of tensors as in the main process.
+
 This module and ``data.collate`` are the only modules of ``data`` that import torch.
 """
 
@@ -77,9 +86,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .collate import IGNORE_INDEX, collate
+from .collate import IGNORE_INDEX, WireBatch, collate, collate_arrays, widen
 from .manifest import Manifest
 from .reader import StoreReader, open_store
+from .segments import LazyShards
 from .shard import NDArray, ShardData
 
 __all__ = ["IGNORE_INDEX", "EpochOrder", "StoreDataset", "collate", "store_fingerprint"]
@@ -106,6 +116,21 @@ def held_out(keys: NDArray, fraction: float) -> NDArray:
     return held
 
 
+def loader_fingerprint(manifest: Manifest) -> str:
+    """The store digest a loader state records: version 2, from the root alone (the task and each segment's
+    SHA-256, shard and row counts: a segment's SHA-256 covers its records, each of which holds its files'
+    SHA-256s), so that a loader starts without reading any record; version 1, :func:`store_fingerprint`.
+
+    Two copies of one store share it; a copy with the same records in other segments (re-merged) does not. A
+    state saved with :func:`store_fingerprint` (the loader before this digest) is accepted too.
+    """
+    shards = manifest.shards
+    if not isinstance(shards, LazyShards):
+        return store_fingerprint(manifest)
+    body = [manifest.task, "segments", [[r.sha256, r.shards, r.rows] for r in shards.refs]]
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
 def store_fingerprint(manifest: Manifest) -> str:
     """A digest of a store's content and order: its task and every shard's name, row count and file SHA-256s.
 
@@ -114,7 +139,7 @@ def store_fingerprint(manifest: Manifest) -> str:
     # the SHA-256 of ``json.dumps([task, [[name, rows, sorted [file, sha256] pairs], ...]])``, compact, fed one
     # shard at a time: memory stays bounded in the number of shards (records are read segment by segment). Every
     # record is read: the digest names the content, whatever segments hold it (a re-merged copy of a store has
-    # other segments), and a loader reads every record anyway, for each shard's row count.
+    # other segments). A loader's state uses :func:`loader_fingerprint`, which reads no record.
     h = hashlib.sha256(b"[" + json.dumps(manifest.task).encode() + b",[")
     for i, s in enumerate(manifest.shards):
         entry = [s.name, s.rows, sorted((rel, f.sha256) for rel, f in s.files.items())]
@@ -278,9 +303,10 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             the covered examples only, in store order.
         eval_fraction: the held-out fraction for ``split``, in (0, 1).
         collate_fn: ``(examples, task) -> batch`` for each batch's stored examples (numpy dicts, as
-            ``StoreReader`` gives them); :func:`collate` by default. Another one (cross-tokenizer training's, which
-            tokenizes the source texts for the student) must be picklable when ``num_workers`` > 0. It does not
-            change the order or the resume state.
+            ``StoreReader`` gives them), returning tensors; by default :func:`collate` (narrow arrays in
+            workers, widened where the batch is read). Another one (cross-tokenizer training's, which tokenizes the
+            source texts for the student) must be picklable when ``num_workers`` > 0; its tensors leave workers as
+            it made them. It does not change the order or the resume state.
     """
 
     def __init__(
@@ -346,10 +372,12 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
                 np.flatnonzero(mine if split == "eval" else ~mine).astype(np.int64)
                 for mine in (held[a:b] for a, b in itertools.pairwise(starts))
             ]
-        rows = self.reader.manifest.shards
-        self._shard_rows = (
-            [len(r) for r in self._rows] if self._rows is not None else [rows[i].rows for i in self.shard_ids]
-        )
+        if self._rows is not None:
+            self._shard_rows = [len(r) for r in self._rows]
+        else:  # from the root and the segments' summaries: no shard record is read (data/segments.py)
+            records = self.reader.manifest.shards
+            every = records.shard_rows() if isinstance(records, LazyShards) else [r.rows for r in records]
+            self._shard_rows = [every[i] for i in self.shard_ids]
         self._num_examples = sum(self._shard_rows)
         self.batch_size = batch_size
         self.seed = seed
@@ -359,8 +387,8 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.world_size = world_size
         self.num_workers = num_workers
         self.drop_last = drop_last
-        self.collate_fn = collate_fn or collate
-        self.fingerprint = store_fingerprint(self.reader.manifest)
+        self.collate_fn = collate_fn  # None: the narrow arrays of collate_arrays, widened where they are read
+        self.fingerprint = loader_fingerprint(self.reader.manifest)
         self.epoch = epoch
         self.samples_seen = samples_seen
         self._legs: list[Leg] = []  # earlier legs of this epoch, under other configurations
@@ -460,7 +488,9 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             )
         mine = self._order_fields()
         problems = []
-        if state.get("store_fingerprint") != self.fingerprint:
+        if state.get("store_fingerprint") != self.fingerprint and state.get("store_fingerprint") != store_fingerprint(
+            self.reader.manifest
+        ):  # the second: a state saved by the loader before loader_fingerprint (reads every record, only then)
             problems.append(
                 f"it was saved for another store (fingerprint {str(state.get('store_fingerprint'))[:12]}, "
                 f"this one is {self.fingerprint[:12]}); resume with the store the run started with"
@@ -503,18 +533,23 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
                     f"num_workers={info.num_workers}; pass the DataLoader's num_workers to StoreDataset (the "
                     "order and the resume state depend on it)"
                 )
-            # loader batch t is rank batch done + t, which comes from consumer (done + t) % W; t % W == info.id
-            yield from self._consumer(order, offsets, plan, (done + info.id) % W, done)
+            # loader batch t is rank batch done + t, which comes from consumer (done + t) % W; t % W == info.id.
+            # The batch leaves narrow and is widened when the reading process unpickles it (WireBatch).
+            for arrays in self._consumer(order, offsets, plan, (done + info.id) % W, done):
+                # unpickled as a dict of tensors
+                yield WireBatch(arrays) if self.collate_fn is None else arrays  # type: ignore[misc]
             return
         # the main process plays the W consumers in the order the DataLoader would take their batches
         consumers = [self._consumer(order, offsets, plan, w, done) for w in range(W)]
         for b in range(done, W * plan.steps):
-            yield next(consumers[b % W])
+            batch = next(consumers[b % W])
+            yield widen(batch) if self.collate_fn is None else batch
 
     def _consumer(
         self, order: EpochOrder, offsets: NDArray, plan: Plan, w: int, done: int
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Worker ``w``'s batches of this rank, from its first one after rank batch ``done``, through M."""
+    ) -> Iterator[dict[str, Any]]:
+        """Worker ``w``'s batches of this rank, from its first one after rank batch ``done``, through M, as
+        :func:`~data.collate.collate_arrays` gives them (narrow), or as ``collate_fn`` makes them."""
         R, W, B = self.world_size, max(self.num_workers, 1), self.batch_size
         mine = np.flatnonzero((plan.consumer == self.rank + R * w) & (plan.remaining > 0))  # its blocks, by j
         starts, counts = offsets[mine], plan.remaining[mine]
@@ -546,9 +581,14 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
                     parts.append(idx)
                 indices, weight = np.concatenate(parts), np.ones(len(pos), np.float32)
                 last = (_copy(examples[-1]), int(indices[-1]))
-            batch = self.collate_fn(examples, self.task)
-            batch["index"] = torch.from_numpy(indices)
-            batch["example_weight"] = torch.from_numpy(weight)
+            if self.collate_fn is None:
+                batch: dict[str, Any] = collate_arrays(examples, self.task)
+                batch["index"] = indices.astype(np.int64, copy=False)
+                batch["example_weight"] = weight
+            else:  # a caller's collate (cross-tokenizer training's): its tensors go out as it made them
+                batch = self.collate_fn(examples, self.task)
+                batch["index"] = torch.from_numpy(indices)
+                batch["example_weight"] = torch.from_numpy(weight)
             yield batch
 
     def _examples(self, order: EpochOrder, loaded: dict[int, ShardData], indices: NDArray) -> list[dict[str, NDArray]]:

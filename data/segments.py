@@ -18,6 +18,16 @@ root, so its cost does not grow with the store:
 
 Readers parse only the root; :class:`LazyShards` loads a segment on demand (a few kept in an LRU cache), after
 checking its size and SHA-256 against the root, and checks every record as a version-1 manifest's.
+
+Each shard's example count (what a loader's epoch order needs, data/dataset.py) is readable without any record: a
+reference to a segment below ``SEGMENT_SHARDS`` records lists them inline (``shard_rows``, run-length:
+``"256*31,129"``; at most ~1,000 counts in a root), and a sealed segment names a small immutable summary file
+beside it (``summary``: ``{path, bytes, sha256}``, ``records/rows-<start>-<count>.json``, ~5 KB for 1,024 shards),
+written once when it is sealed. Both fields are optional: roots written before them (and their segments) stay
+readable; for those the counts come from the records (:meth:`LazyShards.shard_rows`, the slow path), and readers
+that predate them ignore them. A root written with them says so (``segment_counts``: 1); in it, a segment with
+neither field holds shards of equal example counts (rows / shards each; checked when the segment is read), so
+that stores of equal-sized shards write no summary and no inline counts.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -39,7 +50,17 @@ from .errors import ManifestError, StoreError, StoreReadError
 from .location import Location
 from .manifest import Manifest, ShardRecord, Totals, _count, _get, check_entries
 
-__all__ = ["FANOUT", "SEGMENT_SHARDS", "LazyShards", "RecordLog", "RowIndex", "SegmentRef", "parse_root", "root_dict"]
+__all__ = [
+    "FANOUT",
+    "SEGMENT_SHARDS",
+    "FileRef",
+    "LazyShards",
+    "RecordLog",
+    "RowIndex",
+    "SegmentRef",
+    "parse_root",
+    "root_dict",
+]
 
 # 32 x 32: a sealed segment of 1,024 records is ~2.3 MB of JSON (zarr shards list ~20 files each), read in ~20 ms.
 FANOUT = 32
@@ -52,6 +73,7 @@ _MAX_SEGMENTS = 1 << 22
 _SEGMENT_PATH = re.compile(r"^records/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CACHED_SEGMENTS = 4
+_ROWS_TEXT = re.compile(r"^\d{1,13}(\*\d{1,5})?(,\d{1,13}(\*\d{1,5})?)*$")
 
 
 def segment_path(start: int, count: int) -> str:
@@ -69,6 +91,8 @@ class SegmentRef:
         rows: examples in those shards (lets a reader find an example's segment without reading any).
         first_unit, last_unit: the units of its first and last record (records are in strictly rising unit order).
         bytes, sha256: the segment file's size and SHA-256, checked before it is parsed.
+        shard_rows: the examples of each of its shards, inline (segments below SEGMENT_SHARDS records), or None.
+        summary: the ``{path, bytes, sha256}`` of its summary file (sealed segments), or None.
     """
 
     path: str
@@ -78,9 +102,11 @@ class SegmentRef:
     last_unit: int
     bytes: int
     sha256: str
+    shard_rows: tuple[int, ...] | None = None
+    summary: FileRef | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "path": self.path,
             "shards": self.shards,
             "rows": self.rows,
@@ -89,6 +115,11 @@ class SegmentRef:
             "bytes": self.bytes,
             "sha256": self.sha256,
         }
+        if self.shard_rows is not None:
+            d["shard_rows"] = rows_text(self.shard_rows)
+        if self.summary is not None:
+            d["summary"] = self.summary.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], i: int) -> SegmentRef:
@@ -107,13 +138,97 @@ class SegmentRef:
             last_unit=_count(d, "last_unit", w),
             bytes=_count(d, "bytes", w, _MAX_SEGMENT_BYTES),
             sha256=digest,
+            shard_rows=_parse_rows_text(d["shard_rows"], f"{w}.shard_rows") if "shard_rows" in d else None,
+            summary=FileRef.from_dict(_get(d, "summary", dict, w), f"{w}.summary") if "summary" in d else None,
         )
+        if ref.shard_rows is not None and (len(ref.shard_rows) != ref.shards or sum(ref.shard_rows) != ref.rows):
+            raise ManifestError(f"manifest: {w}.shard_rows does not match its shards / rows")
         if ref.shards < 1 or ref.last_unit - ref.first_unit + 1 < ref.shards:
             raise ManifestError(
                 f"manifest: {w} holds {ref.shards} records for units {ref.first_unit}..{ref.last_unit}; "
                 "expected 1 or more records with distinct units"
             )
         return ref
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A small immutable file of the store's records, as the root names it: checked before it is parsed."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], w: str) -> FileRef:
+        path, digest = _get(d, "path", str, w), _get(d, "sha256", str, w)
+        if not _SEGMENT_PATH.match(path) or not _SHA256.match(digest):
+            raise ManifestError(f"manifest: {w} needs a plain 'records/<name>' path and a hex SHA-256")
+        return cls(path, _count(d, "bytes", w, _MAX_SEGMENT_BYTES), digest)
+
+
+def read_checked(location: Location, ref: FileRef | SegmentRef) -> bytes:
+    """A segment's or summary's bytes, after checking its size and SHA-256 against the root.
+
+    Raises:
+        ManifestError: it is missing, or its size or SHA-256 differ. StoreReadError: the store is unreachable.
+    """
+    where = f"{location}: {ref.path}"
+    try:
+        size = location.size(ref.path)
+        if size != ref.bytes:
+            raise ManifestError(
+                f"{where} has {size} bytes, the manifest says {ref.bytes}; the store's records are corrupt"
+            )
+        raw = location.read_bytes(ref.path)
+    except StoreError:
+        raise
+    except OSError as e:
+        raise StoreReadError(f"{where}: reading failed ({e}); check that the store is reachable and retry") from e
+    if len(raw) != ref.bytes or hashlib.sha256(raw).hexdigest() != ref.sha256:
+        raise ManifestError(f"{where} does not match its SHA-256 in the manifest; the store's records are corrupt")
+    return raw
+
+
+def rows_text(rows: Sequence[int]) -> str:
+    """Example counts as the root writes them: run-length, ``"256*31,129"`` (one token per run), so that a root
+    of equal-sized shards stays as small as before the counts existed."""
+    runs = [(value, len(list(group))) for value, group in itertools.groupby(rows)]
+    return ",".join(f"{value}*{n}" if n > 1 else str(value) for value, n in runs)
+
+
+def _parse_rows_text(value: Any, w: str) -> tuple[int, ...]:
+    if not isinstance(value, str) or len(value) > 20 * _MAX_SEGMENT_SHARDS or not _ROWS_TEXT.match(value):
+        raise ManifestError(f"manifest: {w} must be run-length example counts such as '256*31,129'")
+    out: list[int] = []
+    for part in value.split(","):
+        count, _, repeat = part.partition("*")
+        n = int(repeat) if repeat else 1
+        if len(out) + n > _MAX_SEGMENT_SHARDS:
+            raise ManifestError(f"manifest: {w} lists more than {_MAX_SEGMENT_SHARDS} counts")
+        out += [int(count)] * n
+    return tuple(out)
+
+
+def _shard_rows(value: Any, w: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v <= 1 << 40 for v in value):
+        raise ManifestError(f"manifest: {w} must be a list of example counts")
+    return tuple(value)
+
+
+SUMMARY_FORMAT = "kd-soft-labels-summary"
+
+
+def summary_path(start: int, count: int) -> str:
+    """The summary file beside ``segment_path(start, count)``: ``records/rows-000001024-01024.json``."""
+    return f"records/rows-{start:09d}-{count:05d}.json"
+
+
+def summary_bytes(records: Sequence[ShardRecord]) -> bytes:
+    return json.dumps({"format": SUMMARY_FORMAT, "rows": [s.rows for s in records]}, separators=(",", ":")).encode()
 
 
 class LazyShards(Sequence[ShardRecord]):
@@ -135,6 +250,8 @@ class LazyShards(Sequence[ShardRecord]):
         # where a remote store's segments are kept once read (set by the reader): they never change, so a later
         # reader of the same store reads them from there, offline if need be
         self.cache_dir: Path | None = None
+        # a root with ``segment_counts``: a segment listing no counts has shards of rows / shards examples each
+        self.uniform_unless_listed = False
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -167,6 +284,37 @@ class LazyShards(Sequence[ShardRecord]):
     def __repr__(self) -> str:
         return f"LazyShards({len(self)} shards in {len(self.refs)} segments of {self.location})"
 
+    def shard_rows(self) -> list[int]:
+        """Every shard's example count, in store order, from the root and the sealed segments' summaries (one
+        small file per 1,024 shards); a segment whose reference has neither (a root written before them) is read
+        whole, record by record.
+
+        Raises:
+            ManifestError: a summary is missing, corrupt or disagrees with its segment's reference.
+            StoreReadError: the store could not be read.
+        """
+        rows: list[int] = []
+        for j, ref in enumerate(self.refs):
+            if ref.shard_rows is not None:
+                rows += ref.shard_rows
+            elif ref.summary is not None:
+                where = f"{self.location}: {ref.summary.path}"
+                try:
+                    d = json.loads(read_checked(self.location, ref.summary))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ManifestError(f"{where} is not valid JSON ({e})") from e
+                if not isinstance(d, dict) or d.get("format") != SUMMARY_FORMAT:
+                    raise ManifestError(f"{where} is not a {SUMMARY_FORMAT} file")
+                counts = _shard_rows(d.get("rows"), ref.summary.path)
+                if len(counts) != ref.shards or sum(counts) != ref.rows:
+                    raise ManifestError(f"{where} does not match its segment's shards / rows in the manifest")
+                rows += counts
+            elif self.uniform_unless_listed:
+                rows += [ref.rows // ref.shards] * ref.shards
+            else:
+                rows += [s.rows for s in self.segment(j)]
+        return rows
+
     def segment(self, j: int) -> tuple[ShardRecord, ...]:
         """The records of segment ``j``, read, checked and cached.
 
@@ -177,7 +325,11 @@ class LazyShards(Sequence[ShardRecord]):
         if j in self._cache:
             self._cache.move_to_end(j)
             return self._cache[j]
-        records = read_segment(self.location, self.refs[j], self._starts[j], self._targets, self.cache_dir)
+        ref = self.refs[j]
+        records = read_segment(self.location, ref, self._starts[j], self._targets, self.cache_dir)
+        listed = ref.shard_rows is not None or ref.summary is not None
+        if self.uniform_unless_listed and not listed and any(s.rows != ref.rows // ref.shards for s in records):
+            raise ManifestError(f"{self.location}: {ref.path}: its shards' example counts are not all equal")
         self._cache[j] = records
         while len(self._cache) > _CACHED_SEGMENTS:
             self._cache.popitem(last=False)
@@ -195,19 +347,7 @@ def read_segment(
         raw = cached.read_bytes()
         if hashlib.sha256(raw).hexdigest() == ref.sha256:
             return _parse_segment(raw, where, ref, start, targets)
-    try:
-        size = location.size(ref.path)
-        if size != ref.bytes:
-            raise ManifestError(
-                f"{where} has {size} bytes, the manifest says {ref.bytes}; the store's records are corrupt"
-            )
-        raw = location.read_bytes(ref.path)
-    except StoreError:
-        raise
-    except OSError as e:
-        raise StoreReadError(f"{where}: reading failed ({e}); check that the store is reachable and retry") from e
-    if len(raw) != ref.bytes or hashlib.sha256(raw).hexdigest() != ref.sha256:
-        raise ManifestError(f"{where} does not match its SHA-256 in the manifest; the store's records are corrupt")
+    raw = read_checked(location, ref)
     records = _parse_segment(raw, where, ref, start, targets)
     if cached is not None:  # unique temp name: DataLoader workers may cache the same segment at once
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -243,12 +383,14 @@ def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets:
         prev = s.unit
     if records[-1].unit != ref.last_unit or sum(s.rows for s in records) != ref.rows:
         raise ManifestError(f"{where}: its records do not match the manifest's last_unit / rows")
+    if ref.shard_rows is not None and tuple(s.rows for s in records) != ref.shard_rows:
+        raise ManifestError(f"{where}: its records do not match the manifest's shard_rows")
     return records
 
 
 def parse_root(d: dict[str, Any], location: Location) -> Manifest:
     """Parse and check an untrusted version-2 root; its shard records stay in their segments until used."""
-    base = Manifest.from_dict({**{k: v for k, v in d.items() if k != "segments"}, "shards": []})
+    base = Manifest.from_dict({**{k: v for k, v in d.items() if k not in ("segments", "segment_counts")}, "shards": []})
     raw_refs = _get(d, "segments", list, "manifest")
     if len(raw_refs) > _MAX_SEGMENTS:
         raise ManifestError(f"manifest: {len(raw_refs)} segments, more than any real store ({_MAX_SEGMENTS})")
@@ -261,7 +403,12 @@ def parse_root(d: dict[str, Any], location: Location) -> Manifest:
     totals = Totals.from_dict(_get(d, "totals", dict, "manifest"))
     if totals.shards != sum(r.shards for r in refs) or totals.rows != sum(r.rows for r in refs):
         raise ManifestError("manifest: totals.shards / totals.rows do not match the segments")
-    return replace(base, shards=LazyShards(location, refs, totals, base.targets))
+    shards = LazyShards(location, refs, totals, base.targets)
+    shards.uniform_unless_listed = d.get("segment_counts") == 1
+    for i, r in enumerate(refs):
+        if shards.uniform_unless_listed and r.shard_rows is None and r.summary is None and r.rows % r.shards:
+            raise ManifestError(f"manifest: segments[{i}] has {r.rows} rows, not a multiple of its {r.shards} shards")
+    return replace(base, shards=shards)
 
 
 def root_dict(base: Manifest, refs: Sequence[SegmentRef], totals: Totals) -> dict[str, Any]:
@@ -269,6 +416,7 @@ def root_dict(base: Manifest, refs: Sequence[SegmentRef], totals: Totals) -> dic
     d = replace(base, shards=()).to_dict()
     del d["shards"]
     d["format_version"] = 2
+    d["segment_counts"] = 1  # a segment without shard_rows or summary holds shards of equal example counts
     d["totals"] = totals.to_dict()
     d["segments"] = [r.to_dict() for r in refs]
     return d
@@ -400,14 +548,22 @@ class RecordLog:
                 body = segment_bytes(records)
                 path = segment_path(index, size)
                 self.location.write_once(path, body)
+                rows, summary = tuple(s.rows for s in records), None
+                uniform = len(set(rows)) == 1  # the root's rows / shards says it all (see segment_counts)
+                if size >= self.seal and not uniform:  # once per sealed segment: the root stays small
+                    text = summary_bytes(records)
+                    summary = FileRef(summary_path(index, size), len(text), hashlib.sha256(text).hexdigest())
+                    self.location.write_once(summary.path, text)
                 self._refs[i] = SegmentRef(
                     path=path,
                     shards=size,
-                    rows=sum(s.rows for s in records),
+                    rows=sum(rows),
                     first_unit=records[0].unit,
                     last_unit=records[-1].unit,
                     bytes=len(body),
                     sha256=hashlib.sha256(body).hexdigest(),
+                    shard_rows=None if summary or uniform else rows,
+                    summary=summary,
                 )
             offset += size
             index += size
@@ -435,6 +591,7 @@ class RecordLog:
     def sweep(self) -> None:
         """Delete every segment file the root does not name (superseded ones, leftovers of a crash)."""
         named = {r.path.removeprefix("records/") for r in self.refs}
+        named |= {r.summary.path.removeprefix("records/") for r in self.refs if r.summary is not None}
         for name in self.location.list_entries("records"):
             if name not in named:
                 self.location.remove(f"records/{name}")

@@ -1,0 +1,161 @@
+"""A loader that starts without reading shard records: example counts from the root and the segments' summaries.
+
+Stores written through the real writer with small segments (FANOUT 2, 4 records sealed), shards of different
+sizes; reads are counted by wrapping the real ``Location.read_bytes`` (every read still happens).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kd_pipeline.data.segments as seg
+from kd_pipeline.data import ShardBuilder, StoreWriter
+from kd_pipeline.data.dataset import StoreDataset, store_fingerprint
+from kd_pipeline.data.errors import CorruptShardError, ManifestError
+from kd_pipeline.data.location import Location
+from kd_pipeline.data.reader import open_store
+from tests.conftest import make_manifest, random_example
+
+ROWS = [3, 1, 4, 1, 5, 2, 6, 2, 3, 5, 1]  # 11 shards: two sealed segments of 4, then 2 + 1 inline
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    monkeypatch.setattr(seg, "FANOUT", 2)
+    monkeypatch.setattr(seg, "SEGMENT_SHARDS", 4)
+    m = make_manifest("arrow")
+    rng = np.random.default_rng(5)
+    written = []
+    path = tmp_path / "s"
+    with StoreWriter(path, m) as w:
+        for unit, rows in enumerate(ROWS):
+            b = ShardBuilder("causal-lm", m.targets)
+            for _ in range(rows):
+                ex = random_example(rng, "causal-lm", m.targets, m.vocab_size)
+                b.add(ex["input_ids"], ex["target_ids"], ex["target_logprobs"], ex["tail_mass"])
+                written.append(ex)
+            w.write_shard(unit, b.build(), {"entropy_sum": 1.0, "count": 1.0})
+        w.finish()
+    return path, written
+
+
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    log: list[str] = []
+    real: Callable[..., bytes] = Location.read_bytes
+
+    def counting(self: Location, rel: str) -> bytes:
+        log.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(Location, "read_bytes", counting)
+    return log
+
+
+def strip_counts(path: Path) -> None:
+    """The root as the writer wrote it before the counts existed (segments unchanged)."""
+    root = json.loads((path / "manifest.json").read_text())
+    root.pop("segment_counts")
+    for ref in root["segments"]:
+        ref.pop("shard_rows", None)
+        ref.pop("summary", None)
+    (path / "manifest.json").write_text(json.dumps(root))
+
+
+def epoch(path: Path, **kw: Any) -> list[tuple[list[int], list[int]]]:
+    ds = StoreDataset(path, batch_size=3, seed=7, block_shards=2, **kw)
+    return [(b["index"].tolist(), b["input_ids"].flatten().tolist()) for b in ds]
+
+
+def test_the_root_holds_the_counts(store: tuple[Path, Any]) -> None:
+    root = json.loads((store[0] / "manifest.json").read_text())
+    refs = root["segments"]
+    assert [r["shards"] for r in refs] == [4, 4, 2, 1]
+    assert root["segment_counts"] == 1
+    assert [r.get("shard_rows") for r in refs[2:]] == ["3,5", None]  # ROWS[8:10] run-length; one shard: its rows
+    for i, ref in enumerate(refs[:2]):
+        assert "shard_rows" not in ref
+        summary = json.loads((store[0] / ref["summary"]["path"]).read_text())
+        assert summary["rows"] == ROWS[4 * i : 4 * i + 4]
+
+
+def test_start_up_reads_no_shard_record(store: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = store
+    log = reads(monkeypatch)
+    ds = StoreDataset(path, batch_size=3, seed=7, block_shards=2, num_workers=2)
+    assert len(ds) > 0 and ds.num_examples == sum(ROWS)
+    ds.state_dict(0)
+    assert log == ["manifest.json", "records/rows-000000000-00004.json", "records/rows-000000004-00004.json"]
+
+
+def test_order_and_batches_equal_the_records_path(store: tuple[Path, Any]) -> None:
+    path, written = store
+    new = epoch(path)
+    strip_counts(path)  # an older root: the counts come from the records
+    assert epoch(path) == new
+    # and the batches hold the written examples at their indices
+    for idx, _ in new:
+        assert all(0 <= i < len(written) for i in idx)
+    assert sorted(i for idx, _ in new for i in idx) == list(range(sum(ROWS)))
+    first = StoreDataset(path, batch_size=1, shuffle=False)
+    for i, b in enumerate(first):
+        np.testing.assert_array_equal(b["input_ids"][0].numpy(), written[i]["input_ids"])
+
+
+def test_an_older_root_still_loads_and_resumes(store: tuple[Path, Any]) -> None:
+    path, _ = store
+    strip_counts(path)
+    ds = StoreDataset(path, batch_size=3, seed=7, block_shards=2)
+    assert ds.num_examples == sum(ROWS)
+    state = ds.state_dict(6)
+    # a state saved by the loader before the root digest holds the digest of every record: still accepted
+    state["store_fingerprint"] = store_fingerprint(ds.reader.manifest)
+    again = StoreDataset(path, batch_size=3, seed=7, block_shards=2)
+    again.load_state_dict(state)
+    assert [b["index"].tolist() for b in again] == [b["index"].tolist() for b in list(ds)[2:]]
+    state["store_fingerprint"] = "0" * 64
+    with pytest.raises(ValueError, match="another store"):
+        again.load_state_dict(state)
+
+
+def test_a_tampered_record_is_caught_on_first_read(store: tuple[Path, Any]) -> None:
+    path, _ = store
+    ds = StoreDataset(path, batch_size=50, shuffle=False)  # starts: the records are not read
+    segment = path / json.loads((path / "manifest.json").read_text())["segments"][0]["path"]
+    text = segment.read_bytes()
+    segment.write_bytes(text.replace(b'"rows":3', b'"rows":4', 1))
+    with pytest.raises(ManifestError, match="segment"):
+        list(ds)
+
+
+def test_a_tampered_shard_is_caught_on_first_read(store: tuple[Path, Any]) -> None:
+    path, _ = store
+    ds = StoreDataset(open_store(path, verify=True), batch_size=50, shuffle=False)
+    shard = next((path / "shards").glob("shard-000002*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="shard-000002"):
+        list(ds)
+
+
+def test_a_tampered_summary_is_refused_at_start(store: tuple[Path, Any]) -> None:
+    path, _ = store
+    summary = path / "records" / "rows-000000004-00004.json"
+    summary.write_bytes(summary.read_bytes().replace(b"[5,", b"[6,"))
+    with pytest.raises(ManifestError, match="rows-000000004-00004.json does not match its SHA-256"):
+        StoreDataset(path, batch_size=3)
+
+
+def test_a_root_whose_counts_disagree_is_refused(store: tuple[Path, Any]) -> None:
+    path, _ = store
+    root = json.loads((path / "manifest.json").read_text())
+    root["segments"][2]["shard_rows"] = "3,6"  # ROWS[8:10] is 3, 5
+    (path / "manifest.json").write_text(json.dumps(root))
+    with pytest.raises(ManifestError, match=r"segments\[2\].shard_rows does not match"):
+        open_store(path)
