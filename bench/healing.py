@@ -17,6 +17,8 @@ by it too with ``--final-heldout`` (``final_heldout``), a check that training's 
 Results go to bench/results/healing.json (``--out``), rewritten after every run; a run already in that file
 with the same name (the sorted keys) is kept, not repeated, so the search can be extended run by run.
 ``--summary`` prints the tables only, including paired differences by seed between runs that differ only in alpha.
+``--merge OTHER.json`` adds the runs of another results file (a search split over parallel workers, each with its
+own ``--out`` and e.g. ``OMP_NUM_THREADS=1``) to ``--out`` and prints the tables.
 """
 
 from __future__ import annotations
@@ -199,6 +201,20 @@ def paired(runs: list[dict[str, Any]]) -> str:
     return markdown_table(header, rows)
 
 
+def merge(report: dict[str, Any], others: list[dict[str, Any]]) -> None:
+    """Add the runs of ``others`` that ``report`` lacks (by name), and their students and teacher measurements."""
+    for other in others:
+        for key, value in other.items():
+            report.setdefault(key, value)
+        report["students"] = {**other.get("students", {}), **report.get("students", {})}
+        report["teacher_on_eval_batches"] = {
+            **other.get("teacher_on_eval_batches", {}),
+            **report.get("teacher_on_eval_batches", {}),
+        }
+        done = {r["name"] for r in report.setdefault("runs", [])}
+        report["runs"] += [r for r in other.get("runs", []) if r["name"] not in done]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, required=True)
@@ -211,9 +227,20 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/kd-bench-healing"))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "healing.json")
     p.add_argument("--summary", action="store_true", help="print the tables of --out and exit")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="add the runs (and students, teacher subsets) of another results file to --out, then print the tables "
+        "(for searches run as parallel workers, each with its own --out)",
+    )
     args = p.parse_args()
     report: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if args.summary:
+    if args.merge:
+        merge(report, [json.loads(path.read_text()) for path in args.merge])
+        write_results("healing", report, args.out)
+    if args.summary or args.merge:
         print(summarise(report))
         return
 

@@ -126,23 +126,21 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict[
         say(f"[3/4] train ({i + 1}/2): the cut student on {what}, {cfg.steps} steps -> {run_dir}")
         t0 = time.perf_counter()
         options = {**schedule, **({"alpha": 0.0} if kind == "hard" else {})}
-        train.run(
-            train.TrainConfig(
-                **options,
-                store=str(store),
-                student=str(student),
-                out=str(run_dir),
-                steps=cfg.steps,
-                batch_size=cfg.batch_size,
-                eval_fraction=EVAL_FRACTION,
-                eval_every=cfg.steps,
-                save_every=max(1, cfg.steps // 2),
-                log_every=max(1, cfg.steps // 10),
-                seed=cfg.seed,
-                resume=(run_dir / "config.json").is_file(),
-            ),
-            log=say,
+        run_cfg = train.TrainConfig(
+            **options,
+            store=str(store),
+            student=str(student),
+            out=str(run_dir),
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            eval_fraction=EVAL_FRACTION,
+            eval_every=cfg.steps,
+            save_every=max(1, cfg.steps // 2),
+            log_every=max(1, cfg.steps // 10),
+            seed=cfg.seed,
         )
+        run_cfg.resume = _resumable(run_dir, run_cfg, say)
+        train.run(run_cfg, log=say)
         seconds[f"train_{kind}"] = time.perf_counter() - t0
     say("[4/4] measure: each model on the held-out examples, one plain forward")
     models = {
@@ -168,6 +166,27 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict[
         say(line)
     (work / "demo_result.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _resumable(run_dir: Path, wanted: Any, say: Callable[[str], None]) -> bool:
+    """Whether ``run_dir`` holds a run of exactly ``wanted`` (a TrainConfig) to resume. A run of other settings
+    (e.g. left by an earlier version of the demo with fewer steps) would resume into another schedule: it is
+    removed (it is the demo's own output) and trained again from the start, and the user is told so."""
+    import dataclasses
+    import shutil
+
+    recorded_path = run_dir / "config.json"
+    if not recorded_path.is_file():
+        return False
+    recorded = json.loads(recorded_path.read_text())
+    target = json.loads(json.dumps(dataclasses.asdict(wanted)))
+    differs = sorted(k for k in target if k != "resume" and recorded.get(k) != target[k])
+    if not differs:
+        return True
+    was = ", ".join(f"{k} {recorded.get(k)!r} (now {target[k]!r})" for k in differs)
+    say(f"{run_dir} holds a run with other settings: {was}; training it again from the start")
+    shutil.rmtree(run_dir)
+    return False
 
 
 def report_lines(report: dict[str, Any], teacher_name: str) -> list[str]:

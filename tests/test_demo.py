@@ -114,3 +114,31 @@ def test_rerun_reuses_store_student_and_runs(demo: dict[str, Any]) -> None:
     assert student.stat().st_mtime_ns == stamp
     for key, row in demo["report"]["models"].items():
         assert again["models"][key]["perplexity"] == pytest.approx(row["perplexity"], rel=1e-6), key
+
+
+def test_rerun_with_other_steps_trains_again_from_the_start(
+    demo: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A work dir left by a demo of other settings (an earlier version's step count) is not resumed into another
+    schedule: both runs are trained again from the start, and equal a fresh demo of the new settings."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file
+
+    old = Path(demo["cfg"].work_dir)
+    reused = tmp_path_factory.mktemp("rerun") / "work"
+    shutil.copytree(old, reused)
+    steps = demo["cfg"].steps + 2  # the old runs' last checkpoint (step 3) is below: resuming would be possible
+    lines: list[str] = []
+    run_demo(dataclasses.replace(demo["cfg"], work_dir=str(reused), steps=steps), say=lines.append)
+    fresh = tmp_path_factory.mktemp("fresh") / "work"
+    run_demo(dataclasses.replace(demo["cfg"], work_dir=str(fresh), steps=steps), say=lambda msg: None)
+    for run in ("run-distilled", "run-hard"):
+        assert any(f"{reused / run} holds a run with other settings" in line for line in lines), run
+        got = load_file(reused / run / "final" / "model.safetensors")
+        want = load_file(fresh / run / "final" / "model.safetensors")
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (run, key)
+        assert json.loads((reused / run / "config.json").read_text())["steps"] == steps
