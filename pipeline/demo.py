@@ -1,5 +1,5 @@
-"""``pipeline demo``: why distil, shown end to end on a laptop CPU (2 cores: 35 minutes measured on a busy machine,
-~15 estimated idle; README, "Today's demo").
+"""``pipeline demo``: why distil, shown end to end on a laptop CPU (2 cores; its wall time: README, "Today's
+demo").
 
 1. label: the real SmolLM2-135M-Instruct teacher (fetched once from PyPI as a GGUF file, de-quantised into the
    cache) over the Python docs' topics (``pydoc_data``, shipped with Python), packed into 256-token sequences,
@@ -56,8 +56,9 @@ class DemoConfig:
     time training); empty: choose ``layers`` blocks by greedy removal now (for another teacher)."""
     layers: int = 10
     """Blocks to keep when ``blocks`` is empty."""
-    steps: int = 40
-    """Optimizer steps of each of the two trainings."""
+    steps: int = 80
+    """Optimizer steps of each of the two trainings (80 x 8 sequences: 5 epochs of the 128 training sequences; what
+    the demo's wall-time budget allows the 10-block student, BENCHMARKS.md section 8)."""
     batch_size: int = 8
     """Sequences per step."""
     seed: int = 0
