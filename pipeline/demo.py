@@ -188,6 +188,10 @@ def _same_cut(info: Path, cfg: DemoConfig, say: Callable[[str], None]) -> bool:
     return False
 
 
+PATHS = ("resume", "out", "store", "student")
+"""TrainConfig fields that do not tell whether a run in the work dir can be resumed."""
+
+
 def _resumable(run_dir: Path, wanted: Any, say: Callable[[str], None]) -> bool:
     """Whether ``run_dir`` holds a run of exactly ``wanted`` (a TrainConfig) to resume. A run of other settings
     (e.g. left by an earlier version of the demo with fewer steps) would resume into another schedule: it is
@@ -199,7 +203,9 @@ def _resumable(run_dir: Path, wanted: Any, say: Callable[[str], None]) -> bool:
         return False
     recorded = json.loads(recorded_path.read_text())
     target = json.loads(json.dumps(dataclasses.asdict(wanted)))
-    differs = sorted(k for k in target if k != "resume" and recorded.get(k) != target[k])
+    # the paths follow the work dir (moved or copied, it still holds the same runs); a student cut again in its
+    # place removes the runs first (run_demo)
+    differs = sorted(k for k in target if k not in PATHS and recorded.get(k) != target[k])
     if not differs:
         return True
     was = ", ".join(f"{k} {recorded.get(k)!r} (now {target[k]!r})" for k in differs)
