@@ -17,6 +17,8 @@ by it too with ``--final-heldout`` (``final_heldout``), a check that training's 
 Results go to bench/results/healing.json (``--out``), rewritten after every run; a run already in that file
 with the same name (the sorted keys) is kept, not repeated, so the search can be extended run by run.
 ``--summary`` prints the tables only, including paired differences by seed between runs that differ only in alpha.
+``--merge OTHER.json`` adds the runs of another results file (a search split over parallel workers, each with its
+own ``--out`` and e.g. ``OMP_NUM_THREADS=1``) to ``--out`` and prints the tables.
 """
 
 from __future__ import annotations
@@ -55,11 +57,15 @@ def run_name(spec: dict[str, Any]) -> str:
     return ",".join(f"{k}={spec[k]:g}" if isinstance(spec[k], float) else f"{k}={spec[k]}" for k in sorted(spec))
 
 
+def run_dir(spec: dict[str, Any], args: argparse.Namespace) -> Path:
+    return Path(args.work) / "runs" / run_name(spec).replace("=", "").replace(",", "-")
+
+
 def train_run(spec: dict[str, Any], student: str, args: argparse.Namespace) -> dict[str, Any]:
     from kd_pipeline.stages import train
     from kd_pipeline.stages.heldout import heldout
 
-    out = args.work / "runs" / run_name(spec).replace("=", "").replace(",", "-")
+    out = run_dir(spec, args)
     shutil.rmtree(out, ignore_errors=True)
     cfg = train.TrainConfig(
         store=str(args.store),
@@ -144,6 +150,7 @@ def summarise(report: dict[str, Any]) -> str:
                 r["seed"],
                 pts,
                 f"{last['perplexity'] / teacher:.2f}x",
+                f"{r['final_heldout']['perplexity']:.2f}" if r.get("final_heldout") else "-",
                 f"{r['train_seconds']:.0f}",
             ]
         )
@@ -159,6 +166,7 @@ def summarise(report: dict[str, Any]) -> str:
                 "seed",
                 "held-out ppl at step",
                 "vs teacher",
+                "final, all held-out",
                 "train s",
             ],
             rows,
@@ -199,6 +207,20 @@ def paired(runs: list[dict[str, Any]]) -> str:
     return markdown_table(header, rows)
 
 
+def merge(report: dict[str, Any], others: list[dict[str, Any]]) -> None:
+    """Add the runs of ``others`` that ``report`` lacks (by name), and their students and teacher measurements."""
+    for other in others:
+        for key, value in other.items():
+            report.setdefault(key, value)
+        report["students"] = {**other.get("students", {}), **report.get("students", {})}
+        report["teacher_on_eval_batches"] = {
+            **other.get("teacher_on_eval_batches", {}),
+            **report.get("teacher_on_eval_batches", {}),
+        }
+        done = {r["name"] for r in report.setdefault("runs", [])}
+        report["runs"] += [r for r in other.get("runs", []) if r["name"] not in done]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, required=True)
@@ -208,12 +230,38 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-batches", type=int, default=1000, help="at most N batches (of the run's batch size)")
     p.add_argument("--final-heldout", action="store_true", help="also measure each final student by stages.heldout")
+    p.add_argument(
+        "--measure-finals",
+        action="store_true",
+        help="measure, by stages.heldout on every held-out example, the final student of each run in --out that has "
+        "none yet and whose run folder is under --work; then print the tables",
+    )
     p.add_argument("--work", type=Path, default=Path("/tmp/kd-bench-healing"))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "healing.json")
     p.add_argument("--summary", action="store_true", help="print the tables of --out and exit")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="add the runs (and students, teacher subsets) of another results file to --out, then print the tables "
+        "(for searches run as parallel workers, each with its own --out)",
+    )
     args = p.parse_args()
     report: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if args.summary:
+    if args.merge:
+        merge(report, [json.loads(path.read_text()) for path in args.merge])
+        write_results("healing", report, args.out)
+    if args.measure_finals:
+        from kd_pipeline.stages.heldout import heldout
+
+        for r in report.get("runs", []):
+            final = run_dir({k: r[k] for k in (*DEFAULTS, "student", "warmup")}, args) / "final"
+            if r.get("final_heldout") is None and final.is_dir():
+                r["final_heldout"] = heldout(final, args.store, args.eval_fraction).to_dict()
+                print(f"{r['name']}: {r['final_heldout']}", flush=True)
+                write_results("healing", report, args.out)
+    if args.summary or args.merge or args.measure_finals:
         print(summarise(report))
         return
 

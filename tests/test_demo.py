@@ -114,3 +114,56 @@ def test_rerun_reuses_store_student_and_runs(demo: dict[str, Any]) -> None:
     assert student.stat().st_mtime_ns == stamp
     for key, row in demo["report"]["models"].items():
         assert again["models"][key]["perplexity"] == pytest.approx(row["perplexity"], rel=1e-6), key
+
+
+def _rerun_and_fresh(demo: dict[str, Any], tmp: pytest.TempPathFactory, **changes: Any) -> tuple[Path, Path, str]:
+    """The module's work dir copied and re-run with ``changes``, and a fresh demo with them: (re-run, fresh, log)."""
+    import dataclasses
+    import shutil
+
+    reused = tmp.mktemp("rerun") / "work"
+    shutil.copytree(demo["cfg"].work_dir, reused)
+    lines: list[str] = []
+    run_demo(dataclasses.replace(demo["cfg"], work_dir=str(reused), **changes), say=lines.append)
+    fresh = tmp.mktemp("fresh") / "work"
+    run_demo(dataclasses.replace(demo["cfg"], work_dir=str(fresh), **changes), say=lambda msg: None)
+    return reused, fresh, "\n".join(lines)
+
+
+def _assert_same_runs(reused: Path, fresh: Path) -> None:
+    """Both runs' final students are bit-identical in the two work dirs."""
+    from safetensors.torch import load_file
+
+    for run in ("run-distilled", "run-hard"):
+        got = load_file(reused / run / "final" / "model.safetensors")
+        want = load_file(fresh / run / "final" / "model.safetensors")
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (run, key)
+
+
+def test_rerun_with_other_steps_trains_again_from_the_start(
+    demo: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A work dir left by a demo of other settings (an earlier version's step count) is not resumed into another
+    schedule: both runs are trained again from the start, and equal a fresh demo of the new settings."""
+    steps = demo["cfg"].steps + 2  # the old runs' last checkpoint (step 3) is below: resuming would be possible
+    reused, fresh, log = _rerun_and_fresh(demo, tmp_path_factory, steps=steps)
+    for run in ("run-distilled", "run-hard"):
+        assert f"{reused / run} holds a run with other settings" in log, run
+        assert json.loads((reused / run / "config.json").read_text())["steps"] == steps
+    _assert_same_runs(reused, fresh)
+
+
+def test_rerun_with_another_cut_cuts_and_trains_again(
+    demo: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A work dir holding a student of other blocks (an earlier version's cut) is cut again, and both students
+    trained again: the same as a fresh demo of the new blocks (the run settings themselves are unchanged)."""
+    kept = json.loads((Path(demo["cfg"].work_dir) / "student" / "init_student.json").read_text())["result"]
+    other = 1 - kept["kept_layers"][0]  # the tiny teacher has 2 blocks; greedy removal kept one
+    reused, fresh, log = _rerun_and_fresh(demo, tmp_path_factory, blocks=str(other))
+    assert "holds a student of blocks" in log
+    info = json.loads((reused / "student" / "init_student.json").read_text())
+    assert info["result"]["kept_layers"] == [other]
+    _assert_same_runs(reused, fresh)
