@@ -217,6 +217,12 @@ def main() -> None:
     p.add_argument("--corpus2-sequences", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work", type=Path, default=Path("/tmp/regimes-work"))
+    p.add_argument(
+        "--remeasure",
+        nargs="*",
+        default=[],
+        help="RUN:SEED rows whose kept final student is measured again (early regime: students are kept)",
+    )
     p.add_argument("--summary", action="store_true", help="print the tables of the results files and exit")
     args = p.parse_args()
     if args.summary:
@@ -274,6 +280,12 @@ def main() -> None:
         from kd_pipeline.stages.models import load_model
 
         teacher_model = load_model(teacher, "causal-lm", device=torch.device("cpu"), dtype=torch.float32)
+    for row in report["runs"]:
+        if f"{row['run']}:{row['seed']}" in args.remeasure:
+            final = args.work / "runs" / f"{args.regime}-{row['run'].replace('@', '-a')}-s{row['seed']}" / "final"
+            row.update(measure(str(final), evals), remeasured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            print(f"remeasured {row['run']} seed {row['seed']}: kl {row['pydoc']['kl']:.3f}", flush=True)
+            save()
     done = {(r["run"], r["seed"]) for r in report["runs"] if r.get("steps") == args.steps}
     for spec in specs:
         for seed in args.seeds:

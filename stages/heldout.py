@@ -114,7 +114,7 @@ def score(
                 if ref.shape != z.shape:
                     raise ValueError(f"reference batch {i} has shape {tuple(ref.shape)}, expected {tuple(z.shape)}")
                 log_q = torch.log_softmax(z, dim=-1)
-                kl += float((log_q.exp() * (log_q - ref)).sum())
+                kl += float((ref.exp() * (ref - log_q)).sum())
                 agree += int((ref.argmax(-1) == z.argmax(-1)).sum())
     mean = nll / max(count, 1)
     return HeldOut(

@@ -46,7 +46,13 @@ def _float64(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[tuple[t
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("heldout")
     student = make_model(root / "student", "causal-lm", vocab_size=VOCAB, seed=1)
-    teacher = make_model(root / "teacher", "causal-lm", vocab_size=VOCAB, seed=2, hidden=48)
+    # the teacher: the student's weights moved by noise, so that the two agree on many positions but not all
+    teacher = make_model(root / "teacher", "causal-lm", vocab_size=VOCAB, seed=1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.7)
+    teacher.save_pretrained(root / "teacher")
     return {"student": (root / "student", student.eval()), "teacher": (root / "teacher", teacher.eval())}
 
 
@@ -65,16 +71,19 @@ def test_score_matches_a_float64_reference(models: dict[str, Any]) -> None:
     ref = reference_logprobs(t_dir, batches)
     got = score(s_dir, batches, ref, keep_positions=True)
 
-    nll, kl, agree, count = [], 0.0, 0, 0
+    nll, kl, agree, count, agree_labels = [], 0.0, 0, 0, 0
     for (lq, scored), (lp, _), b in zip(_float64(student, batches), _float64(teacher, batches), batches, strict=True):
         y = b["labels"][scored]
         q, p = lq[scored], lp[scored]  # (N, V) float64
         nll += (-q.gather(-1, y[:, None])[:, 0]).tolist()
         kl += float((p.exp() * (p - q)).sum())  # KL(teacher || student), summed over positions
         agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        agree_labels += int((y == q.argmax(-1)).sum())
         count += int(scored.sum())
     assert count == 2 * 3 * 8 - (3 + 5 + 2 + 7) == got.positions
-    assert 0 < agree < count  # the two models agree on some positions and not on others: the measure is informative
+    # the two models agree on some positions and not on others, and not where the model predicts the label: the
+    # measure is informative
+    assert 0 < agree < count and agree != agree_labels
     assert got.nll == pytest.approx(sum(nll) / count, rel=1e-5)
     assert got.perplexity == pytest.approx(math.exp(sum(nll) / count), rel=1e-5)
     assert got.kl == pytest.approx(kl / count, rel=1e-4)
