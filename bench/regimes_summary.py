@@ -9,6 +9,15 @@ from typing import Any
 
 from common import markdown_table
 
+PAIRS = [
+    ("hybrid4x12@0.5", "sample50@0.5"),
+    ("hybrid4x12@0.5", "topk16@0.5"),
+    ("sample50@0.5", "topk16@0.5"),
+    ("hybrid4x12@0.5", "topk32@0.5"),
+    ("topk32@1", "topk32@0.5"),
+]
+"""Paired comparisons printed when both runs are there (item 5: the matched-size stores; item 6: alpha)."""
+
 MEASURES = [("pydoc", "perplexity"), ("corpus2", "perplexity"), ("pydoc", "kl"), ("pydoc", "top1")]
 
 
@@ -118,3 +127,10 @@ def print_summary(paths: list[Path]) -> None:
             for r in runs
         ]
         print(markdown_table(["run", "seed", "pydoc ppl", "corpus2 ppl", "KL(t||s)", "top-1", "train s"], seed_rows))
+        rows = []
+        for a, b in PAIRS:
+            if a in names and b in names:
+                rows.append([f"{a} vs {b}", _pct(paired(runs, a, b)), _pct(paired(runs, a, b, "corpus2"))])
+        if rows:
+            print()
+            print(markdown_table(["pair", "pydoc ppl, paired", "corpus2 ppl, paired"], rows))
