@@ -87,16 +87,21 @@ def student_config(vocab_size: int) -> dict[str, Any]:
 
 
 def label_store(
-    out: Path, k: int, temperature: float, args: argparse.Namespace, samples: int | None = None
+    out: Path,
+    k: int,
+    temperature: float,
+    args: argparse.Namespace,
+    samples: int | None = None,
+    method: str | None = None,
 ) -> dict[str, Any]:
-    """Label the corpus subset at (k, T) (or with ``samples`` draws per position) with stages.label.run; a
-    finished store with this configuration is reused."""
+    """Label the corpus subset at (k, T) (or with ``samples`` draws per position; ``method`` "hybrid": k exact ids
+    and ``samples`` tail draws) with stages.label.run; a finished store with this configuration is reused."""
     from kd_pipeline.stages import label
 
     cfg = label.LabelConfig(
         out=str(out),
         top_k=k,
-        method="sample" if samples else "topk",
+        method=method or ("sample" if samples else "topk"),
         samples=samples or label.LabelConfig.samples,
         temperature=temperature,
         max_length=args.max_length,
@@ -162,8 +167,9 @@ def train_offline(cfg: Any) -> dict[str, Any]:
     return {**result.eval, "final_train_loss": result.final_loss, "seconds": time.perf_counter() - t0}
 
 
-def train_online(cfg: Any, teacher: Any, temperature: float) -> dict[str, Any]:
+def train_online(cfg: Any, teacher: Any, temperature: float, save: Path | None = None) -> dict[str, Any]:
     """stages.train.run's loop, written out, with the teacher in memory instead of the store's soft labels.
+    ``save``: also write the final student there with ``save_pretrained``.
 
     Same student initialisation (seeded the same way), the same batches in the same order (stages.train's own
     split and batch stream), the same AdamW groups, schedule and clipping, and stages.train.evaluate.
@@ -232,6 +238,8 @@ def train_online(cfg: Any, teacher: Any, temperature: float) -> dict[str, Any]:
         scheduler.step()
         loss_value = float(loss.detach())
     result = train.evaluate(net, eval_source, cfg, m.task, temperature, device, 0, 1)
+    if save is not None:
+        model.save_pretrained(save)
     return {**result, "final_train_loss": loss_value, "seconds": time.perf_counter() - t0}
 
 

@@ -5,6 +5,11 @@ transformers forward (``model(input_ids).logits``, ``F.cross_entropy``) over the
 out by content key (``StoreDataset(split="eval")``), so the teacher, a distilled student and a hard-label student
 are measured by one code path that shares nothing with the losses. It also times that forward (inference tokens
 per second) and counts the parameters (``parameters()`` counts tied weights once).
+
+Given a reference model's log-probs on the same batches (``reference_logprobs``, e.g. the teacher's full
+distribution), ``score`` also measures how close a model is to it: KL(reference || model) and top-1 agreement per
+scored position. ``score`` takes any batches of ``input_ids`` / ``attention_mask`` / ``labels`` (the store's
+held-out examples, or a second corpus tokenised by the caller).
 """
 
 from __future__ import annotations
@@ -13,9 +18,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["HeldOut", "heldout"]
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import torch
+
+__all__ = ["HeldOut", "heldout", "reference_logprobs", "score"]
 
 
 @dataclass
@@ -32,9 +42,103 @@ class HeldOut:
     """Held-out positions scored."""
     tokens_per_second: float
     """Input tokens through the forward pass per second (batch_size sequences per call, float32, this machine)."""
+    kl: float | None = None
+    """Mean KL(reference || model) over the scored positions, in nats (None: no reference given)."""
+    top1: float | None = None
+    """Share of scored positions where the model's most probable id is the reference's (None: no reference)."""
+    position_nll: list[float] | None = None
+    """Each scored position's cross-entropy, batch by batch in order (row-major over the labels that are not
+    -100); only with ``keep_positions``."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "position_nll"}
+
+
+def _load(model_dir: str | Path) -> Any:
+    import torch
+
+    from .models import load_model
+
+    model = load_model(str(model_dir), "causal-lm", device=torch.device("cpu"), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def reference_logprobs(model_dir: str | Path, batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """The causal LM in ``model_dir``'s next-token log-probs (float32, T=1, full vocabulary) at each batch's
+    scored positions (``labels != -100``): one (positions, V) tensor per batch, for ``score(reference=...)``."""
+    import torch
+
+    model = _load(model_dir)
+    out = []
+    with torch.inference_mode():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out.append(torch.log_softmax(logits[:, :-1][batch["labels"] != -100].float(), dim=-1))
+    return out
+
+
+def score(
+    model_dir: str | Path,
+    batches: Iterable[dict[str, torch.Tensor]],
+    reference: list[torch.Tensor] | None = None,
+    keep_positions: bool = False,
+) -> HeldOut:
+    """Evaluate the causal LM in ``model_dir`` (float32, CPU) on ``batches``: cross-entropy of ``labels``
+    (``-100``: not scored) and, with ``reference`` (``reference_logprobs`` of the same batches, in the same
+    order), KL(reference || model) and top-1 agreement with it."""
+    import torch
+
+    batches = list(batches)
+    if reference is not None and len(reference) != len(batches):
+        raise ValueError(f"reference has {len(reference)} batches, the data {len(batches)}")
+    model = _load(model_dir)
+    nll, count, tokens, seconds, kl, agree = 0.0, 0, 0, 0.0, 0.0, 0
+    positions: list[float] = []
+    with torch.inference_mode():
+        for i, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+            seconds += time.perf_counter() - t0
+            tokens += int(batch["attention_mask"].sum())
+            labels = batch["labels"]  # (B, L-1), -100 on padding
+            scored = labels != -100
+            z = logits[:, :-1][scored].float()  # (N, V)
+            ce = torch.nn.functional.cross_entropy(z, labels[scored], reduction="none")  # (N,)
+            nll += float(ce.sum())
+            count += int(scored.sum())
+            if keep_positions:
+                positions += ce.tolist()
+            if reference is not None:
+                ref = reference[i]  # (N, V)
+                if ref.shape != z.shape:
+                    raise ValueError(f"reference batch {i} has shape {tuple(ref.shape)}, expected {tuple(z.shape)}")
+                log_q = torch.log_softmax(z, dim=-1)
+                kl += float((ref.exp() * (ref - log_q)).sum())
+                agree += int((ref.argmax(-1) == z.argmax(-1)).sum())
+    mean = nll / max(count, 1)
+    return HeldOut(
+        parameters=sum(p.numel() for p in model.parameters()),
+        nll=mean,
+        perplexity=math.exp(mean),
+        positions=count,
+        tokens_per_second=tokens / seconds if seconds else float("nan"),
+        kl=kl / max(count, 1) if reference is not None else None,
+        top1=agree / max(count, 1) if reference is not None else None,
+        position_nll=positions if keep_positions else None,
+    )
+
+
+def store_batches(
+    store: str | Path, eval_fraction: float, batch_size: int = 4, max_batches: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """The examples ``pipeline train`` holds out of ``store`` by content key (``eval_fraction``), in batches."""
+    from itertools import islice
+
+    from ..data.dataset import StoreDataset
+
+    held = StoreDataset(store, batch_size=batch_size, shuffle=False, split="eval", eval_fraction=eval_fraction)
+    return list(islice(held, max_batches))
 
 
 def heldout(
@@ -50,35 +154,4 @@ def heldout(
         max_batches: only the first this many batches (the examples ``TrainConfig.eval_batches`` lets training's
             evaluation see at the same batch size); None: every held-out example.
     """
-    import torch
-
-    from ..data.dataset import StoreDataset
-    from .models import load_model
-
-    model = load_model(str(model_dir), "causal-lm", device=torch.device("cpu"), dtype=torch.float32)
-    model.eval()
-    held = StoreDataset(store, batch_size=batch_size, shuffle=False, split="eval", eval_fraction=eval_fraction)
-    nll, count, tokens, seconds = 0.0, 0, 0, 0.0
-    with torch.inference_mode():
-        for i, batch in enumerate(held):
-            if max_batches is not None and i >= max_batches:
-                break
-            t0 = time.perf_counter()
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
-            seconds += time.perf_counter() - t0
-            tokens += int(batch["attention_mask"].sum())
-            labels = batch["labels"]  # (B, L-1), -100 on padding
-            nll += float(
-                torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum"
-                )
-            )
-            count += int((labels != -100).sum())
-    mean = nll / max(count, 1)
-    return HeldOut(
-        parameters=sum(p.numel() for p in model.parameters()),
-        nll=mean,
-        perplexity=math.exp(mean),
-        positions=count,
-        tokens_per_second=tokens / seconds if seconds else float("nan"),
-    )
+    return score(model_dir, store_batches(store, eval_fraction, batch_size, max_batches))
