@@ -451,3 +451,26 @@ def test_logits_never_exist(kind: str) -> None:
     # (64, 50,000) float32 blocks are 12.8 MB; a few live at once, plus (V, H) and (N, H) float32 gradients
     # (6.9 MB); measured 68 MB (forward-kl) and 121 MB (jsd)
     assert got["chunked"] < 0.2 * got["dense_bytes"], got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_loss_scales_every_gradient_once(dtype: torch.dtype) -> None:
+    """backward of ``loss * 3`` (as DDP's ``loss * world`` and gradient accumulation do): every gradient is 3x the
+    float64 reference's; a second backward through the same graph (retain_graph) adds 1x more, so the gradients
+    saved in forward are scaled, not consumed."""
+    c = make_case("topk", dtype=dtype)
+    x = [c[name].clone().requires_grad_(True) for name in ("hidden", "weight", "bias")]
+    loss, _ = chunked_distill_loss(
+        *x, c["ids"], c["lp"], c["tail"], c["labels"], target_mask=c["mask"], chunk=4, alpha=0.5
+    )
+    (loss * 3.0).backward(retain_graph=True)
+    _, want = run_dense(c, alpha=0.5)
+    # GRAD's atol scaled by the 3 (float32); bf16 inputs: the gradients rounded to bf16 (8 bits of mantissa)
+    tol = {"rtol": 1e-5, "atol": 3e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    for t, w in zip(x, want, strict=True):
+        assert t.grad is not None
+        torch.testing.assert_close(t.grad.double(), 3.0 * w, **tol)
+    loss.backward()
+    for t, w in zip(x, want, strict=True):
+        assert t.grad is not None
+        torch.testing.assert_close(t.grad.double(), 4.0 * w, **tol)
