@@ -177,7 +177,10 @@ def train_online(cfg: Any, teacher: Any, temperature: float, save: Path | None =
     from kd_pipeline import data
     from kd_pipeline.data.dataset import StoreDataset
     from kd_pipeline.stages import train
+    from kd_pipeline.stages.batch_loss import at_positions
     from kd_pipeline.stages.models import OutputHead, load_student, resolve_device
+    from kd_pipeline.stages.train_setup import batch_stream, data_split, warmup_cosine
+    from kd_pipeline.stages.weighting import selected
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -186,8 +189,8 @@ def train_online(cfg: Any, teacher: Any, temperature: float, save: Path | None =
     torch.manual_seed(cfg.seed)
     model, _ = load_student(cfg.student, m)
     model.to(device)
-    net = train._at_positions(model, m.task)
-    train_split, eval_source = train._split(cfg, store)
+    net = at_positions(model, m.task)
+    train_split, eval_source = data_split(cfg, store)
 
     def train_set(epoch: int, samples_seen: int) -> StoreDataset:
         return StoreDataset(
@@ -210,24 +213,24 @@ def train_online(cfg: Any, teacher: Any, temperature: float, save: Path | None =
         betas=(0.9, 0.95),
         foreach=False,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train._warmup_cosine(cfg.warmup, cfg.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps))
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
     head = OutputHead(teacher, m.task)
-    batches = train._batch_stream(train_set, cfg, 1, {"epoch": 0, "samples_seen": 0})
+    batches = batch_stream(train_set, cfg, 1, {"epoch": 0, "samples_seen": 0})
     model.train()
     loss_value = float("nan")
     for _ in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)
         batch, _ = next(batches)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        select = train._selected(batch)  # (B, L-1) bool
+        select = selected(batch)  # (B, L-1) bool
         with torch.no_grad():
             hidden = head.hidden_or_logits(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
             teacher_lp = torch.log_softmax(head.logits(hidden[:, :-1][select]) / temperature, dim=-1)  # (N, V)
         with autocast:
-            z = net(batch["input_ids"], batch["attention_mask"], select)  # (N, V) float32
+            z = net.logits(net(batch["input_ids"], batch["attention_mask"], select))  # (N, V) float32
             log_q = torch.log_softmax(z.float() / temperature, dim=-1)
             kl = (teacher_lp.exp() * (teacher_lp - log_q)).sum(-1).mean() * temperature**2
             ce = F.cross_entropy(z.float(), batch["labels"][select])

@@ -13,8 +13,8 @@ weights, with stages.train's optimizer (AdamW, betas 0.9/0.95, decay on matrices
 warmup + cosine schedule, clipping at 1.0 and (on GPU) bf16 autocast; one "step" is zero_grad, forward, loss,
 backward, clip, optimizer and scheduler step, with the batch's host->device copy:
 
-    (a) store   ``stages.train._at_positions`` + ``stages.train._loss``: the student's hidden states at the
-                labelled positions only, the head and the k+1-bin forward KL mixed with cross-entropy (alpha 0.5)
+    (a) store   ``stages.batch_loss.at_positions`` + ``stages.batch_loss.train_loss``: the student's hidden states
+                at the labelled positions only, the head and the k+1-bin forward KL mixed with cross-entropy (alpha 0.5)
                 in chunks of positions, as ``pipeline train`` (``--loss-chunk`` default).
     (a') dense  the same with the dense head and loss (``--loss-chunk 0``): the (N, V) logits, as before the chunks.
     (b) hard    the same student and positions, ``F.cross_entropy`` on the next token only (the baseline).
@@ -77,11 +77,12 @@ class Trainer:
     """One student with stages.train's optimizer and schedule, stepping in one of the three modes."""
 
     def __init__(self, mode: str, model: Any, teacher: Any, cfg: Any, temperature: float, total: int) -> None:
-        from kd_pipeline.stages import train
+        from kd_pipeline.stages.batch_loss import at_positions
         from kd_pipeline.stages.models import OutputHead
+        from kd_pipeline.stages.train_setup import warmup_cosine
 
         self.mode, self.model, self.cfg, self.temperature = mode, model, cfg, temperature
-        self.net = train._at_positions(model, "causal-lm", 0 if mode == "dense" else cfg.loss_chunk)
+        self.net = at_positions(model, "causal-lm", 0 if mode == "dense" else cfg.loss_chunk)
         self.teacher_head = OutputHead(teacher, "causal-lm") if teacher is not None else None
         decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
@@ -91,7 +92,7 @@ class Trainer:
             betas=(0.9, 0.95),
             foreach=False,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, train._warmup_cosine(cfg.warmup, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.warmup, total))
         device = next(model.parameters()).device
         self.device = device
         self.autocast = (
@@ -102,7 +103,8 @@ class Trainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step; returns the wall seconds of its parts (forward+loss, backward, optimizer)."""
-        from kd_pipeline.stages import train
+        from kd_pipeline.stages.batch_loss import train_loss
+        from kd_pipeline.stages.weighting import selected, step_counts
 
         sync(self.device)
         r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -117,10 +119,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             if self.mode in ("store", "dense"):
-                counts = train.step_counts([b], 1, self.device)  # as train.run: the step's positions (one micro-batch)
-                loss, _ = train._loss(self.net, b, "causal-lm", self.cfg, self.temperature, counts)
+                counts = step_counts([b], 1, self.device)  # as train.run: the step's positions (one micro-batch)
+                loss, _ = train_loss(self.net, b, "causal-lm", self.cfg, self.temperature, counts)
             else:
-                select = train._selected(b)  # (B, L-1): the same positions as (a)
+                select = selected(b)  # (B, L-1): the same positions as (a)
                 labels = b["labels"][select]
                 teacher_lp = self._teacher_logprobs(b, select) if self.mode == "online" else None
                 z = self.net.logits(self.net(b["input_ids"], b["attention_mask"], select))  # (N, V) float32

@@ -545,9 +545,7 @@ class StoreDataset(IterableDataset[dict[str, torch.Tensor]]):
             batch = next(consumers[b % W])
             yield widen(batch) if self.collate_fn is None else batch
 
-    def _consumer(
-        self, order: EpochOrder, offsets: NDArray, plan: Plan, w: int, done: int
-    ) -> Iterator[dict[str, Any]]:
+    def _consumer(self, order: EpochOrder, offsets: NDArray, plan: Plan, w: int, done: int) -> Iterator[dict[str, Any]]:
         """Worker ``w``'s batches of this rank, from its first one after rank batch ``done``, through M, as
         :func:`~data.collate.collate_arrays` gives them (narrow), or as ``collate_fn`` makes them."""
         R, W, B = self.world_size, max(self.num_workers, 1), self.batch_size

@@ -52,17 +52,12 @@ from .train_setup import (
     progress_bar,
     setup_distributed,
     verify_full,
-    warmup_cosine,
     weights_digest,
 )
-from .weighting import selected, step_counts, summed_over_ranks
+from .weighting import step_counts, summed_over_ranks
 from .xtok_train import cross_counts, cross_evaluate, cross_loss, cross_refusals, cross_student
 
 __all__ = ["VERIFY_MODES", "TrainConfig", "TrainConfigError", "TrainResult", "evaluate", "run"]
-
-# The names bench/ and tests/ have always imported from here, before the loop's pieces moved to their modules.
-_at_positions, _loss, _selected, _split = at_positions, train_loss, selected, data_split
-_batch_stream, _warmup_cosine = batch_stream, warmup_cosine
 
 
 def run(cfg: TrainConfig, log: Any = None) -> TrainResult:

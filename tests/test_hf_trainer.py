@@ -19,6 +19,7 @@ import torch
 
 from kd_pipeline.data.dataset import StoreDataset
 from kd_pipeline.stages import train
+from kd_pipeline.stages.batch_loss import at_positions, train_loss
 from kd_pipeline.stages.hf_trainer import StoreTrainer
 from tests.test_weighting import ALPHA, assert_same_gradients, unequal_world
 
@@ -44,8 +45,8 @@ def test_loss_on_a_batch_equals_pipeline_trains(world: dict[str, Any], tmp_path:
     loss.backward()
 
     twin = AutoModelForCausalLM.from_pretrained(world["student"])
-    net = train._at_positions(twin, "causal-lm", loss_chunk)
-    want, _ = train._loss(net, batch, "causal-lm", train.TrainConfig(alpha=ALPHA), 2.0)
+    net = at_positions(twin, "causal-lm", loss_chunk)
+    want, _ = train_loss(net, batch, "causal-lm", train.TrainConfig(alpha=ALPHA), 2.0)
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     ref_loss, ref_grads = world["reference"]
     assert float(loss.detach()) == pytest.approx(ref_loss, rel=1e-5)
