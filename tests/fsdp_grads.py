@@ -59,8 +59,9 @@ def main(out: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from kd_pipeline.stages.batch_loss import at_positions, train_loss
     from kd_pipeline.stages.sharding import full_model_state, in_forward, shard_student
-    from kd_pipeline.stages.train import TrainConfig, _at_positions, _loss
+    from kd_pipeline.stages.train import TrainConfig
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -69,9 +70,9 @@ def main(out: str) -> None:
     for name, tied, chunk, dtype in CASES:
         model = student(tied)
         init = {k: v.clone() for k, v in model.state_dict().items()}
-        root = shard_student(_at_positions(model, "causal-lm", chunk), dtype)
+        root = shard_student(at_positions(model, "causal-lm", chunk), dtype)
         cfg = TrainConfig(store="-", student="-", out="-", alpha=ALPHA, loss_chunk=chunk)
-        loss, _ = in_forward(root, _loss, half, "causal-lm", cfg, T)
+        loss, _ = in_forward(root, train_loss, half, "causal-lm", cfg, T)
         loss.backward()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
