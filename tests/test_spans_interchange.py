@@ -60,7 +60,7 @@ def test_export_keeps_texts_spans_and_token_strings(world: dict[str, Any], tmp_p
 
     store = world["root"] / "single"
     out = tmp_path / f"out.{fmt}"
-    result = _run("export", str(store), "--to", fmt, "--out", str(out))
+    result = _run("export", str(store), str(out), "--to", fmt)
     assert result.exit_code == 0, result.output
     table = pq.read_table(out) if fmt == "parquet" else pa.ipc.open_file(str(out)).read_all()
     assert table.column("text").to_pylist() == DOCS  # the source texts, as the label run read them
@@ -77,7 +77,7 @@ def test_export_refuses_tampered_token_strings_in_one_line(world: dict[str, Any]
     store = tmp_path / "s"
     shutil.copytree(world["root"] / "single", store)
     _tamper(store / "tokens.json")
-    result = _run("export", str(store), "--to", "parquet", "--out", str(tmp_path / "x.parquet"))
+    result = _run("export", str(store), str(tmp_path / "x.parquet"), "--to", "parquet")
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
     assert "tokens.json: does not match its SHA-256" in line
