@@ -20,20 +20,11 @@ from kd_pipeline.data.collate import IGNORE_INDEX, WIDE_DTYPES, WireBatch, colla
 from kd_pipeline.data.dataset import StoreDataset
 from kd_pipeline.data.reader import open_store
 from tests.conftest import write_store
+from tests.test_dataset import DTYPES
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
-PUBLIC = {
-    "input_ids": torch.int64,
-    "attention_mask": torch.int64,
-    "target_ids": torch.int64,
-    "target_logprobs": torch.float32,
-    "tail_mass": torch.float32,
-    "position_mask": torch.bool,
-    "labels": torch.int64,
-    "index": torch.int64,
-    "example_weight": torch.float32,
-}
+PUBLIC = DTYPES  # the dtypes every consumer has always received (tests/test_dataset.py)
 
 
 def through_workers(path: Path, workers: int = 2, **kw: Any) -> list[dict[str, torch.Tensor]]:
