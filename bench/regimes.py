@@ -35,6 +35,7 @@ already there is skipped, so a second invocation extends the grid).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -47,7 +48,10 @@ import torch
 from common import RESULTS, code_digests, environment, write_results
 from quality import label_store, student_config
 
-CUT_LAYERS = "0,1,2,8,11,21,24,27,28,29"
+CUT_LAYERS = {
+    "cut": "0,1,2,8,11,21,24,27,28,29",  # section 8's 10-block cut
+    "long": "0,1,2,8,9,10,11,20,21,22,23,24,27,28,29",  # the demo's 15 blocks (greedy removal's 15)
+}
 LENGTH = 256
 SPLIT_STORE = "topk32"  # its ids decide the in/out of top-k split; hard labels train on it
 
@@ -159,7 +163,8 @@ def prepare_student(args: argparse.Namespace, teacher: str, vocab: int) -> tuple
 
     if not (folder / "init_student.json").is_file():
         shutil.rmtree(folder, ignore_errors=True)
-        init_student.run(init_student.InitStudentConfig(teacher=teacher, out=str(folder), layers=CUT_LAYERS))
+        layers = CUT_LAYERS[args.regime]
+        init_student.run(init_student.InitStudentConfig(teacher=teacher, out=str(folder), layers=layers))
     schedule = student_schedule(str(folder))
     return str(folder), {k: v for k, v in schedule.items() if k != "alpha"}
 
@@ -206,7 +211,7 @@ def train_run(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--regime", choices=["early", "cut"])
+    p.add_argument("--regime", choices=["early", "cut", "long"])
     p.add_argument("--runs", nargs="+", default=["hard", "topk32@0.5"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
@@ -245,8 +250,15 @@ def main() -> None:
     wall0 = time.perf_counter()
 
     def save() -> None:
+        """Write the report, keeping rows that another process running this regime wrote meanwhile."""
         report["wall_seconds"] = time.perf_counter() - wall0
-        write_results(f"regimes-{args.regime}", report)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ours = {(r["run"], r["seed"], r.get("steps")) for r in report["runs"]}
+            if path.is_file():
+                theirs = json.loads(path.read_text()).get("runs", [])
+                report["runs"] += [r for r in theirs if (r["run"], r["seed"], r.get("steps")) not in ours]
+            write_results(f"regimes-{args.regime}", report)
 
     ns = argparse.Namespace(max_length=LENGTH, shard_size=16, tokens=args.sequences * LENGTH)
     stores = report.setdefault("stores", {})
@@ -267,13 +279,13 @@ def main() -> None:
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("summary",)},
         "student": student,
         "schedule": schedule,
-        "cut_layers": CUT_LAYERS if args.regime == "cut" else None,
+        "cut_layers": CUT_LAYERS.get(args.regime),
         "code": code_digests("kd_pipeline.stages.train", "kd_pipeline.stages.heldout", "kd_pipeline.stages.label"),
     }
     evals, report["teacher"] = teacher_evals(teacher, args, args.work / f"store-{SPLIT_STORE}")
     print(f"teacher: {report['teacher']}", flush=True)
     if "start" not in report:
-        report["start"] = measure(student, evals) if args.regime == "cut" else None
+        report["start"] = measure(student, evals) if args.regime != "early" else None
     save()
     teacher_model = None
     if any(s["online"] for s in specs):
@@ -310,7 +322,7 @@ def main() -> None:
                 f"({trained['train_seconds']:.0f} s)",
                 flush=True,
             )
-            if args.regime == "cut" or spec["online"]:
+            if args.regime != "early" or spec["online"]:
                 shutil.rmtree(Path(final).parent, ignore_errors=True)  # 255 MB each; the figures are kept
     print(f"wrote {path}")
 
