@@ -15,8 +15,14 @@ PAIRS = [
     ("sample50@0.5", "topk16@0.5"),
     ("hybrid4x12@0.5", "topk32@0.5"),
     ("topk32@1", "topk32@0.5"),
+    ("topk32@0.5", "online@0.5"),
+    ("hybrid4x12@0.5", "online@0.5"),
+    ("sample50@0.5", "online@0.5"),
+    ("online@1", "online@0.5"),
+    ("online@1", "topk32@1"),
 ]
-"""Paired comparisons printed when both runs are there (item 5: the matched-size stores; item 6: alpha)."""
+"""Paired comparisons printed when both runs are there (item 5: the matched-size stores; item 6: alpha; the
+issue's target: stored targets against online full-logit KD)."""
 
 MEASURES = [("pydoc", "perplexity"), ("corpus2", "perplexity"), ("pydoc", "kl"), ("pydoc", "top1")]
 
