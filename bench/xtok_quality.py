@@ -133,12 +133,13 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     store_path = work / "store"
-    t0 = time.perf_counter()
+    label_s = None  # None: the store was in --work already (labelled by an earlier run)
     if not (store_path / "manifest.json").is_file():
+        t0 = time.perf_counter()
         docs = _paragraphs(work / "paragraphs.jsonl", args.records)
         cfg = LabelConfig(data=str(docs), out=str(store_path), spans=True, max_length=args.max_length, shard_size=64)
         label(cfg, log=lambda m: print(m, file=sys.stderr))
-    label_s = time.perf_counter() - t0
+        label_s = time.perf_counter() - t0
     store = data.open_store(str(store_path))
     held = held_out(np.concatenate([store.shard_keys(s) for s in range(store.num_shards)]), 0.1)  # as train's split
     bpe_texts, held_texts = _bpe_texts(store, held)

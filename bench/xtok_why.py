@@ -47,10 +47,11 @@ def _kind(n_teacher: int, n_student: int) -> int:
     return 2 if n_student == 1 else 3
 
 
-def _positions(store: data.StoreReader, ex: dict[str, NDArray], tok: Any, maps: tuple[NDArray, NDArray]) -> Any:
+def _positions(store: data.StoreReader, ex: dict[str, NDArray], tok: Any, maps: tuple[Any, ...]) -> Any:
     """One example: the student's ids, each position's class, the characters its next token covers, and at each
-    aligned pair (student position, target probability of the student's next token, teacher's of its own)."""
-    forward, inverse = maps  # teacher id -> student id, student id -> teacher id (-1: no id with its string)
+    aligned pair (student position, target probability of the student's next token, teacher's of its own, whether
+    the student's next token is shared, the target's mass on shared ids whose string is a proper prefix of it)."""
+    forward, inverse, teacher, student = maps  # id maps (-1: no id with its string); each side's id strings
     width = 512  # the student's max_position_embeddings (bench/xtok_quality.py)
     raw = bytes(ex["text"])
     ((ids, spans),) = encode_with_spans(tok, [raw.decode("utf-8")])
@@ -76,7 +77,15 @@ def _positions(store: data.StoreReader, ex: dict[str, NDArray], tok: Any, maps: 
         shared_mass = np.where(known & (forward[tid] >= 0), prob, 0.0).sum(1)
         target = np.where(mapped >= 0, q_shared, 1.0 - shared_mass)  # the rest bin's mass when unshared
         own = np.where(known & (tid == p[:, 3][:, None]), prob, 0.0).sum(1)
-        rows = list(zip(p[:, 0].tolist(), target.tolist(), own.tolist(), (mapped >= 0).tolist(), strict=True))
+        prefix = [
+            sum(
+                q
+                for t, q, k in zip(tid[j].tolist(), prob[j].tolist(), known[j].tolist(), strict=True)
+                if k and forward[t] >= 0 and nxt and teacher[t] != nxt and nxt.startswith(teacher[t])
+            )
+            for j, nxt in enumerate(student[i] for i in p[:, 2])
+        ]
+        rows = list(zip(p[:, 0].tolist(), target.tolist(), own.tolist(), (mapped >= 0).tolist(), prefix, strict=True))
     return ids, kind, chars, rows
 
 
@@ -94,36 +103,38 @@ def main() -> None:
     store = data.open_store(str(work / "store"))
     tok = load_tokenizer(str(work / "student"))
     teacher = data.source_text.read_token_strings(store.location, store.manifest)
-    forward = vocab_map(teacher, token_strings(tok, len(tok)))  # teacher id -> student id
+    student = token_strings(tok, len(tok))
+    forward = vocab_map(teacher, student)  # teacher id -> student id
     inverse = np.full(len(tok), -1, dtype=np.int64)
     inverse[forward[forward >= 0]] = np.flatnonzero(forward >= 0)
+    maps = (forward, inverse, teacher, student)
     held = held_out(np.concatenate([store.shard_keys(s) for s in range(store.num_shards)]), 0.1)
     report: dict[str, Any] = {"env": environment("cpu"), "shared_ids": int((forward >= 0).sum()), "train": {}}
 
     # 1. the soft target on the training split
-    counts, target, own, shared = np.zeros(5), [[] for _ in range(4)], [[] for _ in range(4)], [[] for _ in range(4)]
+    counts, lists = np.zeros(5), [[[] for _ in range(4)] for _ in range(4)]  # target, own, shared, prefix
     for i in np.flatnonzero(~held):
-        _, kind, _, rows = _positions(store, store[int(i)], tok, (forward, inverse))
+        _, kind, _, rows = _positions(store, store[int(i)], tok, maps)
         counts += np.bincount(kind, minlength=5)
-        for pos, tgt, mine, sh in rows:
-            target[kind[pos]].append(tgt)
-            own[kind[pos]].append(mine)
-            shared[kind[pos]].append(sh)
+        for pos, *values in rows:
+            for column, value in zip(lists, values, strict=True):
+                column[kind[pos]].append(value)
     for k, name in enumerate(CLASSES):
         row: dict[str, Any] = {"positions": int(counts[k]), "share": float(counts[k] / counts.sum())}
-        if k < 4 and target[k]:
-            t = np.asarray(target[k])
+        if k < 4 and lists[0][k]:
+            target, own, shared, prefix = (np.asarray(column[k], dtype=float) for column in lists)
             row |= {
-                "target_prob_of_next_mean": float(t.mean()),
-                "target_bits_of_next_mean": float(-np.log2(np.maximum(t, 1e-12)).mean()),
-                "teacher_prob_of_own_next_mean": float(np.mean(own[k])),
-                "next_token_shared": float(np.mean(shared[k])),
+                "target_prob_of_next_mean": float(target.mean()),
+                "target_prob_of_next_below_1pct": float((target < 0.01).mean()),
+                "teacher_prob_of_own_next_mean": float(own.mean()),
+                "next_token_shared": float(shared.mean()),
+                "target_mass_on_shared_prefixes_mean": float(prefix.mean()),
             }
         report["train"][name] = row
     print(json.dumps(report["train"], indent=1), file=sys.stderr)
 
     # 2. held-out bits per character by class, per finished run
-    examples = [_positions(store, store[int(i)], tok, (forward, inverse)) for i in np.flatnonzero(held)]
+    examples = [_positions(store, store[int(i)], tok, maps) for i in np.flatnonzero(held)]
     report["held_out"] = {}
     for run in sorted(work.glob("run-*")):
         if not (run / "final").is_dir():
@@ -137,8 +148,10 @@ def main() -> None:
                 per = -lp.gather(1, x[0, 1:, None])[:, 0].numpy()
                 nll += np.bincount(kind, weights=per, minlength=5)
                 chars += np.bincount(kind, weights=ch, minlength=5)
+        loop = json.loads((run / "bench.json").read_text())["row"] if (run / "bench.json").is_file() else {}
         report["held_out"][run.name] = {
             "bits_per_char": float(nll.sum() / math.log(2) / chars.sum()),
+            "bits_per_char_of_the_loop": loop.get("bits_per_char"),  # the training loop's own evaluation
             "by_class": {
                 n: {"bits_per_char": float(nll[k] / math.log(2) / max(chars[k], 1)), "chars": float(chars[k])}
                 for k, n in enumerate(CLASSES)
