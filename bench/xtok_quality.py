@@ -8,9 +8,10 @@ Data: the built-in corpus (the Python docs' topics), cut into its paragraphs; th
 (one record each, so that examples are short and many; --records caps them, 0: all 783) are labelled once with the
 built-in teacher (SmolLM2-135M-Instruct) with ``--spans`` (top-32 at T=1, --max-length 128). The held-out split is
 ``pipeline train``'s (10% of the labelled examples by content key). The student's BPE is trained on every paragraph
-of the corpus (labelled or not, any length) but those holding a held-out example's text: the labelled training
-texts alone (~285k characters) stop short of 8k ids (~7.4k). Both arms run ``pipeline train --cross-tokenizer``
-(``stages.train.run``; alpha --alpha vs alpha 0: the same student, loop, example order, schedule and evaluation).
+of the corpus (labelled or not, any length) but those that hold a held-out example's text or lie inside one: the
+labelled training texts alone (243,527 characters, cut at 128 teacher tokens) stop at 6,960 ids. Both arms run
+``pipeline train --cross-tokenizer`` (``stages.train.run``; alpha --alpha vs alpha 0: the same student, loop,
+example order, schedule and evaluation).
 A run whose ``bench.json`` records the same settings is not run again (delete --work to start over).
 Writes bench/results/xtok_quality.json (--results names another).
 """
