@@ -72,8 +72,9 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     from .sharding import full_model_state, in_forward, shard_student
 
     cfg.validate()
-    if cfg.cross_tokenizer and cross_refusals(cfg):
-        raise TrainConfigError("; ".join(cross_refusals(cfg)))
+    refused = cross_refusals(cfg) if cfg.cross_tokenizer else []
+    if refused:
+        raise TrainConfigError("; ".join(refused))
     rank, world, device = setup_distributed(resolve_device(cfg.device))
     if cfg.fsdp and world == 1:
         raise TrainConfigError(
