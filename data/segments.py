@@ -327,9 +327,14 @@ class LazyShards(Sequence[ShardRecord]):
             return self._cache[j]
         ref = self.refs[j]
         records = read_segment(self.location, ref, self._starts[j], self._targets, self.cache_dir)
-        listed = ref.shard_rows is not None or ref.summary is not None
-        if self.uniform_unless_listed and not listed and any(s.rows != ref.rows // ref.shards for s in records):
-            raise ManifestError(f"{self.location}: {ref.path}: its shards' example counts are not all equal")
+        if self.uniform_unless_listed and ref.shard_rows is None and ref.summary is None:
+            each = ref.rows // ref.shards  # what shard_rows() told the loader, from the root alone
+            if (bad := next((s for s in records if s.rows != each), None)) is not None:
+                raise ManifestError(
+                    f"{self.location}: {ref.path}: the root lists no per-shard example counts for it, so each of "
+                    f"its {ref.shards} shards should hold {each} examples (rows / shards), but {bad.name} holds "
+                    f"{bad.rows}; the store's root or records are corrupt: copy the store again from its source"
+                )
         self._cache[j] = records
         while len(self._cache) > _CACHED_SEGMENTS:
             self._cache.popitem(last=False)
@@ -407,7 +412,11 @@ def parse_root(d: dict[str, Any], location: Location) -> Manifest:
     shards.uniform_unless_listed = d.get("segment_counts") == 1
     for i, r in enumerate(refs):
         if shards.uniform_unless_listed and r.shard_rows is None and r.summary is None and r.rows % r.shards:
-            raise ManifestError(f"manifest: segments[{i}] has {r.rows} rows, not a multiple of its {r.shards} shards")
+            raise ManifestError(
+                f"manifest: segments[{i}] ({r.path}) lists no per-shard example counts, so its {r.shards} shards "
+                f"must hold equal counts, but its {r.rows} rows are not a multiple of {r.shards}; the root is "
+                "corrupt: copy the store again from its source"
+            )
     return replace(base, shards=shards)
 
 
