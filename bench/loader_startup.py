@@ -26,10 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.rawstore: standard library only
+
 from commit_cost import prefill, template
 from common import write_results
 
 from kd_pipeline.data import StoreWriter
+from tests.rawstore import strip_counts
 
 _START = """
 import json, sys, time
@@ -60,16 +63,6 @@ def start(path: Path) -> dict[str, Any]:
         raise RuntimeError(out.stderr)
     result: dict[str, Any] = json.loads(out.stdout)
     return result
-
-
-def strip_counts(path: Path) -> None:
-    """The root without the per-shard counts (what the writer wrote before them); segments unchanged."""
-    root = json.loads((path / "manifest.json").read_text())
-    root.pop("segment_counts")
-    for ref in root["segments"]:
-        ref.pop("shard_rows", None)
-        ref.pop("summary", None)
-    (path / "manifest.json").write_text(json.dumps(root))
 
 
 def main() -> None:
