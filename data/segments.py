@@ -17,7 +17,8 @@ root, so its cost does not grow with the store:
   stops naming is deleted one commit later (a reader that opened the store just before has time to read it).
 
 Readers parse only the root; :class:`LazyShards` loads a segment on demand (a few kept in an LRU cache), after
-checking its size and SHA-256 against the root, and checks every record as a version-1 manifest's.
+checking its size and SHA-256 against the root; its records' units, names, paths and rows are checked then, and
+each record in full, as a version-1 manifest's, when first used (:class:`SegmentRecords`).
 
 Each shard's example count (what a loader's epoch order needs, data/dataset.py) is readable without any record: a
 reference to a segment below ``SEGMENT_SHARDS`` records lists them inline (``shard_rows``, run-length:
@@ -33,6 +34,8 @@ that stores of equal-sized shards write no summary and no inline counts.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -55,6 +58,7 @@ __all__ = [
     "FileRef",
     "LazyShards",
     "RowIndex",
+    "SegmentRecords",
     "SegmentRef",
     "parse_root",
     "root_dict",
@@ -244,7 +248,7 @@ class LazyShards(Sequence[ShardRecord]):
         self._starts = [0]  # (segments + 1,) index of each segment's first record
         for ref in self.refs:
             self._starts.append(self._starts[-1] + ref.shards)
-        self._cache: OrderedDict[int, tuple[ShardRecord, ...]] = OrderedDict()
+        self._cache: OrderedDict[int, SegmentRecords] = OrderedDict()
         # where a remote store's segments are kept once read (set by the reader): they never change, so a later
         # reader of the same store reads them from there, offline if need be
         self.cache_dir: Path | None = None
@@ -266,7 +270,7 @@ class LazyShards(Sequence[ShardRecord]):
             raise IndexError(f"shard {i} is out of range for a store of {n} shards")
         i %= n
         j = bisect.bisect_right(self._starts, i) - 1
-        return self.segment(j)[i - self._starts[j]]
+        return self.segment(j).record(i - self._starts[j])
 
     def __iter__(self) -> Iterator[ShardRecord]:
         for j in range(len(self.refs)):
@@ -310,10 +314,10 @@ class LazyShards(Sequence[ShardRecord]):
             elif self.uniform_unless_listed:
                 rows += [ref.rows // ref.shards] * ref.shards
             else:
-                rows += [s.rows for s in self.segment(j)]
+                rows += self.segment(j).rows
         return rows
 
-    def segment(self, j: int) -> tuple[ShardRecord, ...]:
+    def segment(self, j: int) -> SegmentRecords:
         """The records of segment ``j``, read, checked and cached.
 
         Raises:
@@ -327,11 +331,12 @@ class LazyShards(Sequence[ShardRecord]):
         records = read_segment(self.location, ref, self._starts[j], self._targets, self.cache_dir)
         if self.uniform_unless_listed and ref.shard_rows is None and ref.summary is None:
             each = ref.rows // ref.shards  # what shard_rows() told the loader, from the root alone
-            if (bad := next((s for s in records if s.rows != each), None)) is not None:
+            if (bad := next((k for k, n in enumerate(records.rows) if n != each), None)) is not None:
                 raise ManifestError(
                     f"{self.location}: {ref.path}: the root lists no per-shard example counts for it, so each of "
-                    f"its {ref.shards} shards should hold {each} examples (rows / shards), but {bad.name} holds "
-                    f"{bad.rows}; the store's root or records are corrupt: copy the store again from its source"
+                    f"its {ref.shards} shards should hold {each} examples (rows / shards), but "
+                    f"shard-{records.units[bad]:06d} holds {records.rows[bad]}; the store's root or records are "
+                    "corrupt: copy the store again from its source"
                 )
         self._cache[j] = records
         while len(self._cache) > _CACHED_SEGMENTS:
@@ -339,9 +344,38 @@ class LazyShards(Sequence[ShardRecord]):
         return records
 
 
+class SegmentRecords:
+    """One segment's records: their units, names, paths and rows checked together when the segment is read
+    (:func:`read_segment`), each record parsed and checked in full (files, stats, entries) when first used, so
+    that a shard's first decode parses its own record, not its segment's 1,024 (BENCHMARKS.md 3d).
+
+    Attributes:
+        units, rows: (records,) every record's unit and example count, checked.
+    """
+
+    def __init__(self, items: list[Any], start: int, targets: Any, units: list[int], rows: list[int]) -> None:
+        self._items, self._start, self._targets = items, start, targets  # the raw records, their first index
+        self.units, self.rows = tuple(units), tuple(rows)
+        self._parsed: dict[int, ShardRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[ShardRecord]:
+        return (self.record(k) for k in range(len(self)))
+
+    def record(self, k: int) -> ShardRecord:
+        """The ``k``-th record of the segment (0 <= k < len), parsed and checked the first time."""
+        if k not in self._parsed:
+            record = ShardRecord.from_dict(self._items[k], self._start + k)
+            check_entries(self._targets, record)
+            self._parsed[k] = record
+        return self._parsed[k]
+
+
 def read_segment(
     location: Location, ref: SegmentRef, start: int, targets: Any, cache_dir: Path | None = None
-) -> tuple[ShardRecord, ...]:
+) -> SegmentRecords:
     """Read one segment file and check it against its reference in the root (size and SHA-256 before parsing);
     with ``cache_dir``, keep a copy there under its SHA-256 and read that copy when it is already there."""
     where = f"{location}: {ref.path}"
@@ -360,9 +394,24 @@ def read_segment(
     return records
 
 
-def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets: Any) -> tuple[ShardRecord, ...]:
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector (if on). Parsing a sealed segment makes ~18,000 containers, none in a
+    cycle; in a process holding torch (~170,000 tracked objects) the collections they set off took ~155 ms
+    of a ~180 ms parse (BENCHMARKS.md 3d). Collection resumes after, as it was."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        d = json.loads(raw)
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets: Any) -> SegmentRecords:
+    try:
+        with paused_gc():
+            d = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{where} is not valid JSON ({e})") from e
     if not isinstance(d, dict) or d.get("format") != SEGMENT_FORMAT:
@@ -370,25 +419,20 @@ def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets:
     items = _get(d, "shards", list, ref.path)
     if len(items) != ref.shards:
         raise ManifestError(f"{where} holds {len(items)} records, the manifest says {ref.shards}")
-    records = tuple(ShardRecord.from_dict(item, start + i) for i, item in enumerate(items))
-    prev = ref.first_unit - 1
-    for s in records:
-        check_entries(targets, s)
+    units, rows, prev = [], [], ref.first_unit - 1
+    for i, item in enumerate(items):  # the fields that place a record; the rest when it is used (SegmentRecords)
+        w = f"shards[{start + i}]"
+        unit, name, path = _count(item, "unit", w), _get(item, "name", str, w), _get(item, "path", str, w)
         # names and paths follow from the units, which rise strictly: no two shards share a name or a path
-        if (
-            s.unit <= prev
-            or s.name != f"shard-{s.unit:06d}"
-            or s.path not in (f"shards/{s.name}", f"shards/{s.name}.arrow")
-        ):
-            raise ManifestError(
-                f"{where}: record {s.name} (unit {s.unit}, path {s.path}) is out of unit order or misnamed"
-            )
-        prev = s.unit
-    if records[-1].unit != ref.last_unit or sum(s.rows for s in records) != ref.rows:
+        if unit <= prev or name != f"shard-{unit:06d}" or path not in (f"shards/{name}", f"shards/{name}.arrow"):
+            raise ManifestError(f"{where}: record {name} (unit {unit}, path {path}) is out of unit order or misnamed")
+        units.append(prev := unit)
+        rows.append(_count(item, "rows", w))
+    if units[-1] != ref.last_unit or sum(rows) != ref.rows:
         raise ManifestError(f"{where}: its records do not match the manifest's last_unit / rows")
-    if ref.shard_rows is not None and tuple(s.rows for s in records) != ref.shard_rows:
+    if ref.shard_rows is not None and tuple(rows) != ref.shard_rows:
         raise ManifestError(f"{where}: its records do not match the manifest's shard_rows")
-    return records
+    return SegmentRecords(items, start, targets, units, rows)
 
 
 def parse_root(d: dict[str, Any], location: Location) -> Manifest:
@@ -461,8 +505,8 @@ class RowIndex:
             return g, offset
         if g not in self._inner:
             starts = [0]
-            for s in self._lazy.segment(g):
-                starts.append(starts[-1] + s.rows)
+            for n in self._lazy.segment(g).rows:
+                starts.append(starts[-1] + n)
             if len(self._inner) >= _CACHED_SEGMENTS:
                 self._inner.pop(next(iter(self._inner)))
             self._inner[g] = starts

@@ -1,4 +1,5 @@
-"""A loader that starts without reading shard records: example counts from the root and the segments' summaries.
+"""A loader that starts without reading shard records: example counts from the root and the segments' summaries;
+a segment without counts whose shards are not equal is refused; a shard's first decode parses its own record only.
 
 Stores written through the real writer with small segments (FANOUT 2, 4 records sealed), shards of different
 sizes; reads are counted by wrapping the real ``Location.read_bytes`` (every read still happens).
@@ -6,6 +7,8 @@ sizes; reads are counted by wrapping the real ``Location.read_bytes`` (every rea
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -21,6 +24,7 @@ from kd_pipeline.data import ShardBuilder, StoreWriter
 from kd_pipeline.data.dataset import StoreDataset, store_fingerprint
 from kd_pipeline.data.errors import CorruptShardError, ManifestError
 from kd_pipeline.data.location import Location
+from kd_pipeline.data.manifest import ShardRecord
 from kd_pipeline.data.reader import open_store
 from kd_pipeline.pipeline.cli import cli
 from tests.conftest import make_manifest, random_example
@@ -228,3 +232,62 @@ def test_unequal_shards_in_an_uncounted_segment_are_refused_on_first_read(
     with pytest.raises(ManifestError, match=expected):
         next(batches)
     assert re.search(expected, cli_error("verify", str(uneven)))
+
+
+def test_a_first_decode_parses_only_its_own_record(store: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    path, written = store
+    parsed: list[int] = []
+    real = ShardRecord.from_dict.__func__
+
+    def counting(cls: type[ShardRecord], d: dict[str, Any], i: int) -> ShardRecord:
+        parsed.append(i)
+        result: ShardRecord = real(cls, d, i)
+        return result
+
+    monkeypatch.setattr(ShardRecord, "from_dict", classmethod(counting))
+    first = next(iter(StoreDataset(path, batch_size=1, shuffle=False)))
+    assert parsed == [0]  # not the other 3 records of its sealed segment
+    np.testing.assert_array_equal(first["input_ids"][0].numpy(), written[0]["input_ids"])
+
+
+def rewrite_segment(path: Path, j: int, edit: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Edit segment ``j``'s records and record the new file's size and SHA-256 in the root, as a writer would."""
+    root = json.loads((path / "manifest.json").read_text())
+    ref = root["segments"][j]
+    d = json.loads((path / ref["path"]).read_text())
+    edit(d["shards"])
+    body = json.dumps(d, separators=(",", ":")).encode()
+    (path / ref["path"]).write_bytes(body)
+    ref["bytes"], ref["sha256"] = len(body), hashlib.sha256(body).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(root))
+
+
+def test_a_malformed_record_is_refused_when_first_used(store: tuple[Path, Any]) -> None:
+    path, _ = store
+    rewrite_segment(path, 0, lambda records: records[1].update(entries=5))  # a top-k store's records have none
+    shards = open_store(path).manifest.shards
+    assert shards[0].rows == ROWS[0]  # its neighbour in the segment reads
+    with pytest.raises(ManifestError, match=r"shard shard-000001 records entries, but a top-k store has none"):
+        shards[1]
+    with pytest.raises(ManifestError, match="shard-000001 records entries"):
+        list(StoreDataset(path, batch_size=2, shuffle=False))
+    assert "shard-000001 records entries" in cli_error("verify", str(path))
+
+
+def test_a_misplaced_record_refuses_its_whole_segment(store: tuple[Path, Any]) -> None:
+    path, _ = store
+    rewrite_segment(path, 0, lambda records: records[3].update(unit=9, name="shard-000009"))
+    with pytest.raises(ManifestError, match=r"record shard-000009 \(unit 9, .*out of unit order or misnamed"):
+        open_store(path).manifest.shards[0]  # the other records' segment-wide checks run when it is read
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_reading_a_segment_leaves_the_garbage_collector_as_it_was(store: tuple[Path, Any], enabled: bool) -> None:
+    path, _ = store
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        assert open_store(path).manifest.shards[0].rows == ROWS[0]  # the collector is paused while it parses
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
