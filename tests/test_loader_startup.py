@@ -278,7 +278,7 @@ def test_a_misplaced_record_refuses_its_whole_segment(store: tuple[Path, Any]) -
     path, _ = store
     rewrite_segment(path, 0, lambda records: records[3].update(unit=9, name="shard-000009"))
     with pytest.raises(ManifestError, match=r"record shard-000009 \(unit 9, .*out of unit order or misnamed"):
-        open_store(path).manifest.shards[0]  # the other records' segment-wide checks run when it is read
+        open_store(path).manifest.shards[0]  # record 0 is sound: its segment is refused as a whole when read
 
 
 @pytest.mark.parametrize("enabled", [True, False])
