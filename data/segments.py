@@ -17,7 +17,8 @@ root, so its cost does not grow with the store:
   stops naming is deleted one commit later (a reader that opened the store just before has time to read it).
 
 Readers parse only the root; :class:`LazyShards` loads a segment on demand (a few kept in an LRU cache), after
-checking its size and SHA-256 against the root, and checks every record as a version-1 manifest's.
+checking its size and SHA-256 against the root; its records' units, names, paths and rows are checked then, and
+each record in full, as a version-1 manifest's, when first used (:class:`SegmentRecords`).
 
 Each shard's example count (what a loader's epoch order needs, data/dataset.py) is readable without any record: a
 reference to a segment below ``SEGMENT_SHARDS`` records lists them inline (``shard_rows``, run-length:
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -55,8 +57,8 @@ __all__ = [
     "SEGMENT_SHARDS",
     "FileRef",
     "LazyShards",
-    "RecordLog",
     "RowIndex",
+    "SegmentRecords",
     "SegmentRef",
     "parse_root",
     "root_dict",
@@ -246,7 +248,7 @@ class LazyShards(Sequence[ShardRecord]):
         self._starts = [0]  # (segments + 1,) index of each segment's first record
         for ref in self.refs:
             self._starts.append(self._starts[-1] + ref.shards)
-        self._cache: OrderedDict[int, tuple[ShardRecord, ...]] = OrderedDict()
+        self._cache: OrderedDict[int, SegmentRecords] = OrderedDict()
         # where a remote store's segments are kept once read (set by the reader): they never change, so a later
         # reader of the same store reads them from there, offline if need be
         self.cache_dir: Path | None = None
@@ -268,7 +270,7 @@ class LazyShards(Sequence[ShardRecord]):
             raise IndexError(f"shard {i} is out of range for a store of {n} shards")
         i %= n
         j = bisect.bisect_right(self._starts, i) - 1
-        return self.segment(j)[i - self._starts[j]]
+        return self.segment(j).record(i - self._starts[j])
 
     def __iter__(self) -> Iterator[ShardRecord]:
         for j in range(len(self.refs)):
@@ -312,10 +314,10 @@ class LazyShards(Sequence[ShardRecord]):
             elif self.uniform_unless_listed:
                 rows += [ref.rows // ref.shards] * ref.shards
             else:
-                rows += [s.rows for s in self.segment(j)]
+                rows += self.segment(j).rows
         return rows
 
-    def segment(self, j: int) -> tuple[ShardRecord, ...]:
+    def segment(self, j: int) -> SegmentRecords:
         """The records of segment ``j``, read, checked and cached.
 
         Raises:
@@ -327,18 +329,53 @@ class LazyShards(Sequence[ShardRecord]):
             return self._cache[j]
         ref = self.refs[j]
         records = read_segment(self.location, ref, self._starts[j], self._targets, self.cache_dir)
-        listed = ref.shard_rows is not None or ref.summary is not None
-        if self.uniform_unless_listed and not listed and any(s.rows != ref.rows // ref.shards for s in records):
-            raise ManifestError(f"{self.location}: {ref.path}: its shards' example counts are not all equal")
+        if self.uniform_unless_listed and ref.shard_rows is None and ref.summary is None:
+            each = ref.rows // ref.shards  # what shard_rows() told the loader, from the root alone
+            if (bad := next((k for k, n in enumerate(records.rows) if n != each), None)) is not None:
+                raise ManifestError(
+                    f"{self.location}: {ref.path}: the root lists no per-shard example counts for it, so each of "
+                    f"its {ref.shards} shards should hold {each} examples (rows / shards), but "
+                    f"shard-{records.units[bad]:06d} holds {records.rows[bad]}; the store's root or records are "
+                    "corrupt: copy the store again from its source"
+                )
         self._cache[j] = records
         while len(self._cache) > _CACHED_SEGMENTS:
             self._cache.popitem(last=False)
         return records
 
 
+class SegmentRecords:
+    """One segment's records: their units, names, paths and rows checked together when the segment is read
+    (:func:`read_segment`), each record parsed and checked in full (files, stats, entries) when first used, so
+    that a shard's first decode parses its own record, not its segment's 1,024 (BENCHMARKS.md 3d).
+
+    Attributes:
+        units, rows: (records,) every record's unit and example count, checked.
+    """
+
+    def __init__(self, items: list[Any], start: int, targets: Any, units: list[int], rows: list[int]) -> None:
+        self._items, self._start, self._targets = items, start, targets  # the raw records, their first index
+        self.units, self.rows = tuple(units), tuple(rows)
+        self._parsed: dict[int, ShardRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[ShardRecord]:
+        return (self.record(k) for k in range(len(self)))
+
+    def record(self, k: int) -> ShardRecord:
+        """The ``k``-th record of the segment (0 <= k < len), parsed and checked the first time."""
+        if k not in self._parsed:
+            record = ShardRecord.from_dict(self._items[k], self._start + k)
+            check_entries(self._targets, record)
+            self._parsed[k] = record
+        return self._parsed[k]
+
+
 def read_segment(
     location: Location, ref: SegmentRef, start: int, targets: Any, cache_dir: Path | None = None
-) -> tuple[ShardRecord, ...]:
+) -> SegmentRecords:
     """Read one segment file and check it against its reference in the root (size and SHA-256 before parsing);
     with ``cache_dir``, keep a copy there under its SHA-256 and read that copy when it is already there."""
     where = f"{location}: {ref.path}"
@@ -357,9 +394,24 @@ def read_segment(
     return records
 
 
-def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets: Any) -> tuple[ShardRecord, ...]:
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector (if on). Parsing a sealed segment makes ~18,000 containers, none in a
+    cycle; in a process holding torch (~170,000 tracked objects) the collections they set off took ~155 ms
+    of a ~180 ms parse (BENCHMARKS.md 3d). Collection resumes after, as it was."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        d = json.loads(raw)
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets: Any) -> SegmentRecords:
+    try:
+        with paused_gc():
+            d = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{where} is not valid JSON ({e})") from e
     if not isinstance(d, dict) or d.get("format") != SEGMENT_FORMAT:
@@ -367,25 +419,20 @@ def _parse_segment(raw: bytes, where: str, ref: SegmentRef, start: int, targets:
     items = _get(d, "shards", list, ref.path)
     if len(items) != ref.shards:
         raise ManifestError(f"{where} holds {len(items)} records, the manifest says {ref.shards}")
-    records = tuple(ShardRecord.from_dict(item, start + i) for i, item in enumerate(items))
-    prev = ref.first_unit - 1
-    for s in records:
-        check_entries(targets, s)
+    units, rows, prev = [], [], ref.first_unit - 1
+    for i, item in enumerate(items):  # the fields that place a record; the rest when it is used (SegmentRecords)
+        w = f"shards[{start + i}]"
+        unit, name, path = _count(item, "unit", w), _get(item, "name", str, w), _get(item, "path", str, w)
         # names and paths follow from the units, which rise strictly: no two shards share a name or a path
-        if (
-            s.unit <= prev
-            or s.name != f"shard-{s.unit:06d}"
-            or s.path not in (f"shards/{s.name}", f"shards/{s.name}.arrow")
-        ):
-            raise ManifestError(
-                f"{where}: record {s.name} (unit {s.unit}, path {s.path}) is out of unit order or misnamed"
-            )
-        prev = s.unit
-    if records[-1].unit != ref.last_unit or sum(s.rows for s in records) != ref.rows:
+        if unit <= prev or name != f"shard-{unit:06d}" or path not in (f"shards/{name}", f"shards/{name}.arrow"):
+            raise ManifestError(f"{where}: record {name} (unit {unit}, path {path}) is out of unit order or misnamed")
+        units.append(prev := unit)
+        rows.append(_count(item, "rows", w))
+    if units[-1] != ref.last_unit or sum(rows) != ref.rows:
         raise ManifestError(f"{where}: its records do not match the manifest's last_unit / rows")
-    if ref.shard_rows is not None and tuple(s.rows for s in records) != ref.shard_rows:
+    if ref.shard_rows is not None and tuple(rows) != ref.shard_rows:
         raise ManifestError(f"{where}: its records do not match the manifest's shard_rows")
-    return records
+    return SegmentRecords(items, start, targets, units, rows)
 
 
 def parse_root(d: dict[str, Any], location: Location) -> Manifest:
@@ -407,7 +454,11 @@ def parse_root(d: dict[str, Any], location: Location) -> Manifest:
     shards.uniform_unless_listed = d.get("segment_counts") == 1
     for i, r in enumerate(refs):
         if shards.uniform_unless_listed and r.shard_rows is None and r.summary is None and r.rows % r.shards:
-            raise ManifestError(f"manifest: segments[{i}] has {r.rows} rows, not a multiple of its {r.shards} shards")
+            raise ManifestError(
+                f"manifest: segments[{i}] ({r.path}) lists no per-shard example counts, so its {r.shards} shards "
+                f"must hold equal counts, but its {r.rows} rows are not a multiple of {r.shards}; the root is "
+                "corrupt: copy the store again from its source"
+            )
     return replace(base, shards=shards)
 
 
@@ -454,149 +505,11 @@ class RowIndex:
             return g, offset
         if g not in self._inner:
             starts = [0]
-            for s in self._lazy.segment(g):
-                starts.append(starts[-1] + s.rows)
+            for n in self._lazy.segment(g).rows:
+                starts.append(starts[-1] + n)
             if len(self._inner) >= _CACHED_SEGMENTS:
                 self._inner.pop(next(iter(self._inner)))
             self._inner[g] = starts
         starts = self._inner[g]
         i = bisect.bisect_right(starts, offset) - 1
         return self._lazy._starts[g] + i, offset - starts[i]
-
-
-class RecordLog:
-    """The writer's side of version 2: appends records, writes segments and the root.
-
-    Args:
-        location: the store.
-        refs: the segments of the committed root.
-        pending: the records of the segments after the last sealed one (at most ~2 * FANOUT * FANOUT).
-        totals: the committed totals.
-    """
-
-    def __init__(
-        self, location: Location, refs: Sequence[SegmentRef], pending: Sequence[ShardRecord], totals: Totals
-    ) -> None:
-        self.location = location
-        self.fanout, self.seal = FANOUT, SEGMENT_SHARDS  # read here, so that a test may shrink them
-        # committed (SegmentRef) or not yet written (an int: its number of records, the last of `pending`)
-        self._refs: list[SegmentRef | int] = list(refs)
-        self._pending = list(pending)
-        self.totals = totals
-        self.last_unit = refs[-1].last_unit if refs else -1
-        self._superseded: list[str] = []  # segment files the next root no longer names
-        self._doomed: list[str] = []  # named by no root since the previous commit: deleted after this one
-
-    @classmethod
-    def resume(cls, location: Location, shards: LazyShards) -> RecordLog:
-        """The log of a committed root: only the segments after the last sealed one are read."""
-        refs = list(shards.refs)
-        first = max((i + 1 for i, r in enumerate(refs) if r.shards >= SEGMENT_SHARDS), default=0)
-        pending = [s for j in range(first, len(refs)) for s in shards.segment(j)]
-        return cls(location, refs, pending, shards.totals)
-
-    def state(self) -> tuple[Any, ...]:
-        """A copy of the log's state (O(segments + pending)), to :meth:`restore` when a commit fails."""
-        return (list(self._refs), list(self._pending), self.totals, self.last_unit, list(self._superseded))
-
-    def restore(self, state: tuple[Any, ...]) -> None:
-        """Back to the state of the last commit: nothing the failed one did is named, so it is all leftovers."""
-        refs, pending, self.totals, self.last_unit, superseded = state
-        self._refs, self._pending, self._superseded = list(refs), list(pending), list(superseded)
-
-    @property
-    def refs(self) -> list[SegmentRef]:
-        """The committed segments (call after :meth:`flush`)."""
-        assert all(isinstance(r, SegmentRef) for r in self._refs)
-        return [r for r in self._refs if isinstance(r, SegmentRef)]
-
-    def append(self, record: ShardRecord) -> None:
-        """Add a record (in memory until :meth:`flush`). Units must rise: segments never change once written."""
-        if record.unit <= self.last_unit:
-            raise ValueError(
-                f"{record.name}: unit {record.unit} is not above the last committed unit {self.last_unit}; a "
-                "version-2 store commits units in rising order"
-            )
-        self.last_unit = record.unit
-        self._pending.append(record)
-        self.totals = self.totals.plus(record)
-        size = 1
-        # the base-FANOUT carry: FANOUT - 1 segments of this size before the new one merge with it
-        while size * self.fanout <= self.seal and self._tail_sizes(self.fanout - 1) == [size] * (self.fanout - 1):
-            for r in self._refs[-(self.fanout - 1) :]:
-                if isinstance(r, SegmentRef):
-                    self._superseded.append(r.path)
-            del self._refs[-(self.fanout - 1) :]
-            size *= self.fanout
-        self._refs.append(size)
-
-    def _tail_sizes(self, n: int) -> list[int]:
-        tail = self._refs[-n:] if len(self._refs) >= n else []
-        return [r.shards if isinstance(r, SegmentRef) else r for r in tail]
-
-    def flush(self, base: Manifest) -> None:
-        """Write every new segment, then replace the root (the commit point), then delete the segments that the
-        root before the previous one named and this one does not."""
-        first = self._first_pending_ref()
-        index = sum(r.shards for r in self._refs[:first] if isinstance(r, SegmentRef))  # of pending[0] in the store
-        offset = sealed_upto = 0
-        for i in range(first, len(self._refs)):
-            r = self._refs[i]
-            size = r.shards if isinstance(r, SegmentRef) else r
-            if not isinstance(r, SegmentRef):
-                records = self._pending[offset : offset + size]
-                body = segment_bytes(records)
-                path = segment_path(index, size)
-                self.location.write_once(path, body)
-                rows, summary = tuple(s.rows for s in records), None
-                uniform = len(set(rows)) == 1  # the root's rows / shards says it all (see segment_counts)
-                if size >= self.seal and not uniform:  # once per sealed segment: the root stays small
-                    text = summary_bytes(records)
-                    summary = FileRef(summary_path(index, size), len(text), hashlib.sha256(text).hexdigest())
-                    self.location.write_once(summary.path, text)
-                self._refs[i] = SegmentRef(
-                    path=path,
-                    shards=size,
-                    rows=sum(rows),
-                    first_unit=records[0].unit,
-                    last_unit=records[-1].unit,
-                    bytes=len(body),
-                    sha256=hashlib.sha256(body).hexdigest(),
-                    shard_rows=None if summary or uniform else rows,
-                    summary=summary,
-                )
-            offset += size
-            index += size
-            if size >= self.seal:
-                sealed_upto = offset
-        self.write_root(base)
-        self._pending = self._pending[sealed_upto:]
-        with contextlib.suppress(OSError):  # committed already: a file left behind is swept by finish
-            for path in self._doomed:
-                self.location.remove(path)
-        self._doomed, self._superseded = self._superseded, []
-
-    def _first_pending_ref(self) -> int:
-        """Index of the first segment whose records are in ``pending`` (the one after the last sealed one)."""
-        for i in range(len(self._refs) - 1, -1, -1):
-            r = self._refs[i]
-            if isinstance(r, SegmentRef) and r.shards >= self.seal:
-                return i + 1
-        return 0
-
-    def write_root(self, base: Manifest) -> None:
-        text = json.dumps(root_dict(base, self.refs, self.totals), indent=1) + "\n"
-        self.location.write_atomic("manifest.json", text.encode())
-
-    def sweep(self) -> None:
-        """Delete every segment file the root does not name (superseded ones, leftovers of a crash)."""
-        named = {r.path.removeprefix("records/") for r in self.refs}
-        named |= {r.summary.path.removeprefix("records/") for r in self.refs if r.summary is not None}
-        for name in self.location.list_entries("records"):
-            if name not in named:
-                self.location.remove(f"records/{name}")
-        self._doomed, self._superseded = [], []
-
-    def view(self, targets: Any) -> LazyShards:
-        """The committed records as a reader sees them."""
-        return LazyShards(self.location, self.refs, self.totals, targets)

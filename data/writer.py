@@ -47,7 +47,8 @@ from .errors import (
 from .location import Location, sha256_file
 from .manifest import FileRecord, Manifest, ShardRecord, Totals
 from .reader import check_files, read_manifest
-from .segments import SEGMENT_SHARDS, LazyShards, RecordLog
+from .record_log import RecordLog
+from .segments import SEGMENT_SHARDS, LazyShards
 from .shard import ShardData
 
 __all__ = ["StoreWriter", "differences", "shard_name"]

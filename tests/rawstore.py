@@ -2,7 +2,10 @@
 
 ``load`` returns the manifest with every shard record inline (a version-2 root's segments read and
 concatenated); ``save`` writes such a dict back as a version-1 manifest (records inline, no ``records/``), the
-format every reader still accepts, so that a test can forge any field of any record.
+format every reader still accepts, so that a test can forge any field of any record. ``strip_counts`` turns a
+version-2 root into one as the writer wrote it before the per-shard counts (the loader's slow path).
+
+Standard library only, no pytest: bench/loader_startup.py imports it too (with the repository root on sys.path).
 """
 
 from __future__ import annotations
@@ -26,3 +29,14 @@ def save(store: Path, raw: dict[str, Any]) -> None:
         raw["format_version"] = 1
     (store / "manifest.json").write_text(json.dumps(raw))
     shutil.rmtree(store / "records", ignore_errors=True)
+
+
+def strip_counts(store: Path) -> None:
+    """Remove the per-shard example counts from a version-2 root (``segment_counts`` and each segment's
+    ``shard_rows`` / ``summary``): the root the writer wrote before them. Segments and shards are unchanged."""
+    root = json.loads((store / "manifest.json").read_text())
+    root.pop("segment_counts")
+    for ref in root["segments"]:
+        ref.pop("shard_rows", None)
+        ref.pop("summary", None)
+    (store / "manifest.json").write_text(json.dumps(root))
