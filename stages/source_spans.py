@@ -7,6 +7,8 @@ into the Python string; :func:`byte_spans` converts them), so that they stay exa
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import numpy as np
@@ -78,16 +80,43 @@ def with_spans(texts: list[str], tokenizer: Any, max_length: int, first: int) ->
     return out
 
 
+METASPACE = "\u2581"
+"""SentencePiece's word-boundary marker: a piece "\u2581cat" is " cat" in the text."""
+
+
 def token_strings(tokenizer: Any, width: int) -> list[str | None]:
     """Each of ``width`` ids' text as the tokenizer decodes it alone, or None: a special token, an id past the
     tokenizer's size (padded embedding rows), or one that decodes to no text of its own (empty, or a byte-level
-    piece of a character, which decodes to U+FFFD). Two tokenizers share a token when these strings are equal."""
+    piece of a character, which decodes to U+FFFD). Two tokenizers share a token when these strings are equal.
+
+    A SentencePiece-style tokenizer (its decoder turns the marker U+2581 into a space) strips that space from a
+    piece decoded alone, so that "\u2581cat" and "cat" would both read "cat": its pieces are read with the marker
+    as a space instead (" cat", as a byte-level BPE's piece for " cat" decodes); its byte-fallback pieces
+    (<0x41>) as decoded.
+    """
     special = set(tokenizer.all_special_ids)
+    metaspace = _uses_metaspace(tokenizer)
     out: list[str | None] = []
     for i in range(width):
         if i in special or i >= len(tokenizer):
             out.append(None)
             continue
-        s = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        piece = tokenizer.convert_ids_to_tokens(i) if metaspace else None
+        if isinstance(piece, str) and not _BYTE_PIECE.fullmatch(piece):
+            s = piece.replace(METASPACE, " ")
+        else:
+            s = tokenizer.decode([i], clean_up_tokenization_spaces=False)
         out.append(s if s and "\ufffd" not in s else None)
     return out
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _uses_metaspace(tokenizer: Any) -> bool:
+    """Whether a fast tokenizer's decoder turns U+2581 into a space (Metaspace, or Replace within a Sequence)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    decoder = json.loads(backend.to_str()).get("decoder")
+    return decoder is not None and METASPACE in json.dumps(decoder, ensure_ascii=False)

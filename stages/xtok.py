@@ -176,8 +176,11 @@ def xtok_soft_loss(
     ls = s.gather(1, idx)  # (N, W) student log-prob of each shared entry's id
     q = torch.where(shared, prob, torch.zeros_like(prob))
     kl_shared = torch.where(q > 0, q * (torch.log(q.clamp(min=1e-30)) - ls), torch.zeros_like(q)).sum(-1)
-    matched = torch.zeros_like(s, dtype=torch.bool).scatter_(1, idx, shared)  # (N, V) ids matched at this pair
-    s_rest = s.masked_fill(matched, float("-inf"))
+    # (N, V) ids matched at this pair: each shared entry marks its id; the others mark a spare last column, so no
+    # write of False can clear a shared id's mark (the order of repeated scatter writes is not defined)
+    spare = torch.where(shared, sid, s.shape[1])
+    matched = torch.zeros((s.shape[0], s.shape[1] + 1), dtype=torch.bool, device=s.device).scatter_(1, spare, True)
+    s_rest = s.masked_fill(matched[:, :-1], float("-inf"))
     log_p_rest = torch.logsumexp(s_rest, dim=-1)  # (N,) log of the student's mass off the matched ids
     q_rest = (1.0 - q.sum(-1)).clamp(min=0.0)  # (N,) the teacher's unshared + tail mass
     kl_rest = torch.where(q_rest > 0, q_rest * (torch.log(q_rest.clamp(min=1e-30)) - log_p_rest), 0.0)

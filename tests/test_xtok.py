@@ -89,6 +89,8 @@ def test_soft_loss_matches_the_dense_reference() -> None:
         rows.append([(int(sid) if k else None, float(p)) for sid, p, k in zip(sids, probs, keep, strict=True)])
     rows[0] = [(3, 0.7), (5, 0.3)]  # every id shared, no rest mass
     rows[1] = [(None, 0.6), (None, 0.4)]  # nothing shared
+    rows[2] = [(0, 0.5), (None, 0.2)]  # student id 0 shared, then an unshared entry and padding
+    rows[3] = [(0, 0.5)]  # student id 0 shared, then padding only
     sid = torch.full((N, W), -1, dtype=torch.long)
     prob = torch.zeros((N, W))
     known = torch.zeros((N, W), dtype=torch.bool)

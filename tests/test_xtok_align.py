@@ -161,3 +161,26 @@ def test_shared_strings_of_the_two_tokenizers(tokenizers: tuple[Any, Any]) -> No
     assert t[words.unk_token_id] is None
     # "The" starts the text in both (no leading space), so both have it; " teacher" (BPE) is not "teacher"
     assert m[words.convert_tokens_to_ids("The")] >= 0
+
+
+@pytest.mark.parametrize("decoder", ["metaspace", "llama-sequence"])
+def test_sentencepiece_pieces_keep_their_word_boundary(decoder: str) -> None:
+    """A Metaspace tokenizer decodes "\u2581cat" alone as "cat" (the leading space stripped), the same as the
+    mid-word piece "cat": token_strings must read the marker as a space, so that only the word-initial piece
+    shares a string with a byte-level BPE's " cat"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "\u2581the", "\u2581cat", "cat", "\u2581con", "<0x41>", "\u2581"]
+    tok = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    if decoder == "metaspace":
+        tok.decoder = decoders.Metaspace()
+    else:  # how Llama-2 / Mistral fast tokenizers decode
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    assert fast.decode([2]) == fast.decode([3]) == "cat"  # what decoding alone loses
+    byte = "A" if decoder == "llama-sequence" else "<0x41>"  # a byte piece as decoded (with byte fallback: A)
+    assert token_strings(fast, len(fast)) == [None, " the", " cat", "cat", " con", byte, " "]
