@@ -256,8 +256,11 @@ def main() -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             ours = {(r["run"], r["seed"], r.get("steps")) for r in report["runs"]}
             if path.is_file():
-                theirs = json.loads(path.read_text()).get("runs", [])
-                report["runs"] += [r for r in theirs if (r["run"], r["seed"], r.get("steps")) not in ours]
+                theirs = json.loads(path.read_text())
+                report["runs"] += [
+                    r for r in theirs.get("runs", []) if (r["run"], r["seed"], r.get("steps")) not in ours
+                ]
+                report["stores"] = {**theirs.get("stores", {}), **report.get("stores", {})}
             write_results(f"regimes-{args.regime}", report)
 
     ns = argparse.Namespace(max_length=LENGTH, shard_size=16, tokens=args.sequences * LENGTH)
