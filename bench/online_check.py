@@ -11,12 +11,12 @@ bench/results/online_check.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
+from pathlib import Path
 
 import torch
 from common import environment, write_results
-from quality import train_online
+from quality import same_as_pipeline
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         cfg = train.TrainConfig(
             store=args.store,
             student=args.student,
-            out=f"{tmp}/offline",
+            out=tmp,
             alpha=0.0,
             steps=args.steps,
             batch_size=4,
@@ -54,9 +54,9 @@ def main() -> None:
             seed=args.seed,
             progress=False,
         )
-        offline = dict(train.run(cfg, log=lambda m: None).eval)["perplexity"]
-        online = train_online(dataclasses.replace(cfg, out=f"{tmp}/online"), teacher, 1.0)["perplexity"]
-    diff = abs(online / offline - 1.0)
+        check = same_as_pipeline(cfg, teacher, 1.0, Path(tmp))
+    offline, online = check["stages_train_run_perplexity"], check["online_loop_alpha0_perplexity"]
+    diff = check["relative_difference"]
     print(f"stages.train.run {offline:.6f}, online loop at alpha 0 {online:.6f}, relative difference {diff:.2e}")
     write_results(
         "online_check",
@@ -64,9 +64,7 @@ def main() -> None:
             "benchmark": "online_check",
             **environment(torch.device("cpu")),
             "config": vars(args),
-            "stages_train_run_perplexity": offline,
-            "online_loop_alpha0_perplexity": online,
-            "relative_difference": diff,
+            **check,
         },
     )
 

@@ -167,9 +167,13 @@ def train_offline(cfg: Any) -> dict[str, Any]:
     return {**result.eval, "final_train_loss": result.final_loss, "seconds": time.perf_counter() - t0}
 
 
-def train_online(cfg: Any, teacher: Any, temperature: float, save: Path | None = None) -> dict[str, Any]:
+def train_online(
+    cfg: Any, teacher: Any, temperature: float, save: Path | None = None, fresh: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """stages.train.run's loop, written out, with the teacher in memory instead of the store's soft labels.
-    ``save``: also write the final student there with ``save_pretrained``.
+    ``save``: also write the final student there with ``save_pretrained``. ``fresh`` (K, N): instead of the full
+    distribution, hybrid targets drawn afresh at every step (:func:`fresh_hybrid`) under the pipeline's own loss
+    (``distill_loss`` with cfg's options), i.e. a hybrid store whose draws never repeat.
 
     Same student initialisation (seeded the same way), the same batches in the same order (stages.train's own
     split and batch stream), the same AdamW groups, schedule and clipping, and stages.train.evaluate.
@@ -178,6 +182,7 @@ def train_online(cfg: Any, teacher: Any, temperature: float, save: Path | None =
     from kd_pipeline.data.dataset import StoreDataset
     from kd_pipeline.stages import train
     from kd_pipeline.stages.batch_loss import at_positions
+    from kd_pipeline.stages.losses import distill_loss
     from kd_pipeline.stages.models import OutputHead, load_student, resolve_device
     from kd_pipeline.stages.train_setup import batch_stream, data_split, warmup_cosine
     from kd_pipeline.stages.weighting import selected
@@ -221,20 +226,36 @@ def train_online(cfg: Any, teacher: Any, temperature: float, save: Path | None =
     batches = batch_stream(train_set, cfg, 1, {"epoch": 0, "samples_seen": 0})
     model.train()
     loss_value = float("nan")
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)
         batch, _ = next(batches)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         select = selected(batch)  # (B, L-1) bool
         with torch.no_grad():
             hidden = head.hidden_or_logits(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
-            teacher_lp = torch.log_softmax(head.logits(hidden[:, :-1][select]) / temperature, dim=-1)  # (N, V)
+            if fresh is not None:
+                targets = fresh_hybrid(hidden[:, :-1][select], head, *fresh, temperature, [cfg.seed, step])
+            else:
+                teacher_lp = torch.log_softmax(head.logits(hidden[:, :-1][select]) / temperature, dim=-1)  # (N, V)
         with autocast:
             z = net.logits(net(batch["input_ids"], batch["attention_mask"], select))  # (N, V) float32
-            log_q = torch.log_softmax(z.float() / temperature, dim=-1)
-            kl = (teacher_lp.exp() * (teacher_lp - log_q)).sum(-1).mean() * temperature**2
-            ce = F.cross_entropy(z.float(), batch["labels"][select])
-            loss = cfg.alpha * kl + (1.0 - cfg.alpha) * ce
+            if fresh is not None:
+                loss, _ = distill_loss(
+                    z.float(),
+                    *targets[:3],
+                    batch["labels"][select],
+                    alpha=cfg.alpha,
+                    kind=cfg.loss,
+                    temperature=temperature,
+                    beta=cfg.beta,
+                    tail=cfg.tail,
+                    target_mask=targets[3],
+                )
+            else:
+                log_q = torch.log_softmax(z.float() / temperature, dim=-1)
+                kl = (teacher_lp.exp() * (teacher_lp - log_q)).sum(-1).mean() * temperature**2
+                ce = F.cross_entropy(z.float(), batch["labels"][select])
+                loss = cfg.alpha * kl + (1.0 - cfg.alpha) * ce
         torch.autograd.backward(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -246,6 +267,32 @@ def train_online(cfg: Any, teacher: Any, temperature: float, save: Path | None =
     return {**result, "final_train_loss": loss_value, "seconds": time.perf_counter() - t0}
 
 
+def fresh_hybrid(
+    rows: torch.Tensor, head: Any, k: int, num_samples: int, temperature: float, seed: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hybrid targets for the teacher's rows (N, H), drawn now: the labeler's own ``hybrid_chunked`` (top-k, exact
+    tail mass, ``num_samples`` draws from the rest, seeded by ``seed``), the head's log-probs rounded to float16 as
+    a store keeps them, padded to (N, U) and turned into loss targets by ``losses.hybrid_targets`` as the collator
+    does. Returns ``distill_loss``'s target_ids, target_logprobs, tail_mass and target_mask."""
+    from kd_pipeline.stages.losses import hybrid_targets
+    from kd_pipeline.stages.soft_targets import hybrid_chunked
+
+    top = hybrid_chunked(rows, head, k, num_samples, temperature, rows.shape[0], None, seed)
+    unique = top["tail_unique"]  # (N,) unique tail ids per row
+    n, width = unique.shape[0], max(1, int(unique.max()))
+    row = torch.repeat_interleave(torch.arange(n), unique)  # (U_total,) the row of each entry
+    first = torch.cumsum(unique, 0) - unique  # (N,) where each row's entries start
+    slot = torch.arange(row.shape[0]) - first[row]
+    tail_ids = torch.zeros(n, width, dtype=torch.long)
+    tail_counts = torch.zeros(n, width, dtype=torch.long)
+    tail_ids[row, slot] = top["tail_ids"]
+    tail_counts[row, slot] = top["tail_counts"]
+    ids, log_p, mask, tail = hybrid_targets(
+        top["ids"], top["logprobs"].half().float(), top["tail"], tail_ids, tail_counts, num_samples
+    )
+    return ids, log_p, tail, mask
+
+
 def check_online_loop(stores: dict[str, Any], student: Path, teacher: Any, args: argparse.Namespace) -> dict[str, Any]:
     """``--check-steps`` steps of stages.train.run and of the online loop, both at alpha 0, seed 0."""
     import dataclasses
@@ -254,17 +301,25 @@ def check_online_loop(stores: dict[str, Any], student: Path, teacher: Any, args:
     T = float(name.split("T=")[1])
     cfg = train_config(Path(entry["store"]), student, args.work / "runs" / "check-train", "hard", 0, args)
     cfg = dataclasses.replace(cfg, steps=args.check_steps, eval_every=args.check_steps, save_every=args.check_steps)
-    pipeline = train_offline(cfg)
-    online = train_online(dataclasses.replace(cfg, out=str(args.work / "runs" / "check-online")), teacher, T)
+    return {"store": name, "steps": args.check_steps, **same_as_pipeline(cfg, teacher, T, args.work / "runs")}
+
+
+def same_as_pipeline(cfg: Any, teacher: Any, temperature: float, work: Path) -> dict[str, Any]:
+    """cfg (alpha 0) trained by stages.train.run and by the online loop (under ``work``): their held-out
+    perplexities, which must be equal (then the online loop differs from the pipeline's only by its teacher
+    signal)."""
+    import dataclasses
+
+    pipeline = train_offline(dataclasses.replace(cfg, out=str(work / "check-train")))
+    online = train_online(dataclasses.replace(cfg, out=str(work / "check-online")), teacher, temperature)
+    diff = abs(online["perplexity"] / pipeline["perplexity"] - 1.0)
     return {
-        "store": name,
-        "steps": args.check_steps,
         "stages_train_run_perplexity": pipeline["perplexity"],
         "online_loop_alpha0_perplexity": online["perplexity"],
-        "relative_difference": abs(online["perplexity"] / pipeline["perplexity"] - 1.0),
+        "relative_difference": diff,
         # to float rounding: at T=1 stages.train computes its cross-entropy as lse - z[y] (one logsumexp shared
         # with the KD term), the loop as F.cross_entropy
-        "matches": abs(online["perplexity"] / pipeline["perplexity"] - 1.0) < 1e-5,
+        "matches": diff < 1e-5,
     }
 
 

@@ -77,6 +77,10 @@ def parse_run(text: str) -> dict[str, Any]:
         raise SystemExit(f"--runs {text!r}: expected hard or STORE@ALPHA, e.g. topk16@0.5")
     if what == "online":
         return {"name": text, "store": SPLIT_STORE, "alpha": float(alpha), "tail": "bin", "online": True}
+    if what.startswith("fresh"):  # freshKxN: hybrid targets drawn afresh each step by the online loop
+        k, n = what[5:].split("x")
+        spec = {"name": text, "store": "hybrid" + what[5:], "alpha": float(alpha), "tail": "bin", "online": True}
+        return spec | {"fresh": [int(k), int(n)]}
     if what.startswith("renorm"):
         return {"name": text, "store": "topk" + what[6:], "alpha": float(alpha), "tail": "renormalise", "online": False}
     parse_store(what)
@@ -202,7 +206,8 @@ def train_run(
     )
     t0 = time.perf_counter()
     if spec["online"]:
-        r = train_online(cfg, teacher_model, 1.0, save=out / "final")
+        fresh = tuple(spec["fresh"]) if spec.get("fresh") else None
+        r = train_online(cfg, teacher_model, 1.0, save=out / "final", fresh=fresh)
     else:
         r = dict(train.run(cfg, log=lambda msg: None).eval)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
