@@ -18,6 +18,9 @@ PAIRS = [
     ("topk32@0.5", "online@0.5"),
     ("hybrid4x12@0.5", "online@0.5"),
     ("sample50@0.5", "online@0.5"),
+    ("sample50@0.5", "topk32@0.5"),
+    ("fresh4x12@0.5", "online@0.5"),
+    ("hybrid4x12@0.5", "fresh4x12@0.5"),
     ("online@1", "online@0.5"),
     ("online@1", "topk32@1"),
 ]
