@@ -1,19 +1,20 @@
 """Stage one: run a teacher once over a dataset and cache its soft labels in a store.
 
-    pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--top-k 32] ...
+    pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--method hybrid] ...
 
 Reads top to bottom: setup (config, teacher, tokenizer, data) -> the store (created, or resumed) -> the loop
 (one work unit of ``shard_tokens`` tokens at a time: bucket by length, forward, top-k + exact tail in float32,
 hand the unit to the writer thread) -> summary.
 
-Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions``
-positions: a (chunk, V) float32 block is the largest thing that exists at once, never (batch, seq, V).
-Only the kept ids and values (and a few scalars) leave the device. With ``--method sample --samples N`` each
-position instead gets N ids drawn with replacement from softmax(z / T) on the device (a generator seeded from
-the labeling seed, the unit, the batch within the unit and the chunk, so resumed and multi-process runs draw the
-same ids), and only their unique ids and counts leave it; ``--method hybrid --top-k K --samples N`` keeps the top-k
-exactly as ``topk`` and adds N ids drawn the same way from the teacher restricted to the other ids
-(``stages.soft_targets`` computes every kind of target).
+Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions`` positions: a
+(chunk, V) float32 block is the largest thing that exists at once, never (batch, seq, V). Only the kept ids and
+values (and a few scalars) leave the device. That is ``--method topk``; the default, ``hybrid``, adds draws from the
+rest (below; each method's defaults: ``METHOD_DEFAULTS``). With ``--method sample --samples N`` each position
+instead gets N ids drawn with replacement from softmax(z / T) on the device (a generator seeded from the labeling
+seed, the unit, the batch within the unit and the chunk, so resumed and multi-process runs draw the same ids), and
+only their unique ids and counts leave it; ``--method hybrid --top-k K --samples N`` keeps the top-k exactly as
+``topk`` and adds N ids drawn the same way from the teacher restricted to the other ids (``stages.soft_targets``
+computes every kind of target).
 Writing a unit overlaps computing the next one (a bounded queue of 2 units to one writer thread).
 
 Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units
@@ -59,6 +60,14 @@ class LabelConfigError(ValueError):
     """One or more configuration problems, all listed."""
 
 
+DEFAULT_METHOD = "hybrid"
+"""The targets of a store when --method is not given (README, "Store method"; BENCHMARKS.md sections 11, 11b)."""
+METHOD_DEFAULTS: dict[str, tuple[int, int]] = {"hybrid": (4, 12), "topk": (32, 50), "sample": (32, 50)}
+"""Each method's (--top-k, --samples) when they are not given. A value that a method does not use (topk's samples,
+sample's top-k) is filled in as before hybrid became the default, so that such stores' manifests stay as they were
+and stores labelled before still resume."""
+
+
 @dataclass
 class LabelConfig:
     """Everything ``pipeline label`` needs. Defaults live here and nowhere else."""
@@ -73,17 +82,20 @@ class LabelConfig:
     """Output store: a new or empty directory, an existing store to resume, or an fsspec URL."""
     task: str = "causal-lm"
     """causal-lm (per token), masked-lm (per masked token), or seq-cls (per example)."""
-    method: str = "topk"
-    """Targets: topk (the top-k log-probs plus the exact tail mass), sample (the unique ids of --samples draws
-    from the teacher at T, with their counts: unbiased targets, ~12 unique ids per token at 50 draws), or hybrid
-    (the top-k as topk, plus --samples draws from the teacher restricted to the other ids: an exact head and an
-    unbiased picture of the tail)."""
-    top_k: int = 32
-    """Ids kept per position (the rest of the mass goes into the exact tail bin); --method topk and hybrid
-    (hybrid: fewer than the teacher's output ids, so that a tail exists to draw from)."""
-    samples: int = 50
-    """--method sample and hybrid: ids drawn with replacement per position (1..65535; hybrid: from the tail);
-    counts are uint8 up to 255 draws."""
+    method: str | None = None
+    """Targets: hybrid (the default: the top-k ids with exact log-probs plus the exact tail mass, and --samples
+    draws from the teacher restricted to the other ids, with their counts: an exact head and an unbiased picture of
+    the tail), topk (the top-k log-probs plus the exact tail mass, in one bin), or sample (the unique ids of
+    --samples draws from the teacher at T, with their counts: unbiased targets, ~12 unique ids per token at 50
+    draws). Not given: hybrid, except for a teacher with no more output ids than --top-k (e.g. seq-cls with a few
+    classes): every id, exactly (topk), said in one log line."""
+    top_k: int | None = None
+    """Ids kept exactly per position (the rest of the mass goes into the exact tail bin). Default: 4 for hybrid
+    (also without --method: --top-k 64 alone is a hybrid store with a 64-id head), 32 for topk. hybrid: fewer than
+    the teacher's output ids, so that a tail exists to draw from."""
+    samples: int | None = None
+    """Ids drawn with replacement per position (1..65535; hybrid: from the ids outside the top-k). Default: 12 for
+    hybrid, 50 for sample; counts are uint8 up to 255 draws."""
     temperature: float = 1.0
     """Labeling temperature T: stored values are log softmax(logits / T) over the full vocabulary."""
     max_length: int = 512
@@ -168,11 +180,12 @@ class LabelConfig:
             problems.append("--gguf-file needs --teacher (the folder that holds the file)")
         if self.task not in data.manifest.TASKS:
             problems.append(f"--task {self.task!r} is not one of {', '.join(data.manifest.TASKS)}")
-        if self.top_k < 1:
+        if self.top_k is not None and self.top_k < 1:
             problems.append(f"--top-k must be >= 1, got {self.top_k}")
-        if self.method not in data.manifest.METHODS:
-            problems.append(f"--method {self.method!r} is not one of {', '.join(data.manifest.METHODS)}")
-        if self.method in ("sample", "hybrid") and not 1 <= self.samples <= 65535:
+        method = self.method or DEFAULT_METHOD
+        if method not in data.manifest.METHODS:
+            problems.append(f"--method {method!r} is not one of {', '.join(data.manifest.METHODS)}")
+        if method in ("sample", "hybrid") and self.samples is not None and not 1 <= self.samples <= 65535:
             problems.append(f"--samples must be in [1, 65535], got {self.samples}")
         if self.method == "sample" and self.value_dtype == "q8":
             problems.append("--value-dtype q8 applies to --method topk only (sampled stores hold counts)")
@@ -205,6 +218,38 @@ class LabelConfig:
             problems.append("--spans applies to causal-lm without --pack (each example is one record's text)")
         if problems:
             raise LabelConfigError("; ".join(problems))
+
+    def resolved(self, width: int, say: Any) -> LabelConfig:
+        """This configuration for a teacher of ``width`` output ids, with ``method``, ``top_k`` and ``samples``
+        filled in: the one place where the defaults of each method apply (what the manifest records).
+
+        Without --method, a teacher with no more output ids than the head would keep has no tail to draw from:
+        every id is kept exactly (topk, the full distribution), and ``say`` tells so. An explicit hybrid that
+        cannot draw, or an explicit topk wider than the teacher (except seq-cls: all classes), is an error.
+        """
+        method = self.method or DEFAULT_METHOD
+        k, n = METHOD_DEFAULTS[method]
+        top_k = k if self.top_k is None else self.top_k
+        samples = n if self.samples is None else self.samples
+        if self.method is None and top_k >= width:
+            say(
+                f"keeping all {width} output ids exactly (--method topk --top-k {width}, the full distribution): "
+                f"the default hybrid store's top-{top_k} head would leave no tail to draw from"
+            )
+            method, top_k = "topk", width
+        if self.task == "seq-cls" and top_k > width:
+            say(f"keeping all {width} classes (--top-k {top_k} exceeds the number of classes)")
+            top_k = width
+        if top_k > width and method == "topk":
+            raise LabelConfigError(
+                f"--top-k {top_k} is larger than the teacher's {width} output ids; use --top-k <= {width}"
+            )
+        if top_k >= width and method == "hybrid":
+            raise LabelConfigError(
+                f"--method hybrid draws from the ids outside the top-k, but --top-k {top_k} keeps all of the "
+                f"teacher's {width} output ids; use --top-k < {width}, or --method topk"
+            )
+        return dataclasses.replace(self, method=method, top_k=top_k, samples=samples)
 
     @property
     def unit_tokens(self) -> int:
@@ -282,18 +327,8 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     if placement.request:
         provenance["placement"] = describe(teacher, placement)
     width = output_width(teacher)
-    if cfg.task == "seq-cls" and cfg.top_k > width:
-        say(f"keeping all {width} classes (--top-k {cfg.top_k} exceeds the number of classes)")
-        cfg = dataclasses.replace(cfg, top_k=width)
-    if cfg.top_k > width and cfg.method == "topk":
-        raise LabelConfigError(
-            f"--top-k {cfg.top_k} is larger than the teacher's {width} output ids; use --top-k <= {width}"
-        )
-    if cfg.top_k >= width and cfg.method == "hybrid":
-        raise LabelConfigError(
-            f"--method hybrid draws from the ids outside the top-k, but --top-k {cfg.top_k} keeps all of the "
-            f"teacher's {width} output ids; use --top-k < {width}, or --method topk"
-        )
+    cfg = cfg.resolved(width, say)
+    method, top_k, samples = _targets(cfg)
     label2id = {str(k): int(v) for k, v in (getattr(teacher.config, "label2id", None) or {}).items()}
     spec = UnitSpec(
         tokenizer,
@@ -373,10 +408,10 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     rate = new_tokens / max(seconds, 1e-9)
     entries = sum(s.entries or 0 for s in manifest.shards)
     what = {
-        "sample": f"{cfg.samples} samples, {entries / max(1, manifest.positions):.1f} unique ids/{per}",
-        "hybrid": f"top-{cfg.top_k} + {cfg.samples} tail samples, "
+        "sample": f"{samples} samples, {entries / max(1, manifest.positions):.1f} unique ids/{per}",
+        "hybrid": f"top-{top_k} + {samples} tail samples, "
         f"{entries / max(1, manifest.positions):.1f} unique tail ids/{per}",
-    }.get(cfg.method, f"top-{cfg.top_k}")
+    }.get(method, f"top-{top_k}")
     say(
         f"labelled {labelled} shards ({new_tokens:,} tokens) in {seconds:.1f}s = {rate:,.0f} tokens/s; "
         f"store {manifest.rows:,} examples, {manifest.positions:,} positions, {manifest.bytes:,} bytes = "
@@ -487,15 +522,22 @@ def _with_token_strings(
     )
 
 
+def _targets(cfg: LabelConfig) -> tuple[str, int, int]:
+    """A resolved configuration's ``method``, ``top_k`` and ``samples``."""
+    if cfg.method is None or cfg.top_k is None or cfg.samples is None:
+        raise RuntimeError("LabelConfig.resolved() fills in method, top_k and samples before labelling")
+    return cfg.method, cfg.top_k, cfg.samples
+
+
 def _target_spec(cfg: LabelConfig, width: int, id_dtype: str) -> data.TargetSpec:
     """The store's target spec. A sampled store's k is a bound known before labeling: no position can hold more
     unique ids than draws or than the teacher has ids."""
-    if cfg.method == "sample":
-        k = min(cfg.samples, width)
-        return data.TargetSpec("sample", k, float(cfg.temperature), width, "float16", id_dtype, num_samples=cfg.samples)
-    samples = cfg.samples if cfg.method == "hybrid" else None
+    method, top_k, samples = _targets(cfg)
     T = float(cfg.temperature)
-    return data.TargetSpec(cfg.method, cfg.top_k, T, width, cfg.value_dtype, id_dtype, num_samples=samples)
+    if method == "sample":
+        return data.TargetSpec("sample", min(samples, width), T, width, "float16", id_dtype, num_samples=samples)
+    draws = samples if method == "hybrid" else None
+    return data.TargetSpec(method, top_k, T, width, cfg.value_dtype, id_dtype, num_samples=draws)
 
 
 def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
@@ -551,15 +593,15 @@ def _label_unit(
             rows = torch.cat([out[row, pos.to(out.device)] for row, pos in select]) if select else out
             labels = torch.from_numpy(row_labels(unit, batch, cfg.task))
             seed = [cfg.seed, index, b]
-            if cfg.method == "sample":
-                top = _sample_chunked(rows, head, cfg.samples, cfg.temperature, cfg.chunk_positions, labels, seed)
+            method, k, n = _targets(cfg)
+            if method == "sample":
+                top = _sample_chunked(rows, head, n, cfg.temperature, cfg.chunk_positions, labels, seed)
                 kept_sum += float(top.pop("kept").double().sum())
-            elif cfg.method == "hybrid":
-                k, n = cfg.top_k, cfg.samples
+            elif method == "hybrid":
                 top = _hybrid_chunked(rows, head, k, n, cfg.temperature, cfg.chunk_positions, labels, seed)
                 kept_sum += float((1 - top["tail"].double()).sum())
             else:
-                top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, labels)
+                top = _topk_chunked(rows, head, k, cfg.temperature, cfg.chunk_positions, labels)
                 kept_sum += float((1 - top["tail"].double()).sum())
             entropy = top.pop("entropy")
             ent_sum += float(entropy.double().sum())
@@ -569,7 +611,7 @@ def _label_unit(
             counts = [len(p) for _, p in select] if select else [1] * len(batch)
             offsets = np.concatenate([[0], np.cumsum(counts)])
             count += int(offsets[-1])
-            for i, res in zip(batch, _per_example(top, offsets, cfg.method), strict=True):
+            for i, res in zip(batch, _per_example(top, offsets, method), strict=True):
                 results[i] = res
             progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
         rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]
