@@ -154,3 +154,40 @@ def test_train_on_a_default_store_with_default_options(world: dict[str, Any], tm
     kd = [r["kd"] for r in rows if r["split"] == "train"]
     assert len(kd) == 3 and all(np.isfinite(kd)) and all(x >= -1e-4 for x in kd)
     assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+def test_store_trainer_loss_on_a_default_store_equals_a_float64_reference(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """transformers' Trainer route (StoreTrainer, default options) on a default store: its loss on one batch of the
+    whole store is alpha * KL(p̂ ‖ q) + (1 - alpha) * CE, p̂ the stored head plus tail_mass * count / 12 per draw,
+    written out here in float64 per example from the store's reader."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kd_pipeline.data.dataset import StoreDataset
+    from kd_pipeline.stages.hf_trainer import StoreTrainer
+
+    _label(world, tmp_path / "store", limit=6)
+    make_model(tmp_path / "student", "causal-lm", vocab_size=world["vocab"], pad_rows=3, seed=1)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    args = TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=8, report_to=[], use_cpu=True)
+    trainer = StoreTrainer(model=student, args=args, store=str(tmp_path / "store"))
+    (batch,) = list(StoreDataset(tmp_path / "store", batch_size=8))
+    got = float(trainer.compute_loss(trainer.model, batch).detach())
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "student").double().eval()
+    kl, ce = [], []
+    for ex in open_store(tmp_path / "store"):
+        ids = ex["input_ids"].astype(np.int64)
+        with torch.no_grad():
+            log_q = torch.log_softmax(reference(input_ids=torch.as_tensor(ids)[None]).logits[0], -1).numpy()
+        for p in range(len(ids) - 1):
+            p_hat = np.zeros(log_q.shape[1])
+            p_hat[ex["target_ids"][p].astype(np.int64)] = np.exp(ex["target_logprobs"][p].astype(np.float64))
+            draws, counts = _draws(ex, p)
+            p_hat[draws] += float(ex["tail_mass"][p]) * counts / 12
+            p_hat /= p_hat.sum()
+            on = p_hat > 0
+            kl.append(float((p_hat[on] * (np.log(p_hat[on]) - log_q[p, on])).sum()))
+            ce.append(-float(log_q[p, ids[p + 1]]))
+    assert got == pytest.approx(0.5 * np.mean(kl) + 0.5 * np.mean(ce), rel=1e-4)
