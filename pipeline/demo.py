@@ -51,7 +51,8 @@ class DemoConfig:
     max_length: int = 256
     """Sequence length of the packed corpus (and of the cut's calibration sequences)."""
     top_k: int | None = None
-    """Ids kept exactly per position (default: that of `pipeline label`'s default store)."""
+    """Ids kept exactly per position: a top-k store of that many ids (default: `pipeline label`'s default store,
+    sampled, without a top-k)."""
     temperature: float = 1.0
     """Labeling (and training) temperature."""
     blocks: str = "0,1,2,8,9,10,11,20,21,22,23,24,27,28,29"

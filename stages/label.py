@@ -1,6 +1,6 @@
 """Stage one: run a teacher once over a dataset and cache its soft labels in a store.
 
-    pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--method hybrid] ...
+    pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--method sample] ...
 
 Reads top to bottom: setup (config, teacher, tokenizer, data) -> the store (created, or resumed) -> the loop
 (one work unit of ``shard_tokens`` tokens at a time: bucket by length, forward, top-k + exact tail in float32,
@@ -8,13 +8,13 @@ hand the unit to the writer thread) -> summary.
 
 Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions`` positions: a
 (chunk, V) float32 block is the largest thing that exists at once, never (batch, seq, V). Only the kept ids and
-values (and a few scalars) leave the device. That is ``--method topk``; the default, ``hybrid``, adds draws from the
-rest (below; each method's defaults: ``METHOD_DEFAULTS``). With ``--method sample --samples N`` each position
-instead gets N ids drawn with replacement from softmax(z / T) on the device (a generator seeded from the labeling
-seed, the unit, the batch within the unit and the chunk, so resumed and multi-process runs draw the same ids), and
-only their unique ids and counts leave it; ``--method hybrid --top-k K --samples N`` keeps the top-k exactly as
-``topk`` and adds N ids drawn the same way from the teacher restricted to the other ids (``stages.soft_targets``
-computes every kind of target).
+values (and a few scalars) leave the device. That is ``--method topk`` (each method's defaults:
+``METHOD_DEFAULTS``). With ``--method sample --samples N`` (the default: 50 draws) each position instead gets N ids
+drawn with replacement from softmax(z / T) on the device (a generator seeded from the labeling seed, the unit, the
+batch within the unit and the chunk, so resumed and multi-process runs draw the same ids), and only their unique
+ids and counts leave it; ``--method hybrid --top-k K --samples N`` keeps the top-k exactly as ``topk`` and adds N
+ids drawn the same way from the teacher restricted to the other ids (``stages.soft_targets`` computes every kind
+of target).
 Writing a unit overlaps computing the next one (a bounded queue of 2 units to one writer thread).
 
 Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units

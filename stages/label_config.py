@@ -20,12 +20,13 @@ class LabelConfigError(ValueError):
     """One or more configuration problems, all listed."""
 
 
-DEFAULT_METHOD = "hybrid"
-"""The targets of a store when --method is not given (README, *Which targets*; BENCHMARKS.md sections 11, 11b)."""
+DEFAULT_METHOD = "sample"
+"""The targets of a store when neither --method, --top-k nor --samples is given: 50 draws per position from the
+teacher (README, *Which targets*; BENCHMARKS.md sections 11, 11b)."""
 METHOD_DEFAULTS: dict[str, tuple[int, int]] = {"hybrid": (4, 12), "topk": (32, 50), "sample": (32, 50)}
 """Each method's (--top-k, --samples) when they are not given. A value that a method does not use (topk's samples,
-sample's top-k) is filled in as before hybrid became the default, so that such stores' manifests stay as they were
-and stores labelled before still resume."""
+sample's top-k) is filled in as before, so that such stores' manifests stay as they were and stores labelled before
+still resume."""
 
 
 @dataclass
@@ -43,19 +44,21 @@ class LabelConfig:
     task: str = "causal-lm"
     """causal-lm (per token), masked-lm (per masked token), or seq-cls (per example)."""
     method: str | None = None
-    """Targets: hybrid (the default: the top-k ids with exact log-probs plus the exact tail mass, and --samples
-    draws from the teacher restricted to the other ids, with their counts: an exact head and an unbiased picture of
-    the tail), topk (the top-k log-probs plus the exact tail mass, in one bin), or sample (the unique ids of
-    --samples draws from the teacher at T, with their counts: unbiased targets, ~12 unique ids per token at 50
-    draws). Not given: hybrid, except for a teacher with no more output ids than --top-k (e.g. seq-cls with a few
-    classes): every id, exactly (topk), said in one log line."""
+    """Targets: sample (the default: the unique ids of --samples draws from the teacher at T, with their counts:
+    unbiased targets, ~12 unique ids per token at 50 draws), topk (the top-k log-probs plus the exact tail mass, in
+    one bin), or hybrid (the top-k ids with exact log-probs plus the exact tail mass, and --samples draws from the
+    teacher restricted to the other ids, with their counts). Not given, it follows the other options: none of
+    them: sample with 50 draws; --top-k K alone: topk with K ids; --top-k K --samples N: hybrid, K + N; --samples N
+    alone: sample with N draws. Not given either, a teacher with no more output ids than 32 (e.g. seq-cls with a
+    few classes), or a --top-k that covers all of them, keeps every id exactly (topk), said in one log line."""
     top_k: int | None = None
-    """Ids kept exactly per position (the rest of the mass goes into the exact tail bin). Default: 4 for hybrid
-    (also without --method: --top-k 64 alone is a hybrid store with a 64-id head), 32 for topk. hybrid: fewer than
-    the teacher's output ids, so that a tail exists to draw from."""
+    """Ids kept exactly per position (topk, hybrid; the rest of the mass goes into the exact tail bin). Default: 32
+    for topk, 4 for hybrid. Without --method, giving it chooses topk (with --samples too: hybrid). hybrid: fewer
+    than the teacher's output ids, so that a tail exists to draw from."""
     samples: int | None = None
-    """Ids drawn with replacement per position (1..65535; hybrid: from the ids outside the top-k). Default: 12 for
-    hybrid, 50 for sample; counts are uint8 up to 255 draws."""
+    """Ids drawn with replacement per position (sample, hybrid; 1..65535; hybrid: from the ids outside the top-k).
+    Default: 50 for sample, 12 for hybrid. Without --method, giving it chooses sample (with --top-k too: hybrid).
+    Counts are uint8 up to 255 draws."""
     temperature: float = 1.0
     """Labeling temperature T: stored values are log softmax(logits / T) over the full vocabulary."""
     max_length: int = 512
@@ -142,7 +145,7 @@ class LabelConfig:
             problems.append(f"--task {self.task!r} is not one of {', '.join(data.manifest.TASKS)}")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"--top-k must be >= 1, got {self.top_k}")
-        method = self.method or DEFAULT_METHOD
+        method = self.inferred_method
         if method not in data.manifest.METHODS:
             problems.append(f"--method {method!r} is not one of {', '.join(data.manifest.METHODS)}")
         if method in ("sample", "hybrid") and self.samples is not None and not 1 <= self.samples <= 65535:
@@ -179,24 +182,44 @@ class LabelConfig:
         if problems:
             raise LabelConfigError("; ".join(problems))
 
+    @property
+    def inferred_method(self) -> str:
+        """--method, or what the other options imply without it: --top-k alone topk, --top-k and --samples hybrid,
+        otherwise (--samples alone, or nothing) ``DEFAULT_METHOD``."""
+        if self.method:
+            return self.method
+        if self.top_k is None:
+            return DEFAULT_METHOD
+        return "topk" if self.samples is None else "hybrid"
+
     def resolved(self, width: int, say: Any) -> LabelConfig:
         """This configuration for a teacher of ``width`` output ids, with ``method``, ``top_k`` and ``samples``
         filled in: the one place where the defaults of each method apply (what the manifest records).
 
-        Without --method, a teacher with no more output ids than the head would keep has no tail to draw from:
-        every id is kept exactly (topk, the full distribution), and ``say`` tells so. An explicit hybrid that
-        cannot draw, or an explicit topk wider than the teacher (except seq-cls: all classes), is an error.
+        Without --method, a teacher with no more output ids than a default top-k store keeps (32), or a --top-k
+        that covers all of them, is stored exactly: every id (topk, the full distribution), and ``say`` tells so.
+        An explicit hybrid that cannot draw, or an explicit topk wider than the teacher (except seq-cls: all
+        classes), is an error.
         """
-        method = self.method or DEFAULT_METHOD
+        method = self.inferred_method
         k, n = METHOD_DEFAULTS[method]
         top_k = k if self.top_k is None else self.top_k
         samples = n if self.samples is None else self.samples
-        if self.method is None and top_k >= width:
-            say(
-                f"keeping all {width} output ids exactly (--method topk --top-k {width}, the full distribution): "
-                f"the default hybrid store's top-{top_k} head would leave no tail to draw from"
-            )
+        few = width <= METHOD_DEFAULTS["topk"][0]
+        if self.method is None and (few or (method != "sample" and top_k >= width)):
+            if few:
+                why = f"a teacher of at most {METHOD_DEFAULTS['topk'][0]} output ids is stored whole"
+            elif method == "hybrid":
+                why = f"the hybrid store's top-{top_k} head would leave no tail to draw from"
+            else:
+                why = f"--top-k {top_k} covers all of them"
+            say(f"keeping all {width} output ids exactly (--method topk --top-k {width}, the full distribution): {why}")
             method, top_k = "topk", width
+        if self.method is None and method == "sample" and self.value_dtype == "q8":
+            raise LabelConfigError(
+                "--value-dtype q8 applies to stored log-probs, but without --method or --top-k the store is sampled "
+                "(it holds counts); add --method topk (or --top-k K)"
+            )
         if self.task == "seq-cls" and top_k > width:
             say(f"keeping all {width} classes (--top-k {top_k} exceeds the number of classes)")
             top_k = width

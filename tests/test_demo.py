@@ -83,15 +83,18 @@ def test_report_matches_an_independent_forward(demo: dict[str, Any]) -> None:
 
 
 def test_demo_labels_the_default_store(demo: dict[str, Any]) -> None:
-    """The demo's store is `pipeline label`'s default: hybrid, the 4 most probable ids and 12 draws from the rest."""
+    """The demo's store is `pipeline label`'s default: sampled, 50 draws per position from the teacher."""
     from kd_pipeline.data import open_store
 
     store = open_store(Path(demo["cfg"].work_dir) / "store")
     t = store.manifest.targets
-    assert (t.method, t.k, t.num_samples, t.temperature) == ("hybrid", 4, 12, 1.0)
+    assert (t.method, t.num_samples, t.temperature) == ("sample", 50, 1.0)
+    positions = 0
     for ex in store:
-        off = ex["tail_offsets"]
-        assert all(int(ex["tail_counts"][off[p] : off[p + 1]].sum()) == 12 for p in range(len(off) - 1))
+        off = ex["target_offsets"]
+        assert all(int(ex["target_counts"][off[p] : off[p + 1]].sum()) == 50 for p in range(len(off) - 1))
+        positions += len(off) - 1
+    assert positions == store.manifest.positions > 0
 
 
 def test_two_trainings_differ_only_in_alpha(demo: dict[str, Any]) -> None:
@@ -183,11 +186,13 @@ def test_rerun_with_another_cut_cuts_and_trains_again(
 def test_rerun_with_another_store_labels_and_trains_again(
     demo: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """A work dir holding a store of other settings (an earlier version's top-32 store) is labelled again, and both
-    students trained again (they learnt from the old store): the same as a fresh demo of the new settings."""
+    """A work dir holding a store of other settings (here a top-6 store against the default sampled one) is labelled
+    again, and both students trained again (they learnt from the old store): the same as a fresh demo of the new
+    settings."""
     reused, fresh, log = _rerun_and_fresh(demo, tmp_path_factory, top_k=6)
     assert "holds a store of other settings" in log
     from kd_pipeline.data import open_store
 
-    assert open_store(reused / "store").manifest.targets.k == 6
+    t = open_store(reused / "store").manifest.targets
+    assert (t.method, t.k) == ("topk", 6)
     _assert_same_runs(reused, fresh)
