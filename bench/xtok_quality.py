@@ -141,7 +141,7 @@ def main() -> None:
         cfg = LabelConfig(
             data=str(docs),
             out=str(store_path),
-            method="topk",  # top-32, as its recorded results (the default became hybrid after them)
+            method="topk",  # top-32, as its recorded results (the default changed after them)
             spans=True,
             max_length=args.max_length,
             shard_size=64,

@@ -79,7 +79,7 @@ def test_explicit_methods_and_options_given_alone(world: dict[str, Any], tmp_pat
     _label(world, tmp_path / "t", method="topk", limit=4)
     topk = open_store(tmp_path / "t")
     assert (topk.manifest.targets.method, topk.manifest.targets.k) == ("topk", 32)
-    # a top-k store's recorded configuration is what it was before hybrid became the default (old stores resume)
+    # a top-k store's recorded configuration is what it was when top-k was the default (old stores resume)
     assert topk.manifest.config["top_k"] == 32 and not {"method", "samples"} & set(topk.manifest.config)
     ex = next(iter(topk))
     probs = _teacher_probs(world["teacher"], ex["input_ids"].astype(np.int64))
