@@ -39,6 +39,7 @@ def _child(args: argparse.Namespace) -> None:
         teacher=args.teacher,
         data=args.data,
         out=args.out,
+        method="topk",  # what its recorded results measured (the default changed after them)
         top_k=4,
         max_length=64,
         shard_size=64,

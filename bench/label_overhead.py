@@ -418,6 +418,7 @@ def main() -> None:
         "code": code_digests("kd_pipeline.stages.label", "kd_pipeline.stages.models"),
     }
     base = {
+        "method": "topk",  # the path it times and profiles (_topk_chunked); the default changed after it
         "top_k": args.k,
         "max_length": args.max_length,
         "pack": True,

@@ -102,7 +102,7 @@ def label_store(
         out=str(out),
         top_k=k,
         method=method or ("sample" if samples else "topk"),
-        samples=samples or label.LabelConfig.samples,
+        samples=samples,  # None: the method's own default (stages.label.METHOD_DEFAULTS)
         temperature=temperature,
         max_length=args.max_length,
         pack=True,

@@ -138,7 +138,14 @@ def main() -> None:
     if not (store_path / "manifest.json").is_file():
         t0 = time.perf_counter()
         docs = _paragraphs(work / "paragraphs.jsonl", args.records)
-        cfg = LabelConfig(data=str(docs), out=str(store_path), spans=True, max_length=args.max_length, shard_size=64)
+        cfg = LabelConfig(
+            data=str(docs),
+            out=str(store_path),
+            method="topk",  # top-32, as its recorded results (the default changed after them)
+            spans=True,
+            max_length=args.max_length,
+            shard_size=64,
+        )
         label(cfg, log=lambda m: print(m, file=sys.stderr))
         label_s = time.perf_counter() - t0
     store = data.open_store(str(store_path))

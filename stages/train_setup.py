@@ -88,7 +88,7 @@ def check_kept_mass(m: data.Manifest, say: Any) -> None:
             f"warning: this store's top-{t.k} ids at T={t.temperature:g} hold on average {kept:.2f} of the teacher's "
             "probability mass; the rest is one tail bin that says nothing about which other ids are likely, and on "
             "a real teacher such stores trained worse students than hard labels. Label at T=1, with a larger "
-            "--top-k, or with --method sample (BENCHMARKS.md, section 5)"
+            "--top-k, or with --method sample (the default) or --method hybrid (BENCHMARKS.md, sections 5 and 11)"
         )
 
 

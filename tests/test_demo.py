@@ -49,7 +49,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         data=str(w["data"]),
         tokens=20 * LENGTH,
         max_length=LENGTH,
-        top_k=8,
         blocks="",
         layers=1,
         steps=3,
@@ -81,6 +80,21 @@ def test_report_matches_an_independent_forward(demo: dict[str, Any]) -> None:
     text = "\n".join(demo["lines"])
     assert f"{models['distilled']['perplexity']:.2f}" in text and "[4/4]" in text
     assert report_lines(r, "t")[-1] in text.replace("teacher " + str(folders["teacher"]), "teacher t")
+
+
+def test_demo_labels_the_default_store(demo: dict[str, Any]) -> None:
+    """The demo's store is `pipeline label`'s default: sampled, 50 draws per position from the teacher."""
+    from kd_pipeline.data import open_store
+
+    store = open_store(Path(demo["cfg"].work_dir) / "store")
+    t = store.manifest.targets
+    assert (t.method, t.num_samples, t.temperature) == ("sample", 50, 1.0)
+    positions = 0
+    for ex in store:
+        off = ex["target_offsets"]
+        assert all(int(ex["target_counts"][off[p] : off[p + 1]].sum()) == 50 for p in range(len(off) - 1))
+        positions += len(off) - 1
+    assert positions == store.manifest.positions > 0
 
 
 def test_two_trainings_differ_only_in_alpha(demo: dict[str, Any]) -> None:
@@ -166,4 +180,19 @@ def test_rerun_with_another_cut_cuts_and_trains_again(
     assert "holds a student of blocks" in log
     info = json.loads((reused / "student" / "init_student.json").read_text())
     assert info["result"]["kept_layers"] == [other]
+    _assert_same_runs(reused, fresh)
+
+
+def test_rerun_with_another_store_labels_and_trains_again(
+    demo: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A work dir holding a store of other settings (here a top-6 store against the default sampled one) is labelled
+    again, and both students trained again (they learnt from the old store): the same as a fresh demo of the new
+    settings."""
+    reused, fresh, log = _rerun_and_fresh(demo, tmp_path_factory, top_k=6)
+    assert "holds a store of other settings" in log
+    from kd_pipeline.data import open_store
+
+    t = open_store(reused / "store").manifest.targets
+    assert (t.method, t.k) == ("topk", 6)
     _assert_same_runs(reused, fresh)

@@ -37,6 +37,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         str(root / "teacher"),
         "--data",
         str(root / "docs.jsonl"),
+        "--method",
+        "topk",
         "--top-k",
         "6",
         "--shard-size",

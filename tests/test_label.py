@@ -36,6 +36,7 @@ def _cfg(tiny: dict[str, Any], out: Path, **kw: Any) -> LabelConfig:
         "teacher": str(tiny["root"] / "causal-lm"),
         "data": str(tiny["data"]),
         "out": str(out),
+        "method": "topk",  # these tests check top-k targets against the teacher's own; the default: test_default_method
         "top_k": 5,
         "temperature": 2.0,
         "batch_size": 4,
@@ -218,7 +219,7 @@ def test_cli_bad_inputs_give_one_line_errors(tiny: dict[str, Any], tmp_path: Pat
         "does not exist": ["--teacher", str(tmp_path / "missing"), "--data", str(tiny["data"])],
         "holds no records": ["--teacher", teacher, "--data", str(empty)],
         "no text field 'body'": [*good, "--text-field", "body"],
-        "larger than the teacher": [*good, "--top-k", "1000"],
+        "larger than the teacher": [*good, "--method", "topk", "--top-k", "1000"],
         "--top-k must be >= 1": [*good, "--top-k", "0"],
         "--temperature must be": [*good, "--temperature", "0"],
         "is not one of the teacher's classes": [

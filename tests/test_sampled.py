@@ -356,7 +356,8 @@ def test_label_sample_config_problems() -> None:
     assert "--samples" in str(info.value) and "q8" in str(info.value)
     with pytest.raises(LabelConfigError, match="--method"):
         LabelConfig(teacher="t", data="d", out="o", method="dense").validate()
-    assert "method" not in LabelConfig(out="o").content_dict()  # top-k configs are as before
+    content = LabelConfig(out="o", method="topk").resolved(100, print).content_dict()
+    assert content["top_k"] == 32 and "method" not in content  # top-k configs are as before
 
 
 def test_cli_label_sample_and_inspect(tiny: dict[str, Any], tmp_path: Path) -> None:

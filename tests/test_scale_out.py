@@ -30,7 +30,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     make_model(root / "teacher", "causal-lm", vocab_size=vocab)
     write_jsonl(root / "docs.jsonl", [{"text": s} for s in SENTENCES * 4])
     args = {"teacher": str(root / "teacher"), "data": str(root / "docs.jsonl"), "top_k": 4, "shard_size": 5}
-    label(LabelConfig(out=str(root / "single"), **args), log=lambda m: None)
+    label(LabelConfig(out=str(root / "single"), method="topk", **args), log=lambda m: None)
     label(LabelConfig(out=str(root / "single-sample"), method="sample", samples=12, **args), log=lambda m: None)
     label(LabelConfig(out=str(root / "single-hybrid"), method="hybrid", samples=12, **args), log=lambda m: None)
     return {"root": root, "args": args}
@@ -62,7 +62,7 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("method", ["topk", "sample", "hybrid"])
 def test_independent_jobs_and_merge(setup: dict[str, Any], tmp_path: Path, method: str) -> None:
-    args = {**setup["args"], **({"method": method, "samples": 12} if method != "topk" else {})}
+    args = {**setup["args"], "method": method, **({"samples": 12} if method != "topk" else {})}
     single = setup["root"] / ("single" if method == "topk" else f"single-{method}")
     parts = []
     for i in range(3):
@@ -90,7 +90,7 @@ def test_independent_jobs_and_merge(setup: dict[str, Any], tmp_path: Path, metho
 @pytest.mark.parametrize("method", ["topk", "sample", "hybrid"])
 def test_torchrun_two_ranks_equal_one_process(setup: dict[str, Any], tmp_path: Path, method: str) -> None:
     out, a = tmp_path / "ranked", setup["args"]
-    extra = ["--method", method, "--samples", "12"] if method != "topk" else []
+    extra = ["--method", method, *(["--samples", "12"] if method != "topk" else [])]
     proc = torchrun(
         "label", "--teacher", a["teacher"], "--data", a["data"], "--top-k", "4", "--shard-size", "5", *extra,
         "--out", str(out),

@@ -62,6 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 data=str(root / "docs.jsonl"),
                 out=str(root / task),
                 task=task,
+                method="topk",  # the tests here check top-k losses and the top-k kept-mass warning
                 top_k=8,
                 temperature=2.0,
                 shard_size=8,

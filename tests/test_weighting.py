@@ -111,7 +111,7 @@ def unequal_world(root: Path) -> dict[str, Any]:
     make_model(root / "teacher", "causal-lm", vocab_size=vocab)
     make_model(root / "student", "causal-lm", vocab_size=vocab, seed=1, hidden=16)
     cfg = LabelConfig(
-        teacher=str(root / "teacher"), data=str(root / "docs.jsonl"), out=str(root / "store"), top_k=4,
+        teacher=str(root / "teacher"), data=str(root / "docs.jsonl"), out=str(root / "store"), method="topk", top_k=4,
         temperature=2.0, shard_size=1,
     )  # fmt: skip
     label(cfg, log=lambda m: None)

@@ -1,0 +1,240 @@
+"""`pipeline label` without --method: a sampled store (50 draws per position from the teacher), the method that
+--top-k / --samples imply when they are given alone, each method's own defaults when it is given, every id exactly
+for a teacher with few output ids, and `pipeline train` on a default store with its default options (tiny teachers
+built from configs; real label, real reader)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kd_pipeline.data import open_store
+from kd_pipeline.pipeline.cli import cli
+from kd_pipeline.stages.label import LabelConfig, LabelConfigError
+from kd_pipeline.stages.label import run as label
+from tests.tiny import labelling_world, make_model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny causal-LM teacher and corpus of the labelling tests, a 3-class seq-cls teacher and a masked-LM."""
+    w = labelling_world(tmp_path_factory.mktemp("default"))
+    w["seq-cls"] = make_model(w["root"] / "seq-cls", "seq-cls", vocab_size=w["vocab"], num_labels=3)
+    w["masked-lm"] = make_model(w["root"] / "masked-lm", "masked-lm", vocab_size=w["vocab"])
+    return w
+
+
+def _label(w: dict[str, Any], out: Path, teacher: str = "teacher", **kw: Any) -> list[str]:
+    """Label with only what the test names (no method, k or draws unless given); returns the log lines."""
+    logs: list[str] = []
+    cfg = LabelConfig(teacher=str(w["root"] / teacher), data=str(w["data"]), out=str(out), shard_size=8, **kw)
+    label(cfg, log=logs.append)
+    return logs
+
+
+def _teacher_probs(model: Any, ids: np.ndarray) -> np.ndarray:
+    """(L, V) float64 softmax of the teacher's logits at T=1, computed here, apart from the labeler."""
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.as_tensor(ids, dtype=torch.long)[None]).logits[0].double()
+    return torch.softmax(logits, dim=-1).numpy()
+
+
+def _draws(ex: dict[str, Any], p: int, kind: str = "target") -> tuple[np.ndarray, np.ndarray]:
+    """Position p's drawn ids and their counts: ``target`` in a sampled store, ``tail`` in a hybrid one."""
+    off = ex[f"{kind}_offsets"]
+    return ex[f"{kind}_ids"][off[p] : off[p + 1]].astype(np.int64), ex[f"{kind}_counts"][off[p] : off[p + 1]]
+
+
+def test_default_is_a_sampled_store_of_50_draws(world: dict[str, Any], tmp_path: Path) -> None:
+    _label(world, tmp_path / "d")
+    store = open_store(tmp_path / "d")
+    t, config = store.manifest.targets, store.manifest.config
+    assert (t.method, t.num_samples, t.temperature) == ("sample", 50, 1.0)
+    assert (config["method"], config["samples"]) == ("sample", 50)
+    drawn, expected = [], []  # per position: mean log p of the 50 draws, and its expectation under the teacher
+    for ex in store:
+        probs = _teacher_probs(world["teacher"], ex["input_ids"].astype(np.int64))
+        assert len(ex["target_offsets"]) - 1 == len(ex["input_ids"]) - 1
+        for p in range(len(ex["target_offsets"]) - 1):
+            ids, counts = _draws(ex, p)
+            assert int(counts.sum()) == 50 and (counts >= 1).all()  # 50 draws per position
+            assert len(np.unique(ids)) == len(ids) and (probs[p, ids] > 0).all()  # unique ids the teacher can draw
+            drawn.append(float((counts / 50 * np.log(probs[p, ids])).sum()))
+            expected.append(float((probs[p] * np.log(probs[p])).sum()))
+    assert len(drawn) == store.manifest.positions > 0
+    # drawn from the teacher: over all positions, draws at random from the vocabulary would be ~2.8 nats lower
+    assert np.mean(drawn) == pytest.approx(np.mean(expected), abs=0.1)
+    again = label(LabelConfig(teacher=str(world["root"] / "teacher"), data=str(world["data"]),
+                              out=str(tmp_path / "d"), shard_size=8), log=lambda m: None)  # fmt: skip
+    assert again.labelled_units == 0 and again.resumed_units == len(store.manifest.shards)  # resumes as it was
+
+
+def test_explicit_methods_and_options_given_alone(world: dict[str, Any], tmp_path: Path) -> None:
+    _label(world, tmp_path / "t", method="topk", limit=4)
+    topk = open_store(tmp_path / "t")
+    assert (topk.manifest.targets.method, topk.manifest.targets.k) == ("topk", 32)
+    # a top-k store's recorded configuration is what it was when top-k was the default (old stores resume)
+    assert topk.manifest.config["top_k"] == 32 and not {"method", "samples"} & set(topk.manifest.config)
+    ex = next(iter(topk))
+    probs = _teacher_probs(world["teacher"], ex["input_ids"].astype(np.int64))
+    for p in range(len(ex["input_ids"]) - 1):
+        assert set(ex["target_ids"][p].astype(np.int64)) == set(np.argsort(-probs[p])[:32])
+    _label(world, tmp_path / "s", method="sample", limit=4)
+    sample = open_store(tmp_path / "s")
+    assert (sample.manifest.targets.method, sample.manifest.targets.num_samples) == ("sample", 50)
+    ex = next(iter(sample))
+    sums = np.add.reduceat(ex["target_counts"].astype(np.int64), ex["target_offsets"][:-1])
+    assert (sums == 50).all() and len(sums) == len(ex["input_ids"]) - 1
+    _label(world, tmp_path / "y", method="hybrid", limit=4)
+    y = open_store(tmp_path / "y").manifest.targets
+    assert (y.method, y.k, y.num_samples) == ("hybrid", 4, 12)
+    _label(world, tmp_path / "k", top_k=6, limit=4)  # --top-k alone: a top-6 store
+    k = open_store(tmp_path / "k")
+    assert (k.manifest.targets.method, k.manifest.targets.k) == ("topk", 6)
+    ex = next(iter(k))
+    probs = _teacher_probs(world["teacher"], ex["input_ids"].astype(np.int64))
+    for p in range(len(ex["input_ids"]) - 1):
+        assert set(ex["target_ids"][p].astype(np.int64)) == set(np.argsort(-probs[p])[:6])
+    _label(world, tmp_path / "h", top_k=6, samples=9, limit=4)  # --top-k and --samples: a hybrid store, 6 + 9
+    h = open_store(tmp_path / "h")
+    assert (h.manifest.targets.method, h.manifest.targets.k, h.manifest.targets.num_samples) == ("hybrid", 6, 9)
+    ex = next(iter(h))
+    probs = _teacher_probs(world["teacher"], ex["input_ids"].astype(np.int64))
+    for p in range(len(ex["input_ids"]) - 1):
+        head = ex["target_ids"][p].astype(np.int64)
+        assert set(head) == set(np.argsort(-probs[p])[:6])
+        ids, counts = _draws(ex, p, "tail")
+        assert int(counts.sum()) == 9 and not np.isin(ids, head).any()  # 9 draws from the tail
+    _label(world, tmp_path / "n", samples=7, limit=4)  # --samples alone: a sampled store of 7 draws
+    n = open_store(tmp_path / "n")
+    assert (n.manifest.targets.method, n.manifest.targets.num_samples) == ("sample", 7)
+    ex = next(iter(n))
+    assert all(int(_draws(ex, p)[1].sum()) == 7 for p in range(len(ex["input_ids"]) - 1))
+
+
+def test_masked_lm_default_is_sampled(world: dict[str, Any], tmp_path: Path) -> None:
+    _label(world, tmp_path / "m", teacher="masked-lm", task="masked-lm", limit=8)
+    store = open_store(tmp_path / "m")
+    t = store.manifest.targets
+    assert (t.method, t.num_samples, t.num_classes) == ("sample", 50, world["vocab"])
+    positions = 0
+    for ex in store:
+        for p in range(len(ex["target_offsets"]) - 1):
+            ids, counts = _draws(ex, p)
+            assert int(counts.sum()) == 50 and ((ids >= 0) & (ids < world["vocab"])).all()
+            positions += 1
+    assert positions == store.manifest.positions > 0
+
+
+def test_few_classes_keep_every_class_exactly(world: dict[str, Any], tmp_path: Path) -> None:
+    """A 3-class teacher is not sampled by default: the default keeps all 3 classes, exactly, and says so once."""
+    logs = _label(world, tmp_path / "c", teacher="seq-cls", task="seq-cls", label_field="label")
+    said = [line for line in logs if "keeping all 3 output ids exactly" in line]
+    assert len(said) == 1 and "hybrid" not in said[0], logs
+    store = open_store(tmp_path / "c")
+    assert (store.manifest.targets.method, store.manifest.targets.k) == ("topk", 3)
+    model = world["seq-cls"].eval()
+    for ex in store:
+        with torch.no_grad():
+            logits = model(input_ids=torch.as_tensor(ex["input_ids"], dtype=torch.long)[None]).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1).numpy()
+        ids = ex["target_ids"].reshape(-1).astype(np.int64)
+        assert sorted(ids) == [0, 1, 2]
+        np.testing.assert_allclose(ex["target_logprobs"].reshape(-1).astype(np.float64), logp[ids], atol=2e-3)
+        assert float(np.asarray(ex["tail_mass"]).reshape(-1)[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cli_explicit_hybrid_with_few_classes_is_a_one_line_error(world: dict[str, Any], tmp_path: Path) -> None:
+    args = ["label", "--teacher", str(world["root"] / "seq-cls"), "--data", str(world["data"]), "--task", "seq-cls",
+            "--label-field", "label", "--method", "hybrid", "--out", str(tmp_path / "x")]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if "--method hybrid" in line]
+    assert len(errors) == 1 and "keeps all of the teacher's 3 output ids" in errors[0], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_train_on_a_default_store_with_default_options(world: dict[str, Any], tmp_path: Path) -> None:
+    """`pipeline train` with nothing but paths: a cut student (its healing schedule), forward KL, --tail bin."""
+    root = world["root"]
+    _label(world, tmp_path / "store")
+    runner = CliRunner()
+    cut = runner.invoke(cli, ["init-student", "--teacher", str(root / "teacher"), "--layers", "1", "--out",
+                              str(tmp_path / "student"), "--data", str(world["data"]), "--calibration-length", "16",
+                              "--calibration-tokens", "64"], catch_exceptions=False)  # fmt: skip
+    assert cut.exit_code == 0, cut.output
+    result = runner.invoke(cli, ["train", "--store", str(tmp_path / "store"), "--student", str(tmp_path / "student"),
+                                 "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--eval-every",
+                                 "3", "--log-every", "1"], catch_exceptions=False)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output and "50 samples at T=1" in result.output
+    used = json.loads((tmp_path / "run" / "config.json").read_text())
+    healing = json.loads((tmp_path / "student" / "init_student.json").read_text())["healing"]
+    assert {k: used[k] for k in healing} == healing
+    assert (used["loss"], used["tail"]) == ("forward-kl", "bin")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if r["split"] == "train"]
+    assert len(kd) == 3 and all(np.isfinite(kd)) and all(x >= -1e-4 for x in kd)
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+def test_store_trainer_loss_on_a_default_store_equals_a_float64_reference(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """transformers' Trainer route (StoreTrainer, default options) on a default store: its loss on one batch of the
+    whole store is alpha * KL(p̂ ‖ q) + (1 - alpha) * CE, p̂ = count / 50 per drawn id, written out here in float64
+    per example from the store's reader."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kd_pipeline.data.dataset import StoreDataset
+    from kd_pipeline.stages.hf_trainer import StoreTrainer
+
+    _label(world, tmp_path / "store", limit=6)
+    make_model(tmp_path / "student", "causal-lm", vocab_size=world["vocab"], pad_rows=3, seed=1)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    args = TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=8, report_to=[], use_cpu=True)
+    trainer = StoreTrainer(model=student, args=args, store=str(tmp_path / "store"))
+    (batch,) = list(StoreDataset(tmp_path / "store", batch_size=8))
+    got = float(trainer.compute_loss(trainer.model, batch).detach())
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "student").double().eval()
+    kl, ce = [], []
+    for ex in open_store(tmp_path / "store"):
+        ids = ex["input_ids"].astype(np.int64)
+        with torch.no_grad():
+            log_q = torch.log_softmax(reference(input_ids=torch.as_tensor(ids)[None]).logits[0], -1).numpy()
+        for p in range(len(ids) - 1):
+            p_hat = np.zeros(log_q.shape[1])
+            draws, counts = _draws(ex, p)
+            p_hat[draws] = counts / 50
+            on = p_hat > 0
+            kl.append(float((p_hat[on] * (np.log(p_hat[on]) - log_q[p, on])).sum()))
+            ce.append(-float(log_q[p, ids[p + 1]]))
+    assert got == pytest.approx(0.5 * np.mean(kl) + 0.5 * np.mean(ce), rel=1e-4)
+
+
+def test_options_without_method_on_narrow_teachers_and_q8() -> None:
+    """Without --method: a --top-k that covers the teacher keeps every id (one line, naming hybrid only when
+    --samples asked for it), so does a teacher of at most 32 ids; q8 values on a sampled store are refused."""
+    logs: list[str] = []
+    cfg = LabelConfig(out="o", top_k=100).resolved(100, logs.append)
+    assert (cfg.method, cfg.top_k) == ("topk", 100) and len(logs) == 1
+    assert "keeping all 100 output ids exactly" in logs[0] and "hybrid" not in logs[0]
+    logs.clear()
+    cfg = LabelConfig(out="o", top_k=100, samples=5).resolved(100, logs.append)
+    assert (cfg.method, cfg.top_k) == ("topk", 100) and len(logs) == 1 and "hybrid" in logs[0]
+    logs.clear()
+    cfg = LabelConfig(out="o", samples=5).resolved(32, logs.append)
+    assert (cfg.method, cfg.top_k) == ("topk", 32) and len(logs) == 1 and "hybrid" not in logs[0]
+    assert LabelConfig(out="o", samples=5).resolved(33, logs.append).method == "sample" and len(logs) == 1
+    with pytest.raises(LabelConfigError, match="--top-k 101 is larger than the teacher's 100 output ids"):
+        LabelConfig(out="o", method="topk", top_k=101).resolved(100, logs.append)
+    with pytest.raises(LabelConfigError, match="q8 applies to stored log-probs"):
+        LabelConfig(out="o", value_dtype="q8").resolved(100, logs.append)
+    assert LabelConfig(out="o", top_k=8, value_dtype="q8").resolved(100, logs.append).method == "topk"
