@@ -273,24 +273,38 @@ def fresh_hybrid(
     """Hybrid targets for the teacher's rows (N, H), drawn now: the labeler's own ``hybrid_chunked`` (top-k, exact
     tail mass, ``num_samples`` draws from the rest, seeded by ``seed``), the head's log-probs rounded to float16 as
     a store keeps them, padded to (N, U) and turned into loss targets by ``losses.hybrid_targets`` as the collator
-    does. Returns ``distill_loss``'s target_ids, target_logprobs, tail_mass and target_mask."""
+    does. ``k`` 0: a sampled store's targets instead (the labeler's ``sample_chunked``, ``num_samples`` draws from
+    the whole distribution, log(count / num_samples), no tail bin). Returns ``distill_loss``'s target_ids,
+    target_logprobs, tail_mass and target_mask."""
     from kd_pipeline.stages.losses import hybrid_targets
-    from kd_pipeline.stages.soft_targets import hybrid_chunked
+    from kd_pipeline.stages.soft_targets import hybrid_chunked, sample_chunked
 
+    if k == 0:  # a sampled store: num_samples draws from the whole distribution, weights count / num_samples
+        drawn = sample_chunked(rows, head, num_samples, temperature, rows.shape[0], None, seed)
+        ids, counts = _padded_draws(drawn["unique"], drawn["ids"], drawn["counts"])
+        mask = counts > 0
+        log_p = torch.where(mask, torch.log(counts.double() / num_samples), -torch.inf).float()
+        return ids, log_p, torch.zeros(rows.shape[0]), mask
     top = hybrid_chunked(rows, head, k, num_samples, temperature, rows.shape[0], None, seed)
-    unique = top["tail_unique"]  # (N,) unique tail ids per row
-    n, width = unique.shape[0], max(1, int(unique.max()))
-    row = torch.repeat_interleave(torch.arange(n), unique)  # (U_total,) the row of each entry
-    first = torch.cumsum(unique, 0) - unique  # (N,) where each row's entries start
-    slot = torch.arange(row.shape[0]) - first[row]
-    tail_ids = torch.zeros(n, width, dtype=torch.long)
-    tail_counts = torch.zeros(n, width, dtype=torch.long)
-    tail_ids[row, slot] = top["tail_ids"]
-    tail_counts[row, slot] = top["tail_counts"]
+    tail_ids, tail_counts = _padded_draws(top["tail_unique"], top["tail_ids"], top["tail_counts"])
     ids, log_p, mask, tail = hybrid_targets(
         top["ids"], top["logprobs"].half().float(), top["tail"], tail_ids, tail_counts, num_samples
     )
     return ids, log_p, tail, mask
+
+
+def _padded_draws(unique: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged draws (``unique`` (N,) entries per row, ``ids`` / ``counts`` (U_total,) row after row) padded to
+    (N, max unique) with id 0 and count 0, as the collator pads them."""
+    n, width = unique.shape[0], max(1, int(unique.max()))
+    row = torch.repeat_interleave(torch.arange(n), unique)  # (U_total,) the row of each entry
+    first = torch.cumsum(unique, 0) - unique  # (N,) where each row's entries start
+    slot = torch.arange(row.shape[0]) - first[row]
+    out_ids = torch.zeros(n, width, dtype=torch.long)
+    out_counts = torch.zeros(n, width, dtype=torch.long)
+    out_ids[row, slot] = ids
+    out_counts[row, slot] = counts
+    return out_ids, out_counts
 
 
 def check_online_loop(stores: dict[str, Any], student: Path, teacher: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -20,7 +20,9 @@ from the store itself: the size of every file under it / the positions its manif
 Runs (``--runs``, in priority order; each over every ``--seeds``): ``hard`` (alpha 0, on topk32's store),
 ``STORE@ALPHA`` (the pipeline's default forward KL on the k+1 bins, or the unbiased estimator on sampled and
 hybrid stores), ``renormK@ALPHA`` (top-K renormalised, the usual biased way), ``online@ALPHA`` (bench/quality.py's
-online loop: the teacher's full distribution each step). Each run's final student is measured by
+online loop: the teacher's full distribution each step), ``freshKxN@ALPHA`` / ``freshsampleN@ALPHA`` (that loop
+with a hybrid / sampled store's targets drawn afresh at every step by the labeler's own code, under the
+pipeline's loss: a store whose draws never repeat, as in a one-pass run). Each run's final student is measured by
 ``stages.heldout.score`` (a plain transformers forward, nothing shared with the losses) on (1) pydoc: the store's
 held-out examples, never trained on, and (2) a second corpus, ``--corpus2`` (default: the GNU GPL v3 text that
 Debian's base-files installs at /usr/share/common-licenses/GPL-3; evaluation only, never labelled or trained on;
@@ -77,9 +79,13 @@ def parse_run(text: str) -> dict[str, Any]:
         raise SystemExit(f"--runs {text!r}: expected hard or STORE@ALPHA, e.g. topk16@0.5")
     if what == "online":
         return {"name": text, "store": SPLIT_STORE, "alpha": float(alpha), "tail": "bin", "online": True}
-    if what.startswith("fresh"):  # freshKxN: hybrid targets drawn afresh each step by the online loop
-        k, n = what[5:].split("x")
-        spec = {"name": text, "store": "hybrid" + what[5:], "alpha": float(alpha), "tail": "bin", "online": True}
+    if what.startswith("fresh"):  # freshKxN / freshsampleN: a store's targets drawn afresh each step, online loop
+        if what.startswith("freshsample"):
+            k, n, store = "0", what[11:], what[5:]
+        else:
+            k, n = what[5:].split("x")
+            store = "hybrid" + what[5:]
+        spec = {"name": text, "store": store, "alpha": float(alpha), "tail": "bin", "online": True}
         return spec | {"fresh": [int(k), int(n)]}
     if what.startswith("renorm"):
         return {"name": text, "store": "topk" + what[6:], "alpha": float(alpha), "tail": "renormalise", "online": False}
