@@ -37,10 +37,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         str(root / "teacher"),
         "--data",
         str(root / "docs.jsonl"),
-        "--method",
-        "topk",
-        "--top-k",
-        "6",
         "--shard-size",
         "12",
         "--batch-size",
@@ -49,6 +45,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # the uninterrupted reference runs in the same kind of process (one thread): float results depend on it
     done = subprocess.run(_pipeline("label", *args, "--out", str(root / "clean")), env=ENV, capture_output=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    # the default store, sampled: a resumed labeling must draw exactly the ids of an uninterrupted one
+    targets = data.open_store(root / "clean").manifest.targets
+    assert (targets.method, targets.num_samples) == ("sample", 50)
     return {"root": root, "args": args}
 
 
