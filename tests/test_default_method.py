@@ -238,3 +238,37 @@ def test_options_without_method_on_narrow_teachers_and_q8() -> None:
     with pytest.raises(LabelConfigError, match="q8 applies to stored log-probs"):
         LabelConfig(out="o", value_dtype="q8").resolved(100, logs.append)
     assert LabelConfig(out="o", top_k=8, value_dtype="q8").resolved(100, logs.append).method == "topk"
+
+
+def test_a_store_of_the_old_default_is_refused_naming_the_options_that_resume_it(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """A store labelled by default before session 14 (top-32: what `--method topk` labels, its recorded config the
+    same, test_explicit_methods_and_options_given_alone) and the same command now, with no options: one line, exit
+    1, the store untouched, and the options it names resume it without labelling anything again."""
+    _label(world, tmp_path / "old", method="topk", limit=16)
+    before = (tmp_path / "old" / "manifest.json").read_bytes()
+    args = ["label", "--teacher", str(world["root"] / "teacher"), "--data", str(world["data"]), "--shard-size", "8",
+            "--limit", "16", "--out", str(tmp_path / "old")]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert "it holds topk targets (top-32) where these options label sample (50 draws)" in line
+    assert "add --method topk --top-k 32 to resume it" in line
+    assert (tmp_path / "old" / "manifest.json").read_bytes() == before
+    again = CliRunner().invoke(cli, [*args, "--method", "topk", "--top-k", "32"], catch_exceptions=False)
+    assert again.exit_code == 0 and "labelled 0 shards" in again.output, again.output
+    assert (tmp_path / "old" / "manifest.json").read_bytes() == before
+
+
+def test_a_value_dtype_on_a_sampled_store_is_refused() -> None:
+    """A sampled store holds counts, no log-probs: --value-dtype float32 (or q8) would be silently ignored."""
+    for given in ({}, {"samples": 7}):
+        for dtype in ("float32", "q8"):
+            with pytest.raises(LabelConfigError, match=f"--value-dtype {dtype} applies to stored log-probs"):
+                LabelConfig(out="o", value_dtype=dtype, **given).resolved(100, print)
+    with pytest.raises(LabelConfigError, match="--value-dtype float32 applies to --method topk and hybrid only"):
+        LabelConfig(out="o", method="sample", value_dtype="float32").validate()
+    cfg = LabelConfig(out="o", top_k=8, value_dtype="float32").resolved(100, print)
+    assert (cfg.method, cfg.value_dtype) == ("topk", "float32")
+    assert LabelConfig(out="o", value_dtype="float32").resolved(20, print).method == "topk"  # stored whole
