@@ -137,15 +137,18 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     target = f"{cfg.out.rstrip('/')}/.ranks/rank-{part:05d}" if torchrun else cfg.out
     template = with_part(template, part, parts, target)
     tokens_json, template = _with_token_strings(cfg, tokenizer, width, template)
-    merged = already_merged(cfg.out, template) if torchrun else set()
+    try:  # a store of other settings (at OUT, or at this rank's part) is refused before anything is labelled
+        merged = already_merged(cfg.out, template, cfg.overwrite) if torchrun else set()
+    except data.StoreExistsError as e:
+        raise data.StoreExistsError(f"{e}{_resume_hint(cfg.out, template.targets)}") from None
     lock = job_lock(cfg.out) if torchrun else None
+    try:
+        opened = placement.writer(target, template, cfg.overwrite)
+    except data.StoreExistsError as e:
+        raise data.StoreExistsError(f"{e}{_resume_hint(target, template.targets)}") from None
     start = time.perf_counter()
     pad_id = tokenizer.pad_token_id
     labelled = new_tokens = units = 0
-    try:
-        opened = placement.writer(target, template, cfg.overwrite)
-    except data.StoreExistsError as e:  # a store of other settings: say which options label its targets
-        raise data.StoreExistsError(f"{e}{_resume_hint(target, template.targets)}") from None
     with opened as writer:
         if (
             tokens_json is not None

@@ -272,3 +272,19 @@ def test_a_value_dtype_on_a_sampled_store_is_refused() -> None:
     cfg = LabelConfig(out="o", top_k=8, value_dtype="float32").resolved(100, print)
     assert (cfg.method, cfg.value_dtype) == ("topk", "float32")
     assert LabelConfig(out="o", value_dtype="float32").resolved(20, print).method == "topk"  # stored whole
+
+
+def test_torchrun_against_a_store_of_the_old_default_is_refused_before_labelling(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """Under torchrun the same: refused up front (not at the merge, after every rank labelled the whole input)."""
+    from tests.test_scale_out import torchrun
+
+    out = tmp_path / "old"
+    _label(world, out, method="topk", limit=16)
+    before = (out / "manifest.json").read_bytes()
+    proc = torchrun("label", "--teacher", str(world["root"] / "teacher"), "--data", str(world["data"]),
+                    "--shard-size", "8", "--limit", "16", "--out", str(out))  # fmt: skip
+    assert proc.returncode != 0
+    assert "add --method topk --top-k 32 to resume it" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / ".ranks").exists() and (out / "manifest.json").read_bytes() == before  # nothing labelled
