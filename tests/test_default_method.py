@@ -119,17 +119,23 @@ def test_explicit_methods_and_options_given_alone(world: dict[str, Any], tmp_pat
 
 
 def test_masked_lm_default_is_sampled(world: dict[str, Any], tmp_path: Path) -> None:
-    _label(world, tmp_path / "m", teacher="masked-lm", task="masked-lm", limit=8)
+    """50 draws at each masked position, from the masked-LM teacher's own distribution there (float64, here)."""
+    _label(world, tmp_path / "m", teacher="masked-lm", task="masked-lm")
     store = open_store(tmp_path / "m")
     t = store.manifest.targets
     assert (t.method, t.num_samples, t.num_classes) == ("sample", 50, world["vocab"])
-    positions = 0
+    drawn, expected = [], []
     for ex in store:
-        for p in range(len(ex["target_offsets"]) - 1):
+        probs = _teacher_probs(world["masked-lm"], ex["input_ids"].astype(np.int64))
+        for p, at in enumerate(ex["positions"].astype(np.int64)):
             ids, counts = _draws(ex, p)
-            assert int(counts.sum()) == 50 and ((ids >= 0) & (ids < world["vocab"])).all()
-            positions += 1
-    assert positions == store.manifest.positions > 0
+            assert int(counts.sum()) == 50 and (probs[at, ids] > 0).all()
+            drawn.append(float((counts / 50 * np.log(probs[at, ids])).sum()))
+            expected.append(float((probs[at] * np.log(probs[at])).sum()))
+    assert len(drawn) == store.manifest.positions > 30
+    # drawn from the teacher at the masked position: draws from another position's (or a flatter) distribution
+    # land lower on the teacher's log-probs there
+    assert np.mean(drawn) == pytest.approx(np.mean(expected), abs=0.1)
 
 
 def test_few_classes_keep_every_class_exactly(world: dict[str, Any], tmp_path: Path) -> None:
