@@ -226,13 +226,14 @@ class LabelConfig:
         if self.task == "seq-cls" and top_k > width:
             say(f"keeping all {width} classes (--top-k {top_k} exceeds the number of classes)")
             top_k = width
+        default = "" if self.top_k is not None else f" (--method {method}'s default)"  # a top-k the user did not give
         if top_k > width and method == "topk":
             raise LabelConfigError(
-                f"--top-k {top_k} is larger than the teacher's {width} output ids; use --top-k <= {width}"
+                f"--top-k {top_k}{default} is larger than the teacher's {width} output ids; use --top-k <= {width}"
             )
         if top_k >= width and method == "hybrid":
             raise LabelConfigError(
-                f"--method hybrid draws from the ids outside the top-k, but --top-k {top_k} keeps all of the "
+                f"--method hybrid draws from the ids outside the top-k, but --top-k {top_k}{default} keeps all of the "
                 f"teacher's {width} output ids; use --top-k < {width}, or --method topk"
             )
         return dataclasses.replace(self, method=method, top_k=top_k, samples=samples)

@@ -241,6 +241,13 @@ def test_options_without_method_on_narrow_teachers_and_q8() -> None:
     assert LabelConfig(out="o", samples=5).resolved(33, logs.append).method == "sample" and len(logs) == 1
     with pytest.raises(LabelConfigError, match="--top-k 101 is larger than the teacher's 100 output ids"):
         LabelConfig(out="o", method="topk", top_k=101).resolved(100, logs.append)
+    # an explicit method on a narrow teacher: the error says the top-k is that method's default, not the user's
+    with pytest.raises(
+        LabelConfigError, match=r"--top-k 32 \(--method topk's default\) is larger than the teacher's 20"
+    ):
+        LabelConfig(out="o", method="topk").resolved(20, logs.append)
+    with pytest.raises(LabelConfigError, match=r"--top-k 4 \(--method hybrid's default\) keeps all of the teacher's 4"):
+        LabelConfig(out="o", method="hybrid").resolved(4, logs.append)
     with pytest.raises(LabelConfigError, match="q8 applies to stored log-probs"):
         LabelConfig(out="o", value_dtype="q8").resolved(100, logs.append)
     assert LabelConfig(out="o", top_k=8, value_dtype="q8").resolved(100, logs.append).method == "topk"
