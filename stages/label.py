@@ -137,12 +137,19 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     target = f"{cfg.out.rstrip('/')}/.ranks/rank-{part:05d}" if torchrun else cfg.out
     template = with_part(template, part, parts, target)
     tokens_json, template = _with_token_strings(cfg, tokenizer, width, template)
-    merged = already_merged(cfg.out, template) if torchrun else set()
+    try:  # a store of other settings (at OUT, or at this rank's part) is refused before anything is labelled
+        merged = already_merged(cfg.out, template, cfg.overwrite) if torchrun else set()
+    except data.StoreExistsError as e:
+        raise data.StoreExistsError(f"{e}{_resume_hint(cfg.out, template.targets)}") from None
     lock = job_lock(cfg.out) if torchrun else None
+    try:
+        opened = placement.writer(target, template, cfg.overwrite)
+    except data.StoreExistsError as e:
+        raise data.StoreExistsError(f"{e}{_resume_hint(target, template.targets)}") from None
     start = time.perf_counter()
     pad_id = tokenizer.pad_token_id
     labelled = new_tokens = units = 0
-    with placement.writer(target, template, cfg.overwrite) as writer:
+    with opened as writer:
         if (
             tokens_json is not None
             and placement.writes
@@ -305,6 +312,38 @@ def _targets(cfg: LabelConfig) -> tuple[str, int, int]:
     if cfg.method is None or cfg.top_k is None or cfg.samples is None:
         raise RuntimeError("LabelConfig.resolved() fills in method, top_k and samples before labelling")
     return cfg.method, cfg.top_k, cfg.samples
+
+
+def _resume_hint(target: str, wanted: data.TargetSpec) -> str:
+    """When the store at ``target`` holds targets of another method or size than ``wanted``: the options that label
+    its targets (a store labelled by default before session 14 is top-32, and the same command now asks for 50
+    draws). Empty when they are the same or the store cannot be read."""
+    from ..data.location import Location
+
+    try:
+        held = data.read_manifest(Location(target)).targets
+    except data.StoreError:
+        return ""
+    if (held.method, held.k, held.num_samples) == (wanted.method, wanted.k, wanted.num_samples):
+        return ""
+
+    def what(t: data.TargetSpec) -> str:
+        return {
+            "topk": f"top-{t.k}",
+            "sample": f"{t.num_samples} draws",
+            "hybrid": f"top-{t.k} + {t.num_samples} draws",
+        }[t.method]
+
+    flags = {
+        "topk": f"--method topk --top-k {held.k}",
+        "sample": f"--method sample --samples {held.num_samples}",
+        "hybrid": f"--method hybrid --top-k {held.k} --samples {held.num_samples}",
+    }[held.method]
+    return (
+        f"; it holds {held.method} targets ({what(held)}) where these options label {wanted.method} ({what(wanted)}): "
+        f"add {flags} to resume it (without --method, pipeline label stores 50 draws per position since session "
+        "14; top-32 before)"
+    )
 
 
 def _target_spec(cfg: LabelConfig, width: int, id_dtype: str) -> data.TargetSpec:

@@ -150,8 +150,11 @@ class LabelConfig:
             problems.append(f"--method {method!r} is not one of {', '.join(data.manifest.METHODS)}")
         if method in ("sample", "hybrid") and self.samples is not None and not 1 <= self.samples <= 65535:
             problems.append(f"--samples must be in [1, 65535], got {self.samples}")
-        if self.method == "sample" and self.value_dtype == "q8":
-            problems.append("--value-dtype q8 applies to --method topk only (sampled stores hold counts)")
+        if self.method == "sample" and self.value_dtype != "float16":
+            problems.append(
+                f"--value-dtype {self.value_dtype} applies to --method topk and hybrid only "
+                "(sampled stores hold counts)"
+            )
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             problems.append(f"--temperature must be a finite number > 0, got {self.temperature}")
         if self.max_length < 2:
@@ -215,21 +218,22 @@ class LabelConfig:
                 why = f"--top-k {top_k} covers all of them"
             say(f"keeping all {width} output ids exactly (--method topk --top-k {width}, the full distribution): {why}")
             method, top_k = "topk", width
-        if self.method is None and method == "sample" and self.value_dtype == "q8":
+        if self.method is None and method == "sample" and self.value_dtype != "float16":
             raise LabelConfigError(
-                "--value-dtype q8 applies to stored log-probs, but without --method or --top-k the store is sampled "
-                "(it holds counts); add --method topk (or --top-k K)"
+                f"--value-dtype {self.value_dtype} applies to stored log-probs, but without --method or --top-k the "
+                "store is sampled (it holds counts, no log-probs); add --method topk (or --top-k K)"
             )
         if self.task == "seq-cls" and top_k > width:
             say(f"keeping all {width} classes (--top-k {top_k} exceeds the number of classes)")
             top_k = width
+        default = "" if self.top_k is not None else f" (--method {method}'s default)"  # a top-k the user did not give
         if top_k > width and method == "topk":
             raise LabelConfigError(
-                f"--top-k {top_k} is larger than the teacher's {width} output ids; use --top-k <= {width}"
+                f"--top-k {top_k}{default} is larger than the teacher's {width} output ids; use --top-k <= {width}"
             )
         if top_k >= width and method == "hybrid":
             raise LabelConfigError(
-                f"--method hybrid draws from the ids outside the top-k, but --top-k {top_k} keeps all of the "
+                f"--method hybrid draws from the ids outside the top-k, but --top-k {top_k}{default} keeps all of the "
                 f"teacher's {width} output ids; use --top-k < {width}, or --method topk"
             )
         return dataclasses.replace(self, method=method, top_k=top_k, samples=samples)

@@ -48,8 +48,11 @@ def with_counts(manifest: data.Manifest, records: int, units: int) -> data.Manif
     return dataclasses.replace(manifest, dataset={**manifest.dataset, "records": records, "units": units})
 
 
-def already_merged(out: str, template: data.Manifest) -> set[int]:
-    """Units already in the merged store of an earlier, interrupted torchrun job with the same configuration."""
+def already_merged(out: str, template: data.Manifest, overwrite: bool = False) -> set[int]:
+    """Units already in the merged store of an earlier, interrupted torchrun job with the same configuration.
+
+    A store of another configuration at ``out`` is refused here, before any rank labels anything (its merge into
+    ``out`` would be refused only once every rank had labelled the whole input), unless ``overwrite``."""
     from ..data.merge import without_part
     from ..data.writer import differences
 
@@ -60,9 +63,13 @@ def already_merged(out: str, template: data.Manifest) -> set[int]:
     ours, theirs = without_part(template).provenance_key(), existing.provenance_key()
     for key in (ours, theirs):
         key["dataset"] = {k: v for k, v in key["dataset"].items() if k not in COUNTS}
-    if differences(theirs, ours):
-        return set()
-    return {s.unit for s in existing.shards}
+    diff = differences(theirs, ours)
+    if diff and not overwrite:
+        raise data.StoreExistsError(
+            f"{out} already holds a store labelled with a different configuration (differs in: {', '.join(diff)}); "
+            "pass --overwrite to start over, or choose another output path"
+        )
+    return set() if diff else {s.unit for s in existing.shards}
 
 
 def merge_ranks(out: str, world: int, rank: int, say: Any) -> data.Manifest:

@@ -119,17 +119,23 @@ def test_explicit_methods_and_options_given_alone(world: dict[str, Any], tmp_pat
 
 
 def test_masked_lm_default_is_sampled(world: dict[str, Any], tmp_path: Path) -> None:
-    _label(world, tmp_path / "m", teacher="masked-lm", task="masked-lm", limit=8)
+    """50 draws at each masked position, from the masked-LM teacher's own distribution there (float64, here)."""
+    _label(world, tmp_path / "m", teacher="masked-lm", task="masked-lm")
     store = open_store(tmp_path / "m")
     t = store.manifest.targets
     assert (t.method, t.num_samples, t.num_classes) == ("sample", 50, world["vocab"])
-    positions = 0
+    drawn, expected = [], []
     for ex in store:
-        for p in range(len(ex["target_offsets"]) - 1):
+        probs = _teacher_probs(world["masked-lm"], ex["input_ids"].astype(np.int64))
+        for p, at in enumerate(ex["positions"].astype(np.int64)):
             ids, counts = _draws(ex, p)
-            assert int(counts.sum()) == 50 and ((ids >= 0) & (ids < world["vocab"])).all()
-            positions += 1
-    assert positions == store.manifest.positions > 0
+            assert int(counts.sum()) == 50 and (probs[at, ids] > 0).all()
+            drawn.append(float((counts / 50 * np.log(probs[at, ids])).sum()))
+            expected.append(float((probs[at] * np.log(probs[at])).sum()))
+    assert len(drawn) == store.manifest.positions > 30
+    # drawn from the teacher at the masked position: draws from another position's (or a flatter) distribution
+    # land lower on the teacher's log-probs there
+    assert np.mean(drawn) == pytest.approx(np.mean(expected), abs=0.1)
 
 
 def test_few_classes_keep_every_class_exactly(world: dict[str, Any], tmp_path: Path) -> None:
@@ -235,6 +241,63 @@ def test_options_without_method_on_narrow_teachers_and_q8() -> None:
     assert LabelConfig(out="o", samples=5).resolved(33, logs.append).method == "sample" and len(logs) == 1
     with pytest.raises(LabelConfigError, match="--top-k 101 is larger than the teacher's 100 output ids"):
         LabelConfig(out="o", method="topk", top_k=101).resolved(100, logs.append)
+    # an explicit method on a narrow teacher: the error says the top-k is that method's default, not the user's
+    with pytest.raises(
+        LabelConfigError, match=r"--top-k 32 \(--method topk's default\) is larger than the teacher's 20"
+    ):
+        LabelConfig(out="o", method="topk").resolved(20, logs.append)
+    with pytest.raises(LabelConfigError, match=r"--top-k 4 \(--method hybrid's default\) keeps all of the teacher's 4"):
+        LabelConfig(out="o", method="hybrid").resolved(4, logs.append)
     with pytest.raises(LabelConfigError, match="q8 applies to stored log-probs"):
         LabelConfig(out="o", value_dtype="q8").resolved(100, logs.append)
     assert LabelConfig(out="o", top_k=8, value_dtype="q8").resolved(100, logs.append).method == "topk"
+
+
+def test_a_store_of_the_old_default_is_refused_naming_the_options_that_resume_it(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """A store labelled by default before session 14 (top-32: what `--method topk` labels, its recorded config the
+    same, test_explicit_methods_and_options_given_alone) and the same command now, with no options: one line, exit
+    1, the store untouched, and the options it names resume it without labelling anything again."""
+    _label(world, tmp_path / "old", method="topk", limit=16)
+    before = (tmp_path / "old" / "manifest.json").read_bytes()
+    args = ["label", "--teacher", str(world["root"] / "teacher"), "--data", str(world["data"]), "--shard-size", "8",
+            "--limit", "16", "--out", str(tmp_path / "old")]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert "it holds topk targets (top-32) where these options label sample (50 draws)" in line
+    assert "add --method topk --top-k 32 to resume it" in line
+    assert (tmp_path / "old" / "manifest.json").read_bytes() == before
+    again = CliRunner().invoke(cli, [*args, "--method", "topk", "--top-k", "32"], catch_exceptions=False)
+    assert again.exit_code == 0 and "labelled 0 shards" in again.output, again.output
+    assert (tmp_path / "old" / "manifest.json").read_bytes() == before
+
+
+def test_a_value_dtype_on_a_sampled_store_is_refused() -> None:
+    """A sampled store holds counts, no log-probs: --value-dtype float32 (or q8) would be silently ignored."""
+    for given in ({}, {"samples": 7}):
+        for dtype in ("float32", "q8"):
+            with pytest.raises(LabelConfigError, match=f"--value-dtype {dtype} applies to stored log-probs"):
+                LabelConfig(out="o", value_dtype=dtype, **given).resolved(100, print)
+    with pytest.raises(LabelConfigError, match="--value-dtype float32 applies to --method topk and hybrid only"):
+        LabelConfig(out="o", method="sample", value_dtype="float32").validate()
+    cfg = LabelConfig(out="o", top_k=8, value_dtype="float32").resolved(100, print)
+    assert (cfg.method, cfg.value_dtype) == ("topk", "float32")
+    assert LabelConfig(out="o", value_dtype="float32").resolved(20, print).method == "topk"  # stored whole
+
+
+def test_torchrun_against_a_store_of_the_old_default_is_refused_before_labelling(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """Under torchrun the same: refused up front (not at the merge, after every rank labelled the whole input)."""
+    from tests.test_scale_out import torchrun
+
+    out = tmp_path / "old"
+    _label(world, out, method="topk", limit=16)
+    before = (out / "manifest.json").read_bytes()
+    proc = torchrun("label", "--teacher", str(world["root"] / "teacher"), "--data", str(world["data"]),
+                    "--shard-size", "8", "--limit", "16", "--out", str(out))  # fmt: skip
+    assert proc.returncode != 0
+    assert "add --method topk --top-k 32 to resume it" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / ".ranks").exists() and (out / "manifest.json").read_bytes() == before  # nothing labelled
