@@ -23,6 +23,12 @@ PAIRS = [
     ("hybrid4x12@0.5", "fresh4x12@0.5"),
     ("online@1", "online@0.5"),
     ("online@1", "topk32@1"),
+    ("freshsample50@0.5", "online@0.5"),
+    ("sample50@0.5", "freshsample50@0.5"),
+    ("freshsample50@0.5", "fresh4x12@0.5"),
+    ("sample50@1", "sample50@0.5"),
+    ("sample50@1", "hard"),
+    ("sample50@1", "topk32@1"),
 ]
 """Paired comparisons printed when both runs are there (item 5: the matched-size stores; item 6: alpha; the
 issue's target: stored targets against online full-logit KD)."""

@@ -62,9 +62,10 @@ class DemoConfig:
     ``layers`` blocks by greedy removal now (for another teacher)."""
     layers: int = 15
     """Blocks to keep when ``blocks`` is empty."""
-    steps: int = 60
-    """Optimizer steps of each of the two trainings (60 x 8 sequences: 3.75 epochs of the 128 training sequences;
-    what the demo's wall-time budget allows the 15-block student, BENCHMARKS.md section 8b)."""
+    steps: int = 54
+    """Optimizer steps of each of the two trainings (54 x 8 sequences: 3.4 epochs of the 128 training sequences;
+    what the demo's ~20-minute budget of label + train allows the 15-block student on 2 CPU cores: 60 steps took
+    21.2 minutes there, README "Today's demo")."""
     batch_size: int = 8
     """Sequences per step."""
     seed: int = 0
