@@ -29,6 +29,9 @@ PAIRS = [
     ("sample50@1", "sample50@0.5"),
     ("sample50@1", "hard"),
     ("sample50@1", "topk32@1"),
+    ("renorm32@0.5", "topk32@0.5"),
+    ("renorm32@0.5", "online@0.5"),
+    ("renorm32@0.5", "hard"),
 ]
 """Paired comparisons printed when both runs are there (item 5: the matched-size stores; item 6: alpha; the
 issue's target: stored targets against online full-logit KD)."""
