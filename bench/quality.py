@@ -274,17 +274,16 @@ def fresh_hybrid(
     tail mass, ``num_samples`` draws from the rest, seeded by ``seed``), the head's log-probs rounded to float16 as
     a store keeps them, padded to (N, U) and turned into loss targets by ``losses.hybrid_targets`` as the collator
     does. ``k`` 0: a sampled store's targets instead (the labeler's ``sample_chunked``, ``num_samples`` draws from
-    the whole distribution, log(count / num_samples), no tail bin). Returns ``distill_loss``'s target_ids,
-    target_logprobs, tail_mass and target_mask."""
-    from kd_pipeline.stages.losses import hybrid_targets
+    the whole distribution, turned into loss targets by ``losses.sampled_targets``). Returns ``distill_loss``'s
+    target_ids, target_logprobs, tail_mass and target_mask."""
+    from kd_pipeline.stages.losses import hybrid_targets, sampled_targets
     from kd_pipeline.stages.soft_targets import hybrid_chunked, sample_chunked
 
     if k == 0:  # a sampled store: num_samples draws from the whole distribution, weights count / num_samples
         drawn = sample_chunked(rows, head, num_samples, temperature, rows.shape[0], None, seed)
         ids, counts = _padded_draws(drawn["unique"], drawn["ids"], drawn["counts"])
-        mask = counts > 0
-        log_p = torch.where(mask, torch.log(counts.double() / num_samples), -torch.inf).float()
-        return ids, log_p, torch.zeros(rows.shape[0]), mask
+        log_p, tail = sampled_targets(counts, num_samples)
+        return ids, log_p, tail, counts > 0
     top = hybrid_chunked(rows, head, k, num_samples, temperature, rows.shape[0], None, seed)
     tail_ids, tail_counts = _padded_draws(top["tail_unique"], top["tail_ids"], top["tail_counts"])
     ids, log_p, mask, tail = hybrid_targets(
