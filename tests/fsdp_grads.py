@@ -7,6 +7,7 @@ initial weights and the loss to OUT (safetensors) for the test to compare with i
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -83,8 +84,14 @@ def main(out: str) -> None:
         tensors |= {f"{name}/init/{n}": v for n, v in init.items()}
     if rank == 0:
         save_file({k: v.contiguous() for k, v in tensors.items()}, out)
-    dist.barrier()  # no rank tears gloo down while another is still in it (a rank aborted at exit once in CI)
+    dist.barrier()  # no rank tears gloo down while another is still in it
     dist.destroy_process_group()
+    # Twice in CI a rank died with SIGABRT ("terminate called without an active exception", a C++ thread destroyed
+    # while joinable) after this point or in it; the work is done and written, so leave without the interpreter's
+    # finalisation (module teardown, static destructors), where such threads are torn down.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,29 @@ def sharded_grads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
     out = tmp_path_factory.mktemp("grads") / "grads.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [*cmd, str(REPO / "tests" / "fsdp_grads.py"), str(out)], capture_output=True, text=True, env=env, timeout=300
-    )
+    for attempt in range(2):
+        proc = subprocess.run(
+            [*cmd, str(REPO / "tests" / "fsdp_grads.py"), str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        # one more try only for the abort seen twice in CI: a rank killed by std::terminate (SIGABRT) inside gloo or
+        # torch's C++ teardown, never a Python error; any other failure, or the same abort twice, fails the test
+        if proc.returncode == 0 or attempt or not _native_abort(proc.stderr):
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out))
+
+
+def _native_abort(stderr: str) -> bool:
+    """torchrun's report of a rank that died of SIGABRT from C++ std::terminate, with no Python traceback of its own."""
+    return (
+        "terminate called" in stderr
+        and "Signal 6 (SIGABRT)" in stderr
+        and "Traceback (most recent call last)" not in stderr.split("terminate called")[0]
+    )
 
 
 def _reference(case: str, got: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
