@@ -93,6 +93,7 @@ def label_store(
     args: argparse.Namespace,
     samples: int | None = None,
     method: str | None = None,
+    draws: str | None = None,
 ) -> dict[str, Any]:
     """Label the corpus subset at (k, T) (or with ``samples`` draws per position; ``method`` "hybrid": k exact ids
     and ``samples`` tail draws) with stages.label.run; a finished store with this configuration is reused."""
@@ -103,6 +104,7 @@ def label_store(
         top_k=k,
         method=method or ("sample" if samples else "topk"),
         samples=samples,  # None: the method's own default (stages.label.METHOD_DEFAULTS)
+        **({"draws": draws} if draws else {}),  # None: pipeline label's default
         temperature=temperature,
         max_length=args.max_length,
         pack=True,
@@ -168,12 +170,17 @@ def train_offline(cfg: Any) -> dict[str, Any]:
 
 
 def train_online(
-    cfg: Any, teacher: Any, temperature: float, save: Path | None = None, fresh: tuple[int, int] | None = None
+    cfg: Any,
+    teacher: Any,
+    temperature: float,
+    save: Path | None = None,
+    fresh: tuple[int, int] | tuple[int, int, str] | None = None,
 ) -> dict[str, Any]:
     """stages.train.run's loop, written out, with the teacher in memory instead of the store's soft labels.
-    ``save``: also write the final student there with ``save_pretrained``. ``fresh`` (K, N): instead of the full
-    distribution, hybrid targets drawn afresh at every step (:func:`fresh_hybrid`) under the pipeline's own loss
-    (``distill_loss`` with cfg's options), i.e. a hybrid store whose draws never repeat.
+    ``save``: also write the final student there with ``save_pretrained``. ``fresh`` (K, N[, draws]): instead of the
+    full distribution, hybrid targets (K 0: sampled) drawn afresh at every step by the labeler's ``draws`` scheme
+    (default multinomial; :func:`fresh_hybrid`) under the pipeline's own loss (``distill_loss`` with cfg's options),
+    i.e. a hybrid or sampled store whose draws never repeat.
 
     Same student initialisation (seeded the same way), the same batches in the same order (stages.train's own
     split and batch stream), the same AdamW groups, schedule and clipping, and stages.train.evaluate.
@@ -234,7 +241,9 @@ def train_online(
         with torch.no_grad():
             hidden = head.hidden_or_logits(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
             if fresh is not None:
-                targets = fresh_hybrid(hidden[:, :-1][select], head, *fresh, temperature, [cfg.seed, step])
+                k, n, *how = fresh
+                rows = hidden[:, :-1][select]
+                targets = fresh_hybrid(rows, head, k, n, temperature, [cfg.seed, step], *how)
             else:
                 teacher_lp = torch.log_softmax(head.logits(hidden[:, :-1][select]) / temperature, dim=-1)  # (N, V)
         with autocast:
@@ -268,23 +277,29 @@ def train_online(
 
 
 def fresh_hybrid(
-    rows: torch.Tensor, head: Any, k: int, num_samples: int, temperature: float, seed: list[int]
+    rows: torch.Tensor,
+    head: Any,
+    k: int,
+    num_samples: int,
+    temperature: float,
+    seed: list[int],
+    draws: str = "multinomial",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hybrid targets for the teacher's rows (N, H), drawn now: the labeler's own ``hybrid_chunked`` (top-k, exact
     tail mass, ``num_samples`` draws from the rest, seeded by ``seed``), the head's log-probs rounded to float16 as
     a store keeps them, padded to (N, U) and turned into loss targets by ``losses.hybrid_targets`` as the collator
     does. ``k`` 0: a sampled store's targets instead (the labeler's ``sample_chunked``, ``num_samples`` draws from
-    the whole distribution, turned into loss targets by ``losses.sampled_targets``). Returns ``distill_loss``'s
-    target_ids, target_logprobs, tail_mass and target_mask."""
+    the whole distribution, turned into loss targets by ``losses.sampled_targets``). ``draws``: the labeler's
+    --draws scheme. Returns ``distill_loss``'s target_ids, target_logprobs, tail_mass and target_mask."""
     from kd_pipeline.stages.losses import hybrid_targets, sampled_targets
     from kd_pipeline.stages.soft_targets import hybrid_chunked, sample_chunked
 
     if k == 0:  # a sampled store: num_samples draws from the whole distribution, weights count / num_samples
-        drawn = sample_chunked(rows, head, num_samples, temperature, rows.shape[0], None, seed)
+        drawn = sample_chunked(rows, head, num_samples, temperature, rows.shape[0], None, seed, draws)
         ids, counts = _padded_draws(drawn["unique"], drawn["ids"], drawn["counts"])
         log_p, tail = sampled_targets(counts, num_samples)
         return ids, log_p, tail, counts > 0
-    top = hybrid_chunked(rows, head, k, num_samples, temperature, rows.shape[0], None, seed)
+    top = hybrid_chunked(rows, head, k, num_samples, temperature, rows.shape[0], None, seed, draws)
     tail_ids, tail_counts = _padded_draws(top["tail_unique"], top["tail_ids"], top["tail_counts"])
     ids, log_p, mask, tail = hybrid_targets(
         top["ids"], top["logprobs"].half().float(), top["tail"], tail_ids, tail_counts, num_samples

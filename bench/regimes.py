@@ -59,15 +59,17 @@ SPLIT_STORE = "topk32"  # its ids decide the in/out of top-k split; hard labels 
 
 
 def parse_store(name: str) -> dict[str, Any]:
-    """``topk16`` / ``sample50`` / ``hybrid8x24`` -> label_store's arguments."""
+    """``topk16`` / ``sample50`` / ``sys50`` / ``hybrid8x24`` -> label_store's arguments."""
     if name.startswith("topk"):
         return {"k": int(name[4:]), "samples": None, "method": "topk"}
     if name.startswith("sample"):
         return {"k": 32, "samples": int(name[6:]), "method": "sample"}
+    if name.startswith("sys"):  # sampled, systematic draws (pipeline label --draws systematic)
+        return {"k": 32, "samples": int(name[3:]), "method": "sample", "draws": "systematic"}
     if name.startswith("hybrid"):
         k, n = name[6:].split("x")
         return {"k": int(k), "samples": int(n), "method": "hybrid"}
-    raise SystemExit(f"unknown store {name!r}: expected topkK, sampleN or hybridKxN")
+    raise SystemExit(f"unknown store {name!r}: expected topkK, sampleN, sysN or hybridKxN")
 
 
 def parse_run(text: str) -> dict[str, Any]:
@@ -80,13 +82,14 @@ def parse_run(text: str) -> dict[str, Any]:
     if what == "online":
         return {"name": text, "store": SPLIT_STORE, "alpha": float(alpha), "tail": "bin", "online": True}
     if what.startswith("fresh"):  # freshKxN / freshsampleN: a store's targets drawn afresh each step, online loop
-        if what.startswith("freshsample"):
-            k, n, store = "0", what[11:], what[5:]
+        if what.startswith("freshsample") or what.startswith("freshsys"):
+            k, store = "0", what[5:]
+            n = store[6:] if store.startswith("sample") else store[3:]
         else:
             k, n = what[5:].split("x")
             store = "hybrid" + what[5:]
         spec = {"name": text, "store": store, "alpha": float(alpha), "tail": "bin", "online": True}
-        return spec | {"fresh": [int(k), int(n)]}
+        return spec | {"fresh": [int(k), int(n), parse_store(store).get("draws", "multinomial")]}
     if what.startswith("renorm"):
         return {"name": text, "store": "topk" + what[6:], "alpha": float(alpha), "tail": "renormalise", "online": False}
     parse_store(what)
@@ -280,7 +283,7 @@ def main() -> None:
         folder = args.work / f"store-{name}"
         a = parse_store(name)
         stores[name] = {
-            **label_store(folder, a["k"], 1.0, ns, samples=a["samples"], method=a["method"]),
+            **label_store(folder, a["k"], 1.0, ns, samples=a["samples"], method=a["method"], draws=a.get("draws")),
             "bytes_per_token_from_store": store_bytes_per_token(folder),
             "spec": a,
         }

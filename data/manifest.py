@@ -52,6 +52,11 @@ TASKS: dict[str, str] = {"causal-lm": "token", "masked-lm": "token", "seq-cls": 
 # other ids (the tail's shape, unbiased, beside an exact head). A reader that predates a method refuses its stores
 # by this list ("targets.method='hybrid' is not one of topk, sample"), so the format version stays 1.
 METHODS = ("topk", "sample", "hybrid")
+# How a sampled or hybrid store's ids were drawn (stages.soft_targets): "multinomial" (independent draws with
+# replacement; every store written before this field existed, which lacks it) or "systematic" (one uniform offset
+# and N evenly spaced points through the distribution: each id's count is floor or ceil of N p). Both are unbiased
+# and read the same way (count / num_samples); the field says how the store was made.
+DRAW_SCHEMES = ("systematic", "multinomial")
 _MAX_SAMPLES = (1 << 16) - 1  # counts are stored as uint8 (<= 255 samples) or uint16
 # float16 keeps log-probs ~16x more precisely than bfloat16 for the same 2 bytes; float32 is exact; "q8" is the
 # documented lossy option: 8-bit codes on a 1/16-nat grid, decoded to float32 (see data/codecs.py).
@@ -141,6 +146,8 @@ class TargetSpec:
             whose tail_mass is above 0); None for "topk" (absent from its manifest). Sampled stores have no log-prob
             column, so their value_dtype and encoding are unused (always "plain"); hybrid stores encode their
             (P, K) log-probs as top-k stores do.
+        draws: "sample" and "hybrid": how the ids were drawn, one of DRAW_SCHEMES (not given, or absent in a
+            manifest: "multinomial"); None for "topk" (absent from its manifest).
     """
 
     method: str
@@ -151,6 +158,11 @@ class TargetSpec:
     id_dtype: str = "uint16"
     encoding: str = "auto"
     num_samples: int | None = None
+    draws: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.draws is None and self.method in ("sample", "hybrid"):  # what every store before the field drew
+            object.__setattr__(self, "draws", "multinomial")
 
     @property
     def sampled(self) -> bool:
@@ -189,6 +201,8 @@ class TargetSpec:
         d = asdict(self)
         if self.num_samples is None:  # top-k manifests stay as they were before sampled targets existed
             del d["num_samples"]
+        if self.draws is None:
+            del d["draws"]
         return d
 
     @classmethod
@@ -204,6 +218,8 @@ class TargetSpec:
             encoding=_choice(d, "encoding", w, ENCODINGS) if "encoding" in d else "plain",
             num_samples=_count(d, "num_samples", w, _MAX_SAMPLES) if d.get("num_samples") is not None else None,
         )
+        if spec.method != "topk" and "draws" in d:
+            spec = replace(spec, draws=_choice(d, "draws", w, DRAW_SCHEMES))
         if spec.sampled:
             if spec.num_samples is None or spec.num_samples < 1:
                 raise ManifestError(f"manifest: targets.num_samples={spec.num_samples} must be in [1, {_MAX_SAMPLES}]")
@@ -220,6 +236,8 @@ class TargetSpec:
                 )
         elif spec.num_samples is not None:
             raise ManifestError(f"manifest: targets.num_samples is set, but method={spec.method!r} takes none")
+        elif "draws" in d:
+            raise ManifestError(f"manifest: targets.draws is set, but method={spec.method!r} draws nothing")
         if (spec.value_dtype == "q8") != (spec.encoding == "q8"):
             raise ManifestError(
                 f"manifest: targets.encoding={spec.encoding!r} does not fit value_dtype={spec.value_dtype!r} "

@@ -240,7 +240,7 @@ def export(store: str, out: str, to: str | None, compression: str, overwrite: bo
 def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
     from ..data.manifest import METHODS, TASKS, VALUE_DTYPES
     from ..stages.label import LabelConfig
-    from ..stages.soft_targets import HEAD_DTYPES
+    from ..stages.soft_targets import DRAW_SCHEMES, HEAD_DTYPES
     from .config import config_options
 
     choices = {
@@ -250,6 +250,7 @@ def _label_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "dtype": ("auto", "float32", "bfloat16", "float16"),
         "head_dtype": HEAD_DTYPES,
         "value_dtype": VALUE_DTYPES,
+        "draws": DRAW_SCHEMES,
     }
     return config_options(LabelConfig, choices, config_file=True)(f)
 

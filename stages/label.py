@@ -324,21 +324,26 @@ def _resume_hint(target: str, wanted: data.TargetSpec) -> str:
         held = data.read_manifest(Location(target)).targets
     except data.StoreError:
         return ""
-    if (held.method, held.k, held.num_samples) == (wanted.method, wanted.k, wanted.num_samples):
+    if (held.method, held.k, held.num_samples, held.draws) == (
+        wanted.method,
+        wanted.k,
+        wanted.num_samples,
+        wanted.draws,
+    ):
         return ""
 
     def what(t: data.TargetSpec) -> str:
         return {
             "topk": f"top-{t.k}",
-            "sample": f"{t.num_samples} draws",
-            "hybrid": f"top-{t.k} + {t.num_samples} draws",
+            "sample": f"{t.num_samples} {t.draws} draws",
+            "hybrid": f"top-{t.k} + {t.num_samples} {t.draws} draws",
         }[t.method]
 
     flags = {
         "topk": f"--method topk --top-k {held.k}",
         "sample": f"--method sample --samples {held.num_samples}",
         "hybrid": f"--method hybrid --top-k {held.k} --samples {held.num_samples}",
-    }[held.method]
+    }[held.method] + (f" --draws {held.draws}" if held.draws else "")
     return (
         f"; it holds {held.method} targets ({what(held)}) where these options label {wanted.method} ({what(wanted)}): "
         f"add {flags} to resume it (without --method, pipeline label stores 50 draws per position since session "
@@ -352,9 +357,11 @@ def _target_spec(cfg: LabelConfig, width: int, id_dtype: str) -> data.TargetSpec
     method, top_k, samples = _targets(cfg)
     T = float(cfg.temperature)
     if method == "sample":
-        return data.TargetSpec("sample", min(samples, width), T, width, "float16", id_dtype, num_samples=samples)
-    draws = samples if method == "hybrid" else None
-    return data.TargetSpec(method, top_k, T, width, cfg.value_dtype, id_dtype, num_samples=draws)
+        k = min(samples, width)
+        return data.TargetSpec("sample", k, T, width, "float16", id_dtype, num_samples=samples, draws=cfg.draws)
+    if method == "hybrid":
+        return data.TargetSpec(method, top_k, T, width, cfg.value_dtype, id_dtype, num_samples=samples, draws=cfg.draws)
+    return data.TargetSpec(method, top_k, T, width, cfg.value_dtype, id_dtype)
 
 
 def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
@@ -412,10 +419,10 @@ def _label_unit(
             seed = [cfg.seed, index, b]
             method, k, n = _targets(cfg)
             if method == "sample":
-                top = _sample_chunked(rows, head, n, cfg.temperature, cfg.chunk_positions, labels, seed)
+                top = _sample_chunked(rows, head, n, cfg.temperature, cfg.chunk_positions, labels, seed, cfg.draws)
                 kept_sum += float(top.pop("kept").double().sum())
             elif method == "hybrid":
-                top = _hybrid_chunked(rows, head, k, n, cfg.temperature, cfg.chunk_positions, labels, seed)
+                top = _hybrid_chunked(rows, head, k, n, cfg.temperature, cfg.chunk_positions, labels, seed, cfg.draws)
                 kept_sum += float((1 - top["tail"].double()).sum())
             else:
                 top = _topk_chunked(rows, head, k, cfg.temperature, cfg.chunk_positions, labels)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import data
 from .placement import PLACEMENT_OPTIONS
-from .soft_targets import HEAD_DTYPES
+from .soft_targets import DEFAULT_DRAWS, DRAW_SCHEMES, HEAD_DTYPES
 from .units import unit_problems, unit_tokens
 
 __all__ = ["DEFAULT_METHOD", "METHOD_DEFAULTS", "LabelConfig", "LabelConfigError"]
@@ -59,6 +59,11 @@ class LabelConfig:
     """Ids drawn with replacement per position (sample, hybrid; 1..65535; hybrid: from the ids outside the top-k).
     Default: 50 for sample, 12 for hybrid. Without --method, giving it chooses sample (with --top-k too: hybrid).
     Counts are uint8 up to 255 draws."""
+    draws: str = DEFAULT_DRAWS
+    """How --samples ids are drawn (sample, hybrid): multinomial (independent draws with replacement) or systematic
+    (one uniform offset and N evenly spaced points through the teacher's cumulative distribution: every id of
+    probability p gets floor(N p) or ceil(N p) of the draws, so the likely ids are carried almost exactly and only
+    the rest are left to chance). Both are unbiased; the manifest records which."""
     temperature: float = 1.0
     """Labeling temperature T: stored values are log softmax(logits / T) over the full vocabulary."""
     max_length: int = 512
@@ -165,6 +170,8 @@ class LabelConfig:
             problems.append(f"--batch-tokens must be >= 0, got {self.batch_tokens}")
         if self.format not in ("zarr", "arrow"):
             problems.append(f"--format {self.format!r} is not one of zarr, arrow")
+        if self.draws not in DRAW_SCHEMES:
+            problems.append(f"--draws {self.draws!r} is not one of {', '.join(DRAW_SCHEMES)}")
         if self.head_dtype not in HEAD_DTYPES:
             problems.append(f"--head-dtype {self.head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
         if self.value_dtype not in data.manifest.VALUE_DTYPES:
@@ -256,6 +263,8 @@ class LabelConfig:
             out["shard_tokens"] = self.unit_tokens
         if self.method == "topk":
             del out["method"], out["samples"]
+        if self.method == "topk" or self.draws == "multinomial":  # as stores labelled before --draws existed
+            del out["draws"]
         if self.head_dtype == "model":
             del out["head_dtype"]
         if not self.spans:

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CPU_SUB_ROWS",
+    "DEFAULT_DRAWS",
+    "DRAW_SCHEMES",
     "ENTROPY_EVERY",
     "HEAD_DTYPES",
     "hybrid_chunked",
@@ -35,6 +37,10 @@ __all__ = [
 # separable linear layer of a non-float32 teacher, "float32" = that or refuse, "model" = the teacher's own dtype
 # (the result upcast). Here, without torch, so that the CLI can list the choices.
 HEAD_DTYPES = ("auto", "float32", "model")
+# How sampled and hybrid stores draw their ids (``_draw``): both unbiased, systematic with far less variance.
+DRAW_SCHEMES = ("systematic", "multinomial")
+DEFAULT_DRAWS = "multinomial"  # pipeline label --draws (README, *Which targets*)
+_CDF_ELEMENTS = 1 << 23  # a systematic draw's float64 cumulative distribution is built this many elements at a time
 
 # The teacher's exact entropy is a statistic for `inspect`, not a target: measure it on every 16th row only.
 ENTROPY_EVERY = 16
@@ -128,8 +134,10 @@ def sample_chunked(
     chunk: int,
     labels: torch.Tensor | None,
     seed: list[int],
+    scheme: str = DEFAULT_DRAWS,
 ) -> dict[str, torch.Tensor]:
-    """Draw ``num_samples`` ids with replacement from softmax(z / T) for N rows; keep the unique ids and counts.
+    """Draw ``num_samples`` ids from softmax(z / T) for N rows (``scheme``: "systematic" or "multinomial", as
+    :func:`_draw` explains); keep the unique ids and counts.
 
     Args:
         rows: (N, H) hidden states or (N, V) logits.
@@ -150,7 +158,7 @@ def sample_chunked(
         raw = head.logits(rows[i : i + chunk])  # (c, V) float32
         z = raw if temperature == 1.0 else raw / temperature
         probs = torch.softmax(z, dim=-1)  # (c, V) float32
-        ids, counts, unique = _draw(probs, num_samples, [*seed, c], None)
+        ids, counts, unique = _draw(probs, num_samples, [*seed, c], None, scheme)
         row = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), unique)  # (U_c,)
         out["kept"].append(torch.zeros(z.shape[0], device=z.device).index_add_(0, row, probs[row, ids]).cpu())
         lse = torch.logsumexp(z, dim=-1)  # (c,)
@@ -175,10 +183,12 @@ def hybrid_chunked(
     chunk: int,
     labels: torch.Tensor | None,
     seed: list[int],
+    scheme: str = DEFAULT_DRAWS,
 ) -> dict[str, torch.Tensor]:
     """The top-k of :func:`topk_chunked` (the same values, computed the same way), plus ``num_samples`` ids drawn
-    with replacement from softmax(z / T) restricted to the ids outside each row's top-k, kept as unique ids and
-    counts. A row whose stored (float32) tail is exactly 0 keeps no draws: they would carry no mass.
+    (``scheme``, as for :func:`sample_chunked`) from softmax(z / T) restricted to the ids outside each row's top-k,
+    kept as unique ids and counts. A row whose stored (float32) tail is exactly 0 keeps no draws: they would carry
+    no mass.
 
     Args:
         rows: (N, H) hidden states or (N, V) logits; V > k, so that every row has ids to draw from.
@@ -202,7 +212,7 @@ def hybrid_chunked(
         z = raw if temperature == 1.0 else raw / temperature
         # the teacher restricted to the unkept ids: softmax over the rest (the kept ids' logits at -inf)
         probs = torch.softmax(z.scatter(-1, top_ids, float("-inf")), dim=-1)  # (c, V) float32
-        ids, counts, unique = _draw(probs, num_samples, [*seed, c], tail > 0)
+        ids, counts, unique = _draw(probs, num_samples, [*seed, c], tail > 0, scheme)
         out["tail_ids"].append(ids.cpu())
         out["tail_counts"].append(counts.cpu())
         out["tail_unique"].append(unique.cpu())
@@ -210,9 +220,16 @@ def hybrid_chunked(
 
 
 def _draw(
-    probs: torch.Tensor, num_samples: int, seed: list[int], keep: torch.Tensor | None
+    probs: torch.Tensor, num_samples: int, seed: list[int], keep: torch.Tensor | None, scheme: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw ``num_samples`` ids with replacement from each row of ``probs`` (c, V) float32, on its device.
+    """Draw ``num_samples`` ids from each row of ``probs`` (c, V) float32, on its device.
+
+    ``scheme`` (one of ``DRAW_SCHEMES``): "multinomial", independent draws with replacement; "systematic", one
+    uniform offset u per row and the N points (u + j) / N, j = 0..N-1, read through the row's cumulative
+    distribution (in float64, over the ids in vocabulary order). Both give each id the expected count N p_i, so
+    count / N estimates p without bias either way; a systematic count is always floor(N p_i) or ceil(N p_i) (an
+    id's interval of width p_i holds that many points 1/N apart), where a multinomial one has variance
+    N p_i (1 - p_i): the ids above 1/N are carried almost exactly, only the rest are left to chance.
 
     The generator is seeded with SeedSequence(seed), so the same seed words draw the same ids on the same kind of
     device. ``keep`` (c,) bool or None: rows to keep (the others' draws are dropped, their unique count is 0).
@@ -225,8 +242,22 @@ def _draw(
 
     state = np.random.SeedSequence(seed).generate_state(2, np.uint32)
     g = torch.Generator(device=probs.device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-    draws = torch.multinomial(probs, num_samples, replacement=True, generator=g)  # (c, S) int64
-    draws = draws.sort(dim=-1).values
+    if scheme == "systematic":
+        c, v = probs.shape
+        u = torch.rand(c, 1, generator=g, device=probs.device, dtype=torch.float64)
+        grid = torch.arange(num_samples, device=probs.device, dtype=torch.float64)
+        draws = torch.empty(c, num_samples, dtype=torch.long, device=probs.device)
+        step = max(1, _CDF_ELEMENTS // v)  # rows per float64 cumulative block: 64 MB at most
+        for r in range(0, c, step):
+            cdf = probs[r : r + step].double().cumsum(dim=-1)  # (r, V) float64
+            points = (u[r : r + step] + grid) / num_samples * cdf[:, -1:]  # (r, S) ascending in [0, total)
+            # the id whose interval [cdf_{i-1}, cdf_i) holds each point (an id of probability 0 has an empty one)
+            draws[r : r + step] = torch.searchsorted(cdf, points, right=True).clamp_max_(v - 1)
+    elif scheme == "multinomial":
+        draws = torch.multinomial(probs, num_samples, replacement=True, generator=g)  # (c, S) int64
+        draws = draws.sort(dim=-1).values
+    else:
+        raise ValueError(f"draw scheme {scheme!r} is not one of {', '.join(DRAW_SCHEMES)}")
     # a run of equal ids in a sorted row is one unique id: mark where each run starts
     starts = torch.ones_like(draws, dtype=torch.bool)
     starts[:, 1:] = draws[:, 1:] != draws[:, :-1]

@@ -266,7 +266,7 @@ def test_a_store_of_the_old_default_is_refused_naming_the_options_that_resume_it
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
-    assert "it holds topk targets (top-32) where these options label sample (50 draws)" in line
+    assert "it holds topk targets (top-32) where these options label sample (50 multinomial draws)" in line
     assert "add --method topk --top-k 32 to resume it" in line
     assert (tmp_path / "old" / "manifest.json").read_bytes() == before
     again = CliRunner().invoke(cli, [*args, "--method", "topk", "--top-k", "32"], catch_exceptions=False)

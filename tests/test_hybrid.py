@@ -221,6 +221,9 @@ def test_hybrid_manifest_checks(tmp_path: Path) -> None:
     # a top-k store records no entries; the same shard record in a hybrid manifest must
     topk = dict(raw, targets={**raw["targets"], "method": "topk"})
     topk["targets"].pop("num_samples")
+    with pytest.raises(ManifestError, match="targets.draws is set, but method='topk' draws nothing"):
+        data.Manifest.from_dict(topk)
+    topk["targets"].pop("draws")
     with pytest.raises(ManifestError, match="top-k store has none"):
         data.Manifest.from_dict(topk)
 
