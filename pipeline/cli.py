@@ -136,14 +136,19 @@ def _print_summary(s: dict[str, Any], echo: Callable[[str], None]) -> None:
     sampled = s.get("sampled")
     if sampled:
         echo(
-            f"targets      sample N={sampled['num_samples']} draws per {unit} at T={t['temperature']} over "
+            f"targets      sample N={sampled['num_samples']} {t.get('draws', 'multinomial')} draws per {unit} at "
+            f"T={t['temperature']} over "
             f"{t['num_classes']} ids, stored as unique ids + counts (at most {t['k']} per {unit}), ids {t['id_dtype']}"
         )
     else:
         echo(
             f"targets      {t['method']} k={t['k']} T={t['temperature']} over {t['num_classes']} ids, "
             f"values {t['value_dtype']} (encoding {t.get('encoding', 'plain')}), ids {t['id_dtype']}"
-            + (f", plus N={t['num_samples']} draws per {unit} from the tail" if s.get("hybrid") else "")
+            + (
+                f", plus N={t['num_samples']} {t.get('draws', 'multinomial')} draws per {unit} from the tail"
+                if s.get("hybrid")
+                else ""
+            )
         )
     ds = s["dataset"]
     echo(f"dataset      {ds.get('source', '?')}  fingerprint {str(ds.get('fingerprint', '?'))[:16]}")

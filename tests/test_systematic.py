@@ -142,6 +142,8 @@ def test_label_systematic_store_records_the_scheme_and_counts_fit_the_teacher(
     store = open_store(tmp_path / "s")
     assert store.manifest.targets.draws == "systematic" and store.manifest.config["draws"] == "systematic"
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["targets"]["draws"] == "systematic"
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "s")])
+    assert shown.exit_code == 0 and f"N={n} systematic draws per position" in shown.output, shown.output
     teacher = tiny["teacher"].eval().double()
     prefix = "tail_" if method == "hybrid" else "target_"
     positions = 0
