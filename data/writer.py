@@ -54,7 +54,8 @@ from .shard import ShardData
 __all__ = ["StoreWriter", "differences", "shard_name"]
 
 # Entries a store directory may hold besides its shards and manifest (ours, so an --overwrite may remove them).
-_OWN_ENTRIES = {"manifest.json", "shards", "records", ".staging", ".lock", ".ranks", "tokens.json"}
+OWN_ENTRIES = frozenset({"manifest.json", "shards", "records", ".staging", ".lock", ".ranks", "tokens.json"})
+"""The names a store keeps at its root: what --overwrite removes (never other files a user put there)."""
 
 
 def shard_name(unit: int) -> str:
@@ -132,7 +133,7 @@ class StoreWriter:
                     raise StoreExistsError(f"{e}; pass --overwrite to replace it") from e
                 existing = None
             if overwrite:
-                for name in sorted(set(entries) & _OWN_ENTRIES - {".lock"}):
+                for name in sorted(set(entries) & OWN_ENTRIES - {".lock"}):
                     loc.remove(name)
                 loc.makedirs()
             elif existing is not None:

@@ -138,7 +138,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     template = with_part(template, part, parts, target)
     tokens_json, template = _with_token_strings(cfg, tokenizer, width, template)
     try:  # a store of other settings (at OUT, or at this rank's part) is refused before anything is labelled
-        merged = already_merged(cfg.out, template, cfg.overwrite) if torchrun else set()
+        merged, replace = already_merged(cfg.out, template, cfg.overwrite) if torchrun else (set(), False)
     except data.StoreExistsError as e:
         raise data.StoreExistsError(f"{e}{_resume_hint(cfg.out, template.targets)}") from None
     lock = job_lock(cfg.out) if torchrun else None
@@ -175,7 +175,7 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     if lock is not None:
         os.close(lock)  # rank 0 takes the store's exclusive lock to merge
     if torchrun:
-        manifest = merge_ranks(cfg.out, parts, part if placement.writes else -1, say)
+        manifest = merge_ranks(cfg.out, parts, part if placement.writes else -1, say, replace)
     seconds = time.perf_counter() - start
     kept = manifest.kept_mass_mean or 0.0
     result = LabelResult(

@@ -48,18 +48,20 @@ def with_counts(manifest: data.Manifest, records: int, units: int) -> data.Manif
     return dataclasses.replace(manifest, dataset={**manifest.dataset, "records": records, "units": units})
 
 
-def already_merged(out: str, template: data.Manifest, overwrite: bool = False) -> set[int]:
-    """Units already in the merged store of an earlier, interrupted torchrun job with the same configuration.
+def already_merged(out: str, template: data.Manifest, overwrite: bool = False) -> tuple[set[int], bool]:
+    """Units already in the merged store of an earlier, interrupted torchrun job with the same configuration, and
+    whether ``out`` holds a store of another configuration that ``overwrite`` replaces at the merge.
 
     A store of another configuration at ``out`` is refused here, before any rank labels anything (its merge into
-    ``out`` would be refused only once every rank had labelled the whole input), unless ``overwrite``."""
+    ``out`` would be refused only once every rank had labelled the whole input), unless ``overwrite``: then it
+    stays readable until every rank has finished, and :func:`merge_ranks` replaces it."""
     from ..data.merge import without_part
     from ..data.writer import differences
 
     try:
         existing = data.read_manifest(Location(out))
     except data.StoreError:
-        return set()
+        return set(), False
     ours, theirs = without_part(template).provenance_key(), existing.provenance_key()
     for key in (ours, theirs):
         key["dataset"] = {k: v for k, v in key["dataset"].items() if k not in COUNTS}
@@ -69,16 +71,18 @@ def already_merged(out: str, template: data.Manifest, overwrite: bool = False) -
             f"{out} already holds a store labelled with a different configuration (differs in: {', '.join(diff)}); "
             "pass --overwrite to start over, or choose another output path"
         )
-    return set() if diff else {s.unit for s in existing.shards}
+    return (set(), True) if diff else ({s.unit for s in existing.shards}, False)
 
 
-def merge_ranks(out: str, world: int, rank: int, say: Any) -> data.Manifest:
-    """Wait for every rank, merge their stores into ``out`` on rank 0, and wait for the merge."""
+def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False) -> data.Manifest:
+    """Wait for every rank, merge their stores into ``out`` on rank 0, and wait for the merge. ``replace``: first
+    remove the store of another configuration that ``out`` holds (everything but the ranks' own stores)."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
     from ..data.merge import merge_stores
+    from ..data.writer import OWN_ENTRIES
 
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo", timeout=timedelta(hours=24))  # ranks finish hours apart
@@ -86,6 +90,10 @@ def merge_ranks(out: str, world: int, rank: int, say: Any) -> data.Manifest:
     ranks = [f"{out.rstrip('/')}/.ranks/rank-{r:05d}" for r in range(world)]
     if rank == 0:
         location = Location(out)
+        if replace:
+            for name in sorted(set(location.root_entries()) & OWN_ENTRIES - {".ranks", ".lock"}):
+                location.remove(name)
+            say(f"--overwrite: removed the store of another configuration at {out}")
         merge_stores(out, ranks, move=location.is_local, log=say)
         location.remove(".ranks")
         say(f"merged {world} ranks into {out}")

@@ -301,3 +301,25 @@ def test_torchrun_against_a_store_of_the_old_default_is_refused_before_labelling
     assert proc.returncode != 0
     assert "add --method topk --top-k 32 to resume it" in proc.stderr, proc.stderr[-3000:]
     assert not (out / ".ranks").exists() and (out / "manifest.json").read_bytes() == before  # nothing labelled
+
+
+def test_torchrun_overwrite_replaces_a_store_of_another_configuration_at_the_merge(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """``--overwrite`` under torchrun over a finished store of other settings: the ranks label, the old store is
+    replaced at the merge (it was refused there before: the merge found a store of another configuration), and the
+    result equals the same labelling done by one process; the ranks' folders are gone."""
+    from tests.test_scale_out import assert_same_store, torchrun
+
+    out, single = tmp_path / "old", tmp_path / "single"
+    _label(world, out, method="topk", limit=16)
+    _label(world, single, limit=16)
+    args = ["label", "--teacher", str(world["root"] / "teacher"), "--data", str(world["data"]),
+            "--shard-size", "8", "--limit", "16", "--out", str(out), "--overwrite"]  # fmt: skip
+    proc = torchrun(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "removed the store of another configuration" in proc.stderr + proc.stdout
+    store = open_store(out)
+    assert (store.manifest.targets.method, store.manifest.targets.num_samples) == ("sample", 50)
+    assert_same_store(single, out)
+    assert not (out / ".ranks").exists()
