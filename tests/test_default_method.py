@@ -323,3 +323,33 @@ def test_torchrun_overwrite_replaces_a_store_of_another_configuration_at_the_mer
     assert (store.manifest.targets.method, store.manifest.targets.num_samples) == ("sample", 50)
     assert_same_store(single, out)
     assert not (out / ".ranks").exists()
+
+
+def test_many_classes_are_sampled_by_default_and_train(world: dict[str, Any], tmp_path: Path) -> None:
+    """A 40-class teacher (more ids than a default top-k keeps) gets the default sampled store, 50 draws per
+    example over its 40 classes, each drawn class in the teacher's float64 support; `pipeline train` on it with a
+    40-class student and default options runs, its distillation term finite and >= 0."""
+    root = world["root"]
+    teacher = make_model(root / "seq-cls-40", "seq-cls", vocab_size=world["vocab"], num_labels=40).eval()
+    logs = _label(world, tmp_path / "s", teacher="seq-cls-40", task="seq-cls", label_field="label")
+    assert not any("keeping all" in line for line in logs), logs
+    store = open_store(tmp_path / "s")
+    t = store.manifest.targets
+    assert (t.method, t.num_samples, t.k, t.num_classes, t.draws) == ("sample", 50, 40, 40, "multinomial")
+    for ex in store:
+        ids, counts = ex["target_ids"].astype(np.int64), ex["target_counts"]
+        assert ex["target_offsets"].tolist() == [0, len(ids)] and int(counts.sum()) == 50
+        assert (np.diff(ids) > 0).all() and ids.max() < 40
+        with torch.no_grad():
+            p = torch.softmax(
+                teacher(input_ids=torch.as_tensor(ex["input_ids"].astype(np.int64))[None]).logits[0].double(), -1
+            )
+        assert (p[ids] > 1e-12).all()
+    make_model(tmp_path / "student", "seq-cls", vocab_size=world["vocab"], num_labels=40)
+    result = CliRunner().invoke(cli, ["train", "--store", str(tmp_path / "s"), "--student", str(tmp_path / "student"),
+                                      "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
+                                      "--eval-every", "2", "--log-every", "1"], catch_exceptions=False)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if r["split"] == "train"]
+    assert len(kd) == 2 and all(np.isfinite(kd)) and all(x >= -1e-4 for x in kd)
