@@ -32,6 +32,13 @@ PAIRS = [
     ("renorm32@0.5", "topk32@0.5"),
     ("renorm32@0.5", "online@0.5"),
     ("renorm32@0.5", "hard"),
+    ("sys50@0.5", "sample50@0.5"),
+    ("sys50@0.5", "online@0.5"),
+    ("sys50@0.5", "hard"),
+    ("sys50@0.5", "hybrid4x12@0.5"),
+    ("freshsys50@0.5", "freshsample50@0.5"),
+    ("freshsys50@0.5", "online@0.5"),
+    ("sys50@0.5", "freshsys50@0.5"),
 ]
 """Paired comparisons printed when both runs are there (item 5: the matched-size stores; item 6: alpha; the
 issue's target: stored targets against online full-logit KD)."""
