@@ -237,6 +237,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work", type=Path, default=Path("/tmp/regimes-work"))
     p.add_argument(
+        "--tag",
+        default="",
+        help="a variant of the regime (other --sequences, e.g. one pass): results in regimes-REGIME-TAG.json",
+    )
+    p.add_argument(
         "--remeasure",
         nargs="*",
         default=[],
@@ -257,9 +262,11 @@ def main() -> None:
     from kd_pipeline.stages.default_teacher import load_default_teacher_dequantised
 
     teacher = str(load_default_teacher_dequantised(log=lambda msg: None))
-    path = RESULTS / f"regimes-{args.regime}.json"
+    results_name = f"regimes-{args.regime}" + (f"-{args.tag}" if args.tag else "")
+    path = RESULTS / f"{results_name}.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    report.update({"benchmark": "regimes", "regime": args.regime, **environment(torch.device("cpu"))})
+    regime = args.regime + (f"-{args.tag}" if args.tag else "")
+    report.update({"benchmark": "regimes", "regime": regime, **environment(torch.device("cpu"))})
     report.setdefault("runs", [])
     wall0 = time.perf_counter()
 
@@ -275,7 +282,7 @@ def main() -> None:
                     r for r in theirs.get("runs", []) if (r["run"], r["seed"], r.get("steps")) not in ours
                 ]
                 report["stores"] = {**theirs.get("stores", {}), **report.get("stores", {})}
-            write_results(f"regimes-{args.regime}", report)
+            write_results(results_name, report)
 
     ns = argparse.Namespace(max_length=LENGTH, shard_size=16, tokens=args.sequences * LENGTH)
     stores = report.setdefault("stores", {})

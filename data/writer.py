@@ -133,7 +133,8 @@ class StoreWriter:
                     raise StoreExistsError(f"{e}; pass --overwrite to replace it") from e
                 existing = None
             if overwrite:
-                for name in sorted(set(entries) & OWN_ENTRIES - {".lock"}):
+                # the manifest last: a crash half-way leaves a store that --overwrite still recognises as one
+                for name in sorted(set(entries) & OWN_ENTRIES - {".lock"}, key=lambda n: (n == "manifest.json", n)):
                     loc.remove(name)
                 loc.makedirs()
             elif existing is not None:

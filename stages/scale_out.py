@@ -74,6 +74,10 @@ def already_merged(out: str, template: data.Manifest, overwrite: bool = False) -
     return (set(), True) if diff else ({s.unit for s in existing.shards}, False)
 
 
+def _manifest_last(name: str) -> tuple[bool, str]:
+    return name == "manifest.json", name
+
+
 def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False) -> data.Manifest:
     """Wait for every rank, merge their stores into ``out`` on rank 0, and wait for the merge. ``replace``: first
     remove the store of another configuration that ``out`` holds (everything but the ranks' own stores)."""
@@ -91,7 +95,8 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
     if rank == 0:
         location = Location(out)
         if replace:
-            for name in sorted(set(location.root_entries()) & OWN_ENTRIES - {".ranks", ".lock"}):
+            # the manifest last: a crash half-way leaves a store that --overwrite still recognises as one
+            for name in sorted(set(location.root_entries()) & OWN_ENTRIES - {".ranks", ".lock"}, key=_manifest_last):
                 location.remove(name)
             say(f"--overwrite: removed the store of another configuration at {out}")
         merge_stores(out, ranks, move=location.is_local, log=say)

@@ -250,8 +250,16 @@ def _draw(
         step = max(1, _CDF_ELEMENTS // v)  # rows per float64 cumulative block: 64 MB at most
         for r in range(0, c, step):
             cdf = probs[r : r + step].double().cumsum(dim=-1)  # (r, V) float64
-            points = (u[r : r + step] + grid) / num_samples * cdf[:, -1:]  # (r, S) ascending in [0, total)
-            # the id whose interval [cdf_{i-1}, cdf_i) holds each point (an id of probability 0 has an empty one)
+            total = cdf[:, -1:]  # (r, 1): 1 up to float32 rounding (1e-5 at 152k ids), scaled to below
+            bad = ~(total[:, 0] > 0) | ~total[:, 0].isfinite()  # NaN, inf or no mass
+            if keep is not None:
+                bad &= keep[r : r + step]
+            if bool(bad.any()):  # as torch.multinomial refuses such rows
+                raise ValueError(f"cannot draw ids from a distribution that sums to {float(total[bad][0])}")
+            points = (u[r : r + step] + grid) / num_samples * total  # (r, S) ascending in [0, total)
+            points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))  # < total after rounding
+            # the id whose interval [cdf_{i-1}, cdf_i) holds each point: the first cdf above it, an id of positive
+            # probability (one of probability 0 has an empty interval); a row not kept may give V, clamped
             draws[r : r + step] = torch.searchsorted(cdf, points, right=True).clamp_max_(v - 1)
     elif scheme == "multinomial":
         draws = torch.multinomial(probs, num_samples, replacement=True, generator=g)  # (c, S) int64

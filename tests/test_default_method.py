@@ -327,8 +327,10 @@ def test_torchrun_overwrite_replaces_a_store_of_another_configuration_at_the_mer
 
 def test_many_classes_are_sampled_by_default_and_train(world: dict[str, Any], tmp_path: Path) -> None:
     """A 40-class teacher (more ids than a default top-k keeps) gets the default sampled store, 50 draws per
-    example over its 40 classes, each drawn class in the teacher's float64 support; `pipeline train` on it with a
-    40-class student and default options runs, its distillation term finite and >= 0."""
+    example over its 40 classes; with 20,000 draws each example's class frequencies sit within 5 standard errors
+    of the teacher's float64 softmax on that example (so the draws come from the right example's classes), and a
+    permutation of the classes does not; `pipeline train` on the default store with a 40-class student and
+    default options runs, its distillation term finite and >= 0."""
     root = world["root"]
     teacher = make_model(root / "seq-cls-40", "seq-cls", vocab_size=world["vocab"], num_labels=40).eval()
     logs = _label(world, tmp_path / "s", teacher="seq-cls-40", task="seq-cls", label_field="label")
@@ -340,11 +342,19 @@ def test_many_classes_are_sampled_by_default_and_train(world: dict[str, Any], tm
         ids, counts = ex["target_ids"].astype(np.int64), ex["target_counts"]
         assert ex["target_offsets"].tolist() == [0, len(ids)] and int(counts.sum()) == 50
         assert (np.diff(ids) > 0).all() and ids.max() < 40
+    n = 20_000
+    _label(world, tmp_path / "many", teacher="seq-cls-40", task="seq-cls", label_field="label", samples=n, limit=6)
+    permuted = 0
+    for ex in open_store(tmp_path / "many"):
         with torch.no_grad():
-            p = torch.softmax(
-                teacher(input_ids=torch.as_tensor(ex["input_ids"].astype(np.int64))[None]).logits[0].double(), -1
-            )
-        assert (p[ids] > 1e-12).all()
+            logits = teacher(input_ids=torch.as_tensor(ex["input_ids"].astype(np.int64))[None]).logits[0]
+        p = torch.softmax(logits.double(), -1).numpy()  # (40,) float64, this example's
+        freq = np.zeros(40)
+        freq[ex["target_ids"].astype(np.int64)] = ex["target_counts"] / n
+        bound = 5 * np.sqrt(p * (1 - p) / n) + 1e-4
+        assert np.all(np.abs(freq - p) <= bound), np.abs(freq - p).max()
+        permuted += int(np.any(np.abs(freq - np.roll(p, 1)) > bound))
+    assert permuted == 6
     make_model(tmp_path / "student", "seq-cls", vocab_size=world["vocab"], num_labels=40)
     result = CliRunner().invoke(cli, ["train", "--store", str(tmp_path / "s"), "--student", str(tmp_path / "student"),
                                       "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",

@@ -111,6 +111,30 @@ def test_systematic_hybrid_draws_follow_the_restricted_teacher(head: OutputHead)
     assert not floor_or_ceil(got, n * p.numpy())
 
 
+def test_systematic_draws_scale_to_the_row_total_and_refuse_invalid_rows() -> None:
+    """Rows that do not sum to 1 (float32 softmax totals drift by ~1e-5 at large vocabularies; here 0.6 and 1.5, so
+    that a wrong scale shows in the counts): the points span the row's own total, so the counts are floor or ceil
+    of N p / total and an id of probability 0 at the end is never drawn, for any offset (500 seeds). A NaN row, or
+    one without mass, is refused as torch.multinomial refuses it, unless the row is not kept (a hybrid row whose
+    tail is 0 draws nothing)."""
+    from kd_pipeline.stages.soft_targets import _draw
+
+    probs = torch.tensor([[0.2, 0.2, 0.2, 0.0], [0.5, 0.5, 0.5, 0.0]])
+    n = 10
+    for s in range(500):
+        ids, counts, unique = _draw(probs, n, [s], None, "systematic")
+        got = dense_counts(unique, ids, counts, 4)
+        assert (got[:, 3] == 0).all() and (got.sum(-1) == n).all()
+        expected = n * (probs.double() / probs.double().sum(-1, keepdim=True)).numpy()
+        assert floor_or_ceil(got, expected, slack=1e-9), (s, got)
+    bad = torch.tensor([[0.5, float("nan"), 0.5], [0.0, 0.0, 0.0]])
+    for row in bad:
+        with pytest.raises(ValueError, match="cannot draw ids from a distribution that sums to"):
+            _draw(row[None], n, [0], None, "systematic")
+    ids, counts, unique = _draw(bad, n, [0], torch.tensor([False, False]), "systematic")
+    assert unique.tolist() == [0, 0] and ids.numel() == 0
+
+
 # ---------------------------------------------------------------------------------------------------- the store
 
 
