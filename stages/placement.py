@@ -170,11 +170,13 @@ def _init_process_group() -> None:
     import torch
     import torch.distributed as dist
 
+    from . import process_group
+
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(hours=24))
+        process_group.init(backend, timeout=timedelta(hours=24))
 
 
 def plan(

@@ -87,9 +87,9 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
 
     from ..data.merge import merge_stores
     from ..data.writer import OWN_ENTRIES
+    from . import process_group
 
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", timeout=timedelta(hours=24))  # ranks finish hours apart
+    process_group.init("gloo", timeout=timedelta(hours=24))  # ranks finish hours apart
     dist.barrier()
     ranks = [f"{out.rstrip('/')}/.ranks/rank-{r:05d}" for r in range(world)]
     if rank == 0:
@@ -103,7 +103,9 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
         location.remove(".ranks")
         say(f"merged {world} ranks into {out}")
     dist.barrier()
-    return data.read_manifest(Location(out))
+    manifest = data.read_manifest(Location(out))
+    process_group.teardown()  # the group pipeline started, destroyed while the interpreter is alive
+    return manifest
 
 
 def job_lock(out: str) -> int | None:

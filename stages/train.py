@@ -65,6 +65,7 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
     import torch
 
     from ..data.dataset import StoreDataset
+    from . import process_group
     from .models import (
         copy_tokenizer,
         resolve_device,
@@ -248,4 +249,5 @@ def run(cfg: TrainConfig, log: Any = None) -> TrainResult:
         say(f"trained {step} steps in {seconds:.1f}s; final loss {last_loss:.4f}; student saved to {final}")
     if world > 1:
         torch.distributed.barrier()
+        process_group.teardown()  # the group pipeline started, destroyed while the interpreter is alive
     return TrainResult(out=str(out), steps=step, final_loss=last_loss, eval=eval_result, seconds=seconds)
