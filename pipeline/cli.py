@@ -374,7 +374,27 @@ def demo(ctx: click.Context, /, **_: Any) -> None:
 
 
 def main() -> None:
-    cli(prog_name="pipeline")
+    """The ``pipeline`` command. Under torchrun (WORLD_SIZE > 1) a rank that finished its command successfully
+    leaves without the interpreter's finalisation: torch's C++ teardown there killed a rank of a finished
+    ``train --fsdp`` run with SIGABRT ("terminate called without an active exception") in CI, after everything was
+    saved and the process group destroyed, turning a finished job into a failed one. Outputs are flushed first;
+    a failing command exits as usual."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        cli(prog_name="pipeline")
+        return
+    try:
+        cli(prog_name="pipeline")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
