@@ -84,7 +84,7 @@ def parse_run(text: str) -> dict[str, Any]:
     if what.startswith("fresh"):  # freshKxN / freshsampleN: a store's targets drawn afresh each step, online loop
         if what.startswith("freshsample") or what.startswith("freshsys"):
             k, store = "0", what[5:]
-            n = store[6:] if store.startswith("sample") else store[3:]
+            n = str(parse_store(store)["samples"])
         else:
             k, n = what[5:].split("x")
             store = "hybrid" + what[5:]
@@ -262,10 +262,10 @@ def main() -> None:
     from kd_pipeline.stages.default_teacher import load_default_teacher_dequantised
 
     teacher = str(load_default_teacher_dequantised(log=lambda msg: None))
-    results_name = f"regimes-{args.regime}" + (f"-{args.tag}" if args.tag else "")
+    regime = args.regime + (f"-{args.tag}" if args.tag else "")
+    results_name = f"regimes-{regime}"
     path = RESULTS / f"{results_name}.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    regime = args.regime + (f"-{args.tag}" if args.tag else "")
     report.update({"benchmark": "regimes", "regime": regime, **environment(torch.device("cpu"))})
     report.setdefault("runs", [])
     wall0 = time.perf_counter()

@@ -51,11 +51,17 @@ from .record_log import RecordLog
 from .segments import SEGMENT_SHARDS, LazyShards
 from .shard import ShardData
 
-__all__ = ["StoreWriter", "differences", "shard_name"]
+__all__ = ["OWN_ENTRIES", "StoreWriter", "differences", "own_entries", "shard_name"]
 
 # Entries a store directory may hold besides its shards and manifest (ours, so an --overwrite may remove them).
 OWN_ENTRIES = frozenset({"manifest.json", "shards", "records", ".staging", ".lock", ".ranks", "tokens.json"})
 """The names a store keeps at its root: what --overwrite removes (never other files a user put there)."""
+
+
+def own_entries(entries: list[str], keep: frozenset[str] = frozenset({".lock"})) -> list[str]:
+    """The store's own names among a root's ``entries`` but ``keep``, in the order --overwrite removes them: the
+    manifest last, so that a crash half-way leaves a store that --overwrite still recognises as one."""
+    return sorted(set(entries) & OWN_ENTRIES - keep, key=lambda n: (n == "manifest.json", n))
 
 
 def shard_name(unit: int) -> str:
@@ -133,8 +139,7 @@ class StoreWriter:
                     raise StoreExistsError(f"{e}; pass --overwrite to replace it") from e
                 existing = None
             if overwrite:
-                # the manifest last: a crash half-way leaves a store that --overwrite still recognises as one
-                for name in sorted(set(entries) & OWN_ENTRIES - {".lock"}, key=lambda n: (n == "manifest.json", n)):
+                for name in own_entries(entries):
                     loc.remove(name)
                 loc.makedirs()
             elif existing is not None:

@@ -27,11 +27,11 @@ def init(backend: str, **kwargs: Any) -> None:
 
 
 def teardown() -> None:
-    """On every rank, after the last collective: wait for the others, then destroy the group this process started."""
+    """On every rank, after the barrier that ends its last collective (both callers end with one): destroy the
+    group this process started."""
     global _started
     import torch.distributed as dist
 
     if _started and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
     _started = False

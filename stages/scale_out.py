@@ -74,10 +74,6 @@ def already_merged(out: str, template: data.Manifest, overwrite: bool = False) -
     return (set(), True) if diff else ({s.unit for s in existing.shards}, False)
 
 
-def _manifest_last(name: str) -> tuple[bool, str]:
-    return name == "manifest.json", name
-
-
 def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False) -> data.Manifest:
     """Wait for every rank, merge their stores into ``out`` on rank 0, and wait for the merge. ``replace``: first
     remove the store of another configuration that ``out`` holds (everything but the ranks' own stores)."""
@@ -86,7 +82,7 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
     import torch.distributed as dist
 
     from ..data.merge import merge_stores
-    from ..data.writer import OWN_ENTRIES
+    from ..data.writer import own_entries
     from . import process_group
 
     process_group.init("gloo", timeout=timedelta(hours=24))  # ranks finish hours apart
@@ -95,8 +91,7 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
     if rank == 0:
         location = Location(out)
         if replace:
-            # the manifest last: a crash half-way leaves a store that --overwrite still recognises as one
-            for name in sorted(set(location.root_entries()) & OWN_ENTRIES - {".ranks", ".lock"}, key=_manifest_last):
+            for name in own_entries(location.root_entries(), keep=frozenset({".ranks", ".lock"})):
                 location.remove(name)
             say(f"--overwrite: removed the store of another configuration at {out}")
         merge_stores(out, ranks, move=location.is_local, log=say)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..data.manifest import DRAW_SCHEMES  # how sampled and hybrid stores draw their ids (``_draw``)
 from .losses import PRECISE_TAIL  # the options only (no torch): the student's tail bin uses the same bound
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ __all__ = [
 # separable linear layer of a non-float32 teacher, "float32" = that or refuse, "model" = the teacher's own dtype
 # (the result upcast). Here, without torch, so that the CLI can list the choices.
 HEAD_DTYPES = ("auto", "float32", "model")
-# How sampled and hybrid stores draw their ids (``_draw``): both unbiased, systematic with far less variance.
-DRAW_SCHEMES = ("systematic", "multinomial")
 DEFAULT_DRAWS = "multinomial"  # pipeline label --draws (README, *Which targets*)
 _CDF_ELEMENTS = 1 << 23  # a systematic draw's float64 cumulative distribution is built this many elements at a time
 
