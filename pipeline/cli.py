@@ -37,6 +37,7 @@ _EXPECTED_NAMES = {
     "InitStudentError",
     "HealingScheduleError",
     "PlacementError",
+    "TeacherOutputError",
 }
 
 

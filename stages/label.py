@@ -40,6 +40,7 @@ from .. import data
 from .inputs import DEFAULT_CORPUS, DataError, Example, default_corpus, row_labels
 from .label_config import DEFAULT_METHOD, METHOD_DEFAULTS, LabelConfig, LabelConfigError
 from .scale_out import already_merged, job_lock, merge_ranks, with_counts, with_part
+from .soft_targets import TeacherOutputError
 from .soft_targets import hybrid_chunked as _hybrid_chunked
 from .soft_targets import per_example as _per_example
 from .soft_targets import sample_chunked as _sample_chunked
@@ -381,6 +382,22 @@ def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
     return batches
 
 
+def _not_finite(row: int, batch: list[int], select: list[tuple[int, torch.Tensor]], index: int) -> TeacherOutputError:
+    """A one-line error naming the example and position of the call's row ``row`` whose logits are not finite."""
+    where = f"example {batch[row]}" if not select else ""
+    for b_row, pos in select:  # per-token tasks: the rows are each example's selected positions, in turn
+        if row < len(pos):
+            where = f"example {batch[b_row]}, position {int(pos[row])}"
+            break
+        row -= len(pos)
+    return TeacherOutputError(
+        row,
+        f"the teacher's logits are NaN or infinite at work unit {index} ({where} of the unit): there is no "
+        "distribution to store, and nothing of this unit was written (committed shards are kept). A float16 "
+        "teacher overflows easily: re-run with --dtype float32 or bfloat16, or check the checkpoint's weights",
+    )
+
+
 def _label_unit(
     unit: list[Example],
     index: int,
@@ -418,14 +435,19 @@ def _label_unit(
             labels = torch.from_numpy(row_labels(unit, batch, cfg.task))
             seed = [cfg.seed, index, b]
             method, k, n = _targets(cfg)
+            T, chunk = cfg.temperature, cfg.chunk_positions
+            try:
+                if method == "sample":
+                    top = _sample_chunked(rows, head, n, T, chunk, labels, seed, cfg.draws)
+                elif method == "hybrid":
+                    top = _hybrid_chunked(rows, head, k, n, T, chunk, labels, seed, cfg.draws)
+                else:
+                    top = _topk_chunked(rows, head, k, T, chunk, labels)
+            except TeacherOutputError as e:
+                raise _not_finite(e.row, batch, select, index) from None
             if method == "sample":
-                top = _sample_chunked(rows, head, n, cfg.temperature, cfg.chunk_positions, labels, seed, cfg.draws)
                 kept_sum += float(top.pop("kept").double().sum())
-            elif method == "hybrid":
-                top = _hybrid_chunked(rows, head, k, n, cfg.temperature, cfg.chunk_positions, labels, seed, cfg.draws)
-                kept_sum += float((1 - top["tail"].double()).sum())
             else:
-                top = _topk_chunked(rows, head, k, cfg.temperature, cfg.chunk_positions, labels)
                 kept_sum += float((1 - top["tail"].double()).sum())
             entropy = top.pop("entropy")
             ent_sum += float(entropy.double().sum())

@@ -27,6 +27,7 @@ __all__ = [
     "DRAW_SCHEMES",
     "ENTROPY_EVERY",
     "HEAD_DTYPES",
+    "TeacherOutputError",
     "hybrid_chunked",
     "per_example",
     "sample_chunked",
@@ -44,6 +45,24 @@ _CDF_ELEMENTS = 1 << 23  # a systematic draw's float64 cumulative distribution i
 # The teacher's exact entropy is a statistic for `inspect`, not a target: measure it on every 16th row only.
 ENTROPY_EVERY = 16
 CPU_SUB_ROWS = 16  # 16 x 49,152 x 4 B = 3 MB of float32 logits: stays in cache across the per-row passes
+
+
+class TeacherOutputError(ValueError):
+    """The teacher's logits at a row are NaN or infinite: there is no distribution to store. ``row`` is the row's
+    index in the call (``stages.label`` turns it into the example and position)."""
+
+    def __init__(self, row: int, message: str = "") -> None:
+        super().__init__(message or f"the teacher's logits are not finite (NaN or inf) at row {row}")
+        self.row = row
+
+
+def _require_finite(lse: torch.Tensor, first: int) -> None:
+    """Refuse rows whose logsumexp is not finite: a NaN or +inf logit anywhere in the row, or no finite logit."""
+    import torch
+
+    bad = ~torch.isfinite(lse)
+    if bool(bad.any()):
+        raise TeacherOutputError(first + int(bad.nonzero()[0, 0]))
 
 
 def topk_chunked(
@@ -104,6 +123,7 @@ def topk_rows(
     out: dict[str, torch.Tensor] = {}
     z = raw if temperature == 1.0 else raw / temperature
     lse = torch.logsumexp(z, dim=-1)  # (r,)
+    _require_finite(lse, first)
     top_z, top_id = torch.topk(z, k, dim=-1)  # (r, k), most probable first
     top_lp = top_z - lse[:, None]
     tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0)  # (r,) float64
@@ -156,11 +176,12 @@ def sample_chunked(
     for c, i in enumerate(range(0, rows.shape[0], chunk)):
         raw = head.logits(rows[i : i + chunk])  # (c, V) float32
         z = raw if temperature == 1.0 else raw / temperature
+        lse = torch.logsumexp(z, dim=-1)  # (c,)
+        _require_finite(lse, i)
         probs = torch.softmax(z, dim=-1)  # (c, V) float32
         ids, counts, unique = _draw(probs, num_samples, [*seed, c], None, scheme)
         row = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), unique)  # (U_c,)
         out["kept"].append(torch.zeros(z.shape[0], device=z.device).index_add_(0, row, probs[row, ids]).cpu())
-        lse = torch.logsumexp(z, dim=-1)  # (c,)
         sub = _entropy_rows(i, z.shape[0], z.device)
         out["entropy"].append((lse[sub] - (probs[sub] * z[sub]).sum(-1)).cpu())
         if labels is not None:
