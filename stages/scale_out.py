@@ -81,6 +81,7 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
 
     import torch.distributed as dist
 
+    from ..data.errors import StoreWriteError
     from ..data.merge import merge_stores
     from ..data.writer import own_entries
     from . import process_group
@@ -88,16 +89,27 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
     process_group.init("gloo", timeout=timedelta(hours=24))  # ranks finish hours apart
     dist.barrier()
     ranks = [f"{out.rstrip('/')}/.ranks/rank-{r:05d}" for r in range(world)]
-    if rank == 0:
-        location = Location(out)
-        if replace:
-            for name in own_entries(location.root_entries(), keep=frozenset({".ranks", ".lock"})):
-                location.remove(name)
-            say(f"--overwrite: removed the store of another configuration at {out}")
-        merge_stores(out, ranks, move=location.is_local, log=say)
-        location.remove(".ranks")
-        say(f"merged {world} ranks into {out}")
-    dist.barrier()
+    failure: list[str | None] = [None]  # rank 0's error, sent to every rank (a bare barrier left them gloo's
+    # "Connection closed by peer" traceback when rank 0 exited with its error)
+    try:
+        if rank == 0:
+            location = Location(out)
+            if replace:
+                for name in own_entries(location.root_entries(), keep=frozenset({".ranks", ".lock"})):
+                    location.remove(name)
+                say(f"--overwrite: removed the store of another configuration at {out}")
+            merge_stores(out, ranks, move=location.is_local, log=say)
+            location.remove(".ranks")
+            say(f"merged {world} ranks into {out}")
+    except Exception as e:
+        failure[0] = str(e) or type(e).__name__
+        dist.broadcast_object_list(failure, src=0)
+        raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise StoreWriteError(
+            f"rank {dist.get_rank()} stops: rank 0 could not merge the ranks' stores into {out}: {failure[0]}"
+        )
     manifest = data.read_manifest(Location(out))
     process_group.teardown()  # the group pipeline started, destroyed while the interpreter is alive
     return manifest
