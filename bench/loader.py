@@ -284,16 +284,22 @@ def profile_stages(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         "pickle_wire_batch": 1e3 * _cpu_per_call(lambda: ForkingPickler.dumps(WireBatch(arrays)), n),
     }
     ms["pickle_wide_tensors"] -= ms["collate_wide"]
-    for name, make in (
-        ("receive_wide_tensors", lambda: collate(examples, m.task)),
-        ("receive_wire_batch", lambda: WireBatch(collate_arrays(examples, m.task))),
+    for name, make, wire in (
+        ("receive_wide_tensors", lambda: collate(examples, m.task), None),
+        ("receive_wire_batch", lambda: WireBatch(collate_arrays(examples, m.task)), None),  # shared slots
+        ("receive_wire_batch_inband", lambda: WireBatch(collate_arrays(examples, m.task)), "inband"),  # the pipe
     ):
         count = 64
-        loader = torch.utils.data.DataLoader(_Ready(make, count), batch_size=None, num_workers=1)
-        it = iter(loader)
-        next(it)  # worker start-up is not a batch's cost
-        t0 = time.process_time()
-        got = sum(1 for _ in it)
+        if wire:
+            os.environ["KD_PIPELINE_WIRE"] = wire  # read by the (forked) worker
+        try:
+            loader = torch.utils.data.DataLoader(_Ready(make, count), batch_size=None, num_workers=1)
+            it = iter(loader)
+            next(it)  # worker start-up is not a batch's cost
+            t0 = time.process_time()
+            got = sum(1 for _ in it)
+        finally:
+            os.environ.pop("KD_PIPELINE_WIRE", None)
         ms[name] = 1e3 * (time.process_time() - t0) / got
     return {
         "what": "CPU milliseconds per batch (medians over shards for read/decode, divided by batches per shard)",

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .shard import NDArray
+from .wire_slots import reduce_to_slot
 
 __all__ = ["IGNORE_INDEX", "WIDE_DTYPES", "WireBatch", "collate", "collate_arrays", "widen"]
 
@@ -154,8 +155,9 @@ class WireBatch:
 
     Why: torch sends each tensor a worker yields through its own shared-memory file whose descriptor the
     receiving process fetches from the worker in a socket handshake, per tensor and per batch (BENCHMARKS 3b').
-    One in-band buffer of the stored dtypes goes through the DataLoader's pipe instead, about a third of the
-    widened bytes at k=32; the receiving process (the main one, or its pin-memory thread) widens it. The
+    One buffer of the stored dtypes, about a third of the widened bytes at k=32, goes instead into a
+    shared-memory slot of the worker's (:mod:`data.wire_slots`; through the DataLoader's pipe, in-band, where no
+    slot can be had or outside a worker); the receiving process (the main one, or its pin-memory thread) widens it. The
     DataLoader's default ``collate_fn`` (``default_convert``) passes it through untouched; a custom
     ``collate_fn`` receives it and can call :meth:`tensors`.
     """
@@ -174,6 +176,9 @@ class WireBatch:
         for name, arr in self.arrays.items():
             layout.append((name, arr.dtype.str, arr.shape, offset))
             offset += -(-arr.nbytes // _ALIGN) * _ALIGN  # each array starts aligned for any dtype
+        shared = reduce_to_slot(self.arrays, layout, offset)  # in a DataLoader worker: shared memory
+        if shared is not None:
+            return shared
         buffer = bytearray(offset)
         for (_, dtype, shape, start), arr in zip(layout, self.arrays.values(), strict=True):
             np.frombuffer(buffer, dtype, arr.size, start).reshape(shape)[...] = arr

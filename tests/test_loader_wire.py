@@ -104,3 +104,110 @@ def test_a_pickled_batch_carries_the_stored_dtypes(tmp_path: Path) -> None:
     for name, tensor in collate(examples, "causal-lm").items():
         assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name
         assert received[name].is_contiguous()
+
+
+# --- shared-memory slots (data/wire_slots.py) --------------------------------------------------------------------
+
+
+@pytest.fixture
+def slots(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``data.wire_slots`` with fresh state on both sides, restored afterwards."""
+    from kd_pipeline.data import wire_slots
+
+    monkeypatch.setattr(wire_slots, "_mine", None)
+    monkeypatch.setattr(wire_slots, "_disabled", False)
+    monkeypatch.setattr(wire_slots, "_theirs", {})
+    return wire_slots
+
+
+def test_worker_batches_go_through_shared_slots_and_equal_the_main_process(
+    tmp_path: Path, slots: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 batches over 2 workers wrap each worker's ring of slots several times; every batch, kept until the end,
+    equals the main process's (a slot reused under a batch still held would change it). The receiver holds one
+    buffer per worker; with KD_PIPELINE_WIRE=inband none, and the same batches."""
+    write_store(tmp_path / "s", "zarr", "causal-lm", shards=8, rows=5)
+    expected = in_main(tmp_path / "s", batch_size=1, block_shards=1, seed=5)
+    assert len(expected) >= 4 * slots.SLOTS
+    assert_same(through_workers(tmp_path / "s", batch_size=1, block_shards=1, seed=5), expected)
+    assert len(slots._theirs) == 2  # one buffer from each worker
+    slots._theirs.clear()
+    monkeypatch.setenv("KD_PIPELINE_WIRE", "inband")
+    assert_same(through_workers(tmp_path / "s", batch_size=1, block_shards=1, seed=5), expected)
+    assert slots._theirs == {}
+
+
+def _as_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process plays a DataLoader worker (it sends) and the receiver (it loads) at once."""
+    import torch.utils.data
+
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+
+
+def _send(arrays: dict[str, np.ndarray]) -> bytes:
+    from multiprocessing.reduction import ForkingPickler
+
+    return bytes(ForkingPickler.dumps(WireBatch(arrays)))  # as a DataLoader worker's queue pickles
+
+
+WIDTH = 100  # a batch of 3 rows is 3,312 bytes: more than a message that only names a slot (< 1,024)
+
+
+def _arrays(value: int, rows: int = 3) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": np.full((rows, WIDTH), value, np.dtype(">u2")),  # non-native byte order is widened right
+        "target_logprobs": np.full((rows, WIDTH, 2), -0.5 * value, np.float16),
+        "attention_mask": np.ones((rows, WIDTH), np.bool_),
+        "example_weight": np.full(rows, float(value), np.float32),  # a dtype the receiver does not widen
+    }
+
+
+def _check(batch: dict[str, torch.Tensor], value: int, rows: int = 3) -> None:
+    assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].eq(value).all()
+    assert batch["target_logprobs"].dtype == torch.float32 and batch["target_logprobs"].eq(-0.5 * value).all()
+    assert batch["attention_mask"].dtype == torch.int64 and batch["attention_mask"].eq(1).all()
+    assert batch["example_weight"].dtype == torch.float32 and batch["example_weight"].eq(float(value)).all()
+    assert batch["input_ids"].shape == (rows, WIDTH)
+
+
+def test_a_slot_is_reused_only_after_it_was_read_and_results_never_share_it(
+    slots: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _as_worker(monkeypatch)
+    monkeypatch.setattr(slots, "WAIT_S", 0.05)
+    first = pickle.loads(_send(_arrays(1)))  # holds slot 0's values in its own tensors
+    free = slots.SLOTS - slots.MARGIN
+    pending = [_send(_arrays(v)) for v in range(2, 2 + free)]  # never read yet: every free slot taken
+    assert all(len(p) < 1024 for p in pending)  # each names its slot; no batch bytes in the message
+    sent = slots._mine.sent
+    late = _send(_arrays(99))  # no slot free within WAIT_S: the batch goes in-band, its bytes in the message
+    assert len(late) > 3 * WIDTH * 2 * 2 and slots._mine.sent == sent
+    for v, p in enumerate(pending, start=2):
+        _check(pickle.loads(p), v)
+    _check(pickle.loads(late), 99)
+    again = _send(_arrays(7))  # slots free again: through a slot
+    assert len(again) < 1024
+    _check(pickle.loads(again), 7)
+    _check(first, 1)  # slot 0 was written twice since: the first batch's tensors are its own
+
+
+def test_a_wider_batch_gets_a_new_buffer_and_a_lost_buffer_is_an_error(
+    slots: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _as_worker(monkeypatch)
+    _check(pickle.loads(_send(_arrays(1))), 1)
+    serial = slots._mine.serial
+    wide = _send(_arrays(2, rows=40))  # larger than the slots made for 3 rows: a new buffer, sent with it
+    assert slots._mine.serial == serial + 1
+    _check(pickle.loads(wide), 2, rows=40)
+    _check(pickle.loads(_send(_arrays(3))), 3)  # smaller batches use the new buffer's slots
+    assert slots._mine.serial == serial + 1
+    slots._theirs.clear()  # a receiver that never got the buffer (not a DataLoader's order): refused, not misread
+    with pytest.raises(RuntimeError, match="never received"):
+        pickle.loads(_send(_arrays(4)))
+
+
+def test_outside_a_worker_a_batch_is_pickled_in_band(slots: Any) -> None:
+    payload = pickle.dumps(WireBatch(_arrays(5)))
+    assert len(payload) > 3 * WIDTH * 2 * 2 and slots._mine is None
+    _check(pickle.loads(payload), 5)
