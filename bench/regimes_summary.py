@@ -39,6 +39,17 @@ PAIRS = [
     ("freshsys50@0.5", "freshsample50@0.5"),
     ("freshsys50@0.5", "online@0.5"),
     ("sys50@0.5", "freshsys50@0.5"),
+    ("sample200@0.5", "online@0.5"),
+    ("hybrid12x32@0.5", "online@0.5"),
+    ("sample200@0.5", "topk32@0.5"),
+    ("hybrid12x32@0.5", "topk32@0.5"),
+    ("hybrid12x32@0.5", "sample200@0.5"),
+    ("sample200@0.5", "sample50@0.5"),
+    ("hybrid12x32@0.5", "hybrid4x12@0.5"),
+    ("sample200@0.5", "hard"),
+    ("hybrid12x32@0.5", "hard"),
+    ("sample50@0.5", "hard"),
+    ("online@0.5", "hard"),
 ]
 """Paired comparisons printed when both runs are there (item 5: the matched-size stores; item 6: alpha; the
 issue's target: stored targets against online full-logit KD)."""
