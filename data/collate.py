@@ -5,6 +5,7 @@ Used by :class:`data.dataset.StoreDataset`; with it, the only modules of ``data`
 
 from __future__ import annotations
 
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -156,8 +157,9 @@ class WireBatch:
     Why: torch sends each tensor a worker yields through its own shared-memory file whose descriptor the
     receiving process fetches from the worker in a socket handshake, per tensor and per batch (BENCHMARKS 3b').
     One buffer of the stored dtypes, about a third of the widened bytes at k=32, goes instead into a
-    shared-memory slot of the worker's (:mod:`data.wire_slots`; through the DataLoader's pipe, in-band, where no
-    slot can be had or outside a worker); the receiving process (the main one, or its pin-memory thread) widens it. The
+    shared-memory slot of the worker's (:mod:`data.wire_slots`, only when a DataLoader worker's queue pickles it;
+    through the pipe, in-band, where no slot can be had); plain ``pickle`` and ``copy`` always take it in-band.
+    The receiving process (the main one, or its pin-memory thread) widens it. The
     DataLoader's default ``collate_fn`` (``default_convert``) passes it through untouched; a custom
     ``collate_fn`` receives it and can call :meth:`tensors`.
     """
@@ -171,19 +173,31 @@ class WireBatch:
         """The batch as the dict of tensors that :func:`collate` returns."""
         return widen(self.arrays)
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+    def layout(self) -> tuple[list[tuple[str, str, tuple[int, ...], int]], int]:
+        """Each array's (name, dtype, shape, byte offset) in one buffer, and the buffer's size."""
         layout, offset = [], 0
         for name, arr in self.arrays.items():
             layout.append((name, arr.dtype.str, arr.shape, offset))
             offset += -(-arr.nbytes // _ALIGN) * _ALIGN  # each array starts aligned for any dtype
-        shared = reduce_to_slot(self.arrays, layout, offset)  # in a DataLoader worker: shared memory
-        if shared is not None:
-            return shared
-        buffer = bytearray(offset)
+        return layout, offset
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """In-band: the arrays in one buffer (plain pickle and copy; a DataLoader queue first tries a slot)."""
+        layout, size = self.layout()
+        buffer = bytearray(size)
         for (_, dtype, shape, start), arr in zip(layout, self.arrays.values(), strict=True):
             np.frombuffer(buffer, dtype, arr.size, start).reshape(shape)[...] = arr
         return _unpack, (layout, buffer)
 
+
+def _reduce_for_queue(batch: WireBatch) -> tuple[Any, tuple[Any, ...]]:
+    """How multiprocessing's ForkingPickler (a DataLoader worker's result queue) sends a WireBatch: through a
+    shared-memory slot in a DataLoader worker (:mod:`data.wire_slots`), otherwise in-band."""
+    layout, size = batch.layout()
+    return reduce_to_slot(batch.arrays, layout, size) or batch.__reduce__()
+
+
+ForkingPickler.register(WireBatch, _reduce_for_queue)  # plain pickle and copy.deepcopy stay in-band
 
 _ALIGN = 16
 

@@ -115,7 +115,7 @@ def slots(monkeypatch: pytest.MonkeyPatch) -> Any:
     from kd_pipeline.data import wire_slots
 
     monkeypatch.setattr(wire_slots, "_mine", None)
-    monkeypatch.setattr(wire_slots, "_disabled", False)
+    monkeypatch.setattr(wire_slots, "_skip", 0)
     monkeypatch.setattr(wire_slots, "_theirs", {})
     return wire_slots
 
@@ -151,6 +151,7 @@ def _send(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 WIDTH = 100  # a batch of 3 rows is 3,312 bytes: more than a message that only names a slot (< 1,024)
+SLOT_MESSAGE = 1024
 
 
 def _arrays(value: int, rows: int = 3) -> dict[str, np.ndarray]:
@@ -178,7 +179,7 @@ def test_a_slot_is_reused_only_after_it_was_read_and_results_never_share_it(
     first = pickle.loads(_send(_arrays(1)))  # holds slot 0's values in its own tensors
     free = slots.SLOTS - slots.MARGIN
     pending = [_send(_arrays(v)) for v in range(2, 2 + free)]  # never read yet: every free slot taken
-    assert all(len(p) < 1024 for p in pending)  # each names its slot; no batch bytes in the message
+    assert all(len(p) < SLOT_MESSAGE for p in pending)  # each names its slot; no batch bytes in the message
     sent = slots._mine.sent
     late = _send(_arrays(99))  # no slot free within WAIT_S: the batch goes in-band, its bytes in the message
     assert len(late) > 3 * WIDTH * 2 * 2 and slots._mine.sent == sent
@@ -186,28 +187,113 @@ def test_a_slot_is_reused_only_after_it_was_read_and_results_never_share_it(
         _check(pickle.loads(p), v)
     _check(pickle.loads(late), 99)
     again = _send(_arrays(7))  # slots free again: through a slot
-    assert len(again) < 1024
+    assert len(again) < SLOT_MESSAGE
     _check(pickle.loads(again), 7)
     _check(first, 1)  # slot 0 was written twice since: the first batch's tensors are its own
 
 
-def test_a_wider_batch_gets_a_new_buffer_and_a_lost_buffer_is_an_error(
+def test_a_waiting_worker_takes_the_slot_freed_while_it_waits(slots: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    _as_worker(monkeypatch)
+    monkeypatch.setattr(slots, "WAIT_S", 30.0)
+    pending = [_send(_arrays(v)) for v in range(slots.SLOTS - slots.MARGIN)]  # the ring is full
+    received: list[dict[str, torch.Tensor]] = []
+    reader = threading.Timer(0.3, lambda: received.append(pickle.loads(pending[0])))
+    reader.start()
+    t0 = time.monotonic()
+    message = _send(_arrays(50))  # waits for the read above, then takes the slot it freed
+    assert time.monotonic() - t0 < 5.0 and len(message) < SLOT_MESSAGE
+    reader.join()
+    _check(received[0], 0)
+    for v, p in enumerate(pending[1:], start=1):
+        _check(pickle.loads(p), v)
+    _check(pickle.loads(message), 50)
+
+
+def test_a_wider_batch_gets_a_new_buffer_and_a_buffer_not_held_is_an_error(
     slots: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _as_worker(monkeypatch)
     _check(pickle.loads(_send(_arrays(1))), 1)
-    serial = slots._mine.serial
-    wide = _send(_arrays(2, rows=40))  # larger than the slots made for 3 rows: a new buffer, sent with it
-    assert slots._mine.serial == serial + 1
-    _check(pickle.loads(wide), 2, rows=40)
+    token = slots._mine.token
+    wide = _send(_arrays(2, rows=4))  # one row more than the slots made for 3 rows hold: a new buffer
+    assert slots._mine.token != token
+    _check(pickle.loads(wide), 2, rows=4)
     _check(pickle.loads(_send(_arrays(3))), 3)  # smaller batches use the new buffer's slots
-    assert slots._mine.serial == serial + 1
-    slots._theirs.clear()  # a receiver that never got the buffer (not a DataLoader's order): refused, not misread
-    with pytest.raises(RuntimeError, match="never received"):
+    assert slots._mine.acknowledged()  # the receiver holds the new buffer: it is no longer sent along
+    assert len(_send(_arrays(3))) < SLOT_MESSAGE
+    import os
+
+    held = slots._theirs[os.getpid()]
+    slots._theirs[os.getpid()] = (bytes(16), held[1])  # another buffer under this pid (a reused pid)
+    with pytest.raises(RuntimeError, match="does not hold"):
         pickle.loads(_send(_arrays(4)))
+    slots._theirs.clear()  # a receiver that never got the buffer: refused, not misread
+    with pytest.raises(RuntimeError, match="does not hold"):
+        pickle.loads(_send(_arrays(5)))
+
+
+def test_pickle_and_copy_in_a_worker_stay_in_band(slots: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custom collate_fn that copies or pickles the WireBatch gets the values, and no slot is involved."""
+    import copy
+
+    _as_worker(monkeypatch)
+    payload = pickle.dumps(WireBatch(_arrays(5)))
+    assert len(payload) > 3 * WIDTH * 2 * 2
+    _check(pickle.loads(payload), 5)
+    _check(copy.deepcopy(WireBatch(_arrays(6))), 6)
+    assert slots._mine is None and slots._theirs == {}
 
 
 def test_outside_a_worker_a_batch_is_pickled_in_band(slots: Any) -> None:
-    payload = pickle.dumps(WireBatch(_arrays(5)))
+    from multiprocessing.reduction import ForkingPickler
+
+    payload = ForkingPickler.dumps(WireBatch(_arrays(5)))
     assert len(payload) > 3 * WIDTH * 2 * 2 and slots._mine is None
     _check(pickle.loads(payload), 5)
+
+
+def test_short_shared_memory_sends_in_band_and_tries_again_later(slots: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    _as_worker(monkeypatch)
+    monkeypatch.setattr(slots, "RETRY_AFTER", 2)
+    usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 20, 1 << 20, 100))  # /dev/shm nearly full
+    for v in range(3):  # the first fails to make a buffer, the next two do not try
+        message = _send(_arrays(v))
+        assert len(message) > 3 * WIDTH * 2 * 2 and slots._mine is None
+        _check(pickle.loads(message), v)
+    monkeypatch.setattr(shutil, "disk_usage", real)  # room again
+    message = _send(_arrays(9))
+    assert len(message) < SLOT_MESSAGE + 1024 and slots._mine is not None  # the buffer itself goes along once
+    _check(pickle.loads(message), 9)
+
+
+def test_an_error_in_the_slot_path_sends_in_band(slots: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anything raised while a queue's feeder thread pickles would drop the batch (and hang the DataLoader)."""
+    _as_worker(monkeypatch)
+
+    def broken(*args: Any) -> None:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(slots, "_to_slot", broken)
+    message = _send(_arrays(4))
+    assert len(message) > 3 * WIDTH * 2 * 2
+    _check(pickle.loads(message), 4)
+
+
+def test_the_buffers_of_exited_workers_are_dropped(slots: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    slots._theirs[dead] = (bytes(16), torch.zeros(64, dtype=torch.uint8))
+    _as_worker(monkeypatch)
+    _check(pickle.loads(_send(_arrays(1))), 1)  # a new buffer arrives: exited workers' buffers go
+    assert list(slots._theirs) == [os.getpid()]
