@@ -210,27 +210,44 @@ def _pin_worker(worker_id: int) -> None:
 
 
 def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Epoch tokens/s through a DataLoader with 1 and 2 workers, interleaved; medians and their ratio."""
+    """Epoch tokens/s through a DataLoader with 1 and 2 workers, interleaved; medians and their ratio. Batches
+    leave the workers through shared-memory slots (the default; data/wire_slots.py) and, interleaved with those
+    epochs, through the DataLoader's pipe (``KD_PIPELINE_WIRE=inband``, what every batch did before)."""
     tokens = open_store(path).manifest.tokens
-    seconds: dict[int, list[float]] = {1: [], 2: []}
+    wires = ("slots", "inband")
+    seconds: dict[str, dict[int, list[float]]] = {w: {1: [], 2: []} for w in wires}
     for rep in range(args.scale_repeats):
         for workers in (1, 2) if rep % 2 == 0 else (2, 1):
-            ds = StoreDataset(
-                path, batch_size=args.batch_size, seed=0, block_shards=args.block_shards, epoch=rep,
-                num_workers=workers,
-            )  # fmt: skip
-            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=_pin_worker)
-            t0 = time.perf_counter()
-            got = sum(int(b["attention_mask"][b["example_weight"] > 0].sum()) for b in loader)
-            seconds[workers].append(time.perf_counter() - t0)
-            assert got == tokens, (got, tokens)
-    one, two = float(np.median(seconds[1])), float(np.median(seconds[2]))
-    return {
-        "tokens": tokens,
-        "epoch_seconds": {str(w): s for w, s in seconds.items()},
-        "tokens_per_s_median": {"1": tokens / one, "2": tokens / two},
-        "speedup_2_over_1": one / two,
-    }
+            for wire in wires if rep % 2 == 0 else wires[::-1]:
+                if wire == "inband":
+                    os.environ["KD_PIPELINE_WIRE"] = "inband"  # read by the (forked) workers
+                ds = StoreDataset(
+                    path, batch_size=args.batch_size, seed=0, block_shards=args.block_shards, epoch=rep,
+                    num_workers=workers,
+                )  # fmt: skip
+                loader = torch.utils.data.DataLoader(
+                    ds, batch_size=None, num_workers=workers, worker_init_fn=_pin_worker
+                )
+                try:
+                    t0 = time.perf_counter()
+                    got = sum(int(b["attention_mask"][b["example_weight"] > 0].sum()) for b in loader)
+                    seconds[wire][workers].append(time.perf_counter() - t0)
+                finally:
+                    os.environ.pop("KD_PIPELINE_WIRE", None)
+                assert got == tokens, (got, tokens)
+    out: dict[str, Any] = {"tokens": tokens}
+    for wire in wires:
+        one, two = float(np.median(seconds[wire][1])), float(np.median(seconds[wire][2]))
+        result = {
+            "epoch_seconds": {str(w): s for w, s in seconds[wire].items()},
+            "tokens_per_s_median": {"1": tokens / one, "2": tokens / two},
+            "speedup_2_over_1": one / two,
+        }
+        if wire == "slots":  # the default: the figures as before
+            out.update(result)
+        else:
+            out[wire] = result
+    return out
 
 
 class _Ready(torch.utils.data.IterableDataset[Any]):
@@ -396,9 +413,12 @@ def main() -> None:
     for name, d in scaling["decodes_per_epoch"].items():
         print(f"decodes per epoch, {name}: {d['decodes']} for {d['shards']} shards (each once: {d['each_shard_once']})")
     per_s = scaling["tokens_per_s_median"]
+    inband = scaling["inband"]
     print(
         f"DataLoader tokens/s (median): 1 worker {per_s['1']:,.0f}, 2 workers {per_s['2']:,.0f}; "
-        f"2 / 1 = {scaling['speedup_2_over_1']:.2f}x (target >= {TARGET_TWO_WORKER_SPEEDUP}x); "
+        f"2 / 1 = {scaling['speedup_2_over_1']:.2f}x (target >= {TARGET_TWO_WORKER_SPEEDUP}x); in-band "
+        f"(KD_PIPELINE_WIRE=inband): {inband['tokens_per_s_median']['1']:,.0f}, "
+        f"{inband['tokens_per_s_median']['2']:,.0f}, {inband['speedup_2_over_1']:.2f}x; "
         f"load average {scaling['load_average_before']} -> {scaling['load_average_after']}"
     )
     prof = scaling["profile"]
