@@ -378,24 +378,28 @@ def main() -> None:
     """The ``pipeline`` command. Under torchrun (WORLD_SIZE > 1) a rank that finished its command successfully
     leaves without the interpreter's finalisation: torch's C++ teardown there killed a rank of a finished
     ``train --fsdp`` run with SIGABRT ("terminate called without an active exception") in CI, after everything was
-    saved and the process group destroyed, turning a finished job into a failed one. Outputs are flushed first;
-    a failing command exits as usual."""
+    saved and the process group destroyed, turning a finished job into a failed one. Outputs are flushed first. A
+    command that ends with an exit code (its one-line error printed) leaves the same way with that code (a rank
+    stopped by another rank's error used to abort so at exit, code 134 instead of 1); an uncaught exception
+    propagates as usual, with its traceback."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         cli(prog_name="pipeline")
         return
+    code = 0
     try:
         cli(prog_name="pipeline")
     except SystemExit as e:
-        if e.code not in (0, None):
+        if e.code is not None and not isinstance(e.code, int):
             raise
+        code = e.code or 0
     import logging
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,10 @@ def test_torchrun_against_a_store_of_the_old_default_is_refused_before_labelling
                     "--shard-size", "8", "--limit", "16", "--out", str(out))  # fmt: skip
     assert proc.returncode != 0
     assert "add --method topk --top-k 32 to resume it" in proc.stderr, proc.stderr[-3000:]
+    # the rank that failed left with its one-line error's exit code, not killed by an abort at exit (torchrun
+    # may stop the other rank with SIGTERM)
+    assert "(exitcode: 1)" in proc.stderr, proc.stderr[-3000:]
+    assert "Signal 6" not in proc.stderr and "terminate called" not in proc.stderr, proc.stderr[-3000:]
     assert not (out / ".ranks").exists() and (out / "manifest.json").read_bytes() == before  # nothing labelled
 
 

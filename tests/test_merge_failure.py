@@ -25,6 +25,13 @@ def _rank(rank: int, out: str, port: int, results: str) -> None:
     except Exception as e:
         outcome = {"raised": type(e).__name__, "store_error": isinstance(e, StoreError), "message": str(e)}
     Path(results, f"rank{rank}.json").write_text(json.dumps(outcome))
+    # leave as `pipeline` does under torchrun (pipeline/cli.py main): the group that merge_ranks left after the
+    # error is torn down, and the interpreter's finalisation, where gloo's threads abort a process, is skipped
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(0)
 
 
 def test_other_ranks_stop_with_rank_0s_merge_error(tmp_path: Path) -> None:
