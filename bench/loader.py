@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +211,18 @@ def _pin_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+@contextmanager
+def _wire(mode: str | None) -> Iterator[None]:
+    """``KD_PIPELINE_WIRE=mode`` for the DataLoader workers forked inside (None: the default, shared-memory
+    slots; "inband": the DataLoader's pipe)."""
+    if mode:
+        os.environ["KD_PIPELINE_WIRE"] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop("KD_PIPELINE_WIRE", None)
+
+
 def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Epoch tokens/s through a DataLoader with 1 and 2 workers, interleaved; medians and their ratio. Batches
     leave the workers through shared-memory slots (the default; data/wire_slots.py) and, interleaved with those
@@ -219,8 +233,6 @@ def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     for rep in range(args.scale_repeats):
         for workers in (1, 2) if rep % 2 == 0 else (2, 1):
             for wire in wires if rep % 2 == 0 else wires[::-1]:
-                if wire == "inband":
-                    os.environ["KD_PIPELINE_WIRE"] = "inband"  # read by the (forked) workers
                 ds = StoreDataset(
                     path, batch_size=args.batch_size, seed=0, block_shards=args.block_shards, epoch=rep,
                     num_workers=workers,
@@ -228,12 +240,10 @@ def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
                 loader = torch.utils.data.DataLoader(
                     ds, batch_size=None, num_workers=workers, worker_init_fn=_pin_worker
                 )
-                try:
+                with _wire(None if wire == "slots" else wire):
                     t0 = time.perf_counter()
                     got = sum(int(b["attention_mask"][b["example_weight"] > 0].sum()) for b in loader)
                     seconds[wire][workers].append(time.perf_counter() - t0)
-                finally:
-                    os.environ.pop("KD_PIPELINE_WIRE", None)
                 assert got == tokens, (got, tokens)
     out: dict[str, Any] = {"tokens": tokens}
     for wire in wires:
@@ -307,16 +317,12 @@ def profile_stages(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         ("receive_wire_batch_inband", lambda: WireBatch(collate_arrays(examples, m.task)), "inband"),  # the pipe
     ):
         count = 64
-        if wire:
-            os.environ["KD_PIPELINE_WIRE"] = wire  # read by the (forked) worker
-        try:
+        with _wire(wire):
             loader = torch.utils.data.DataLoader(_Ready(make, count), batch_size=None, num_workers=1)
             it = iter(loader)
             next(it)  # worker start-up is not a batch's cost
             t0 = time.process_time()
             got = sum(1 for _ in it)
-        finally:
-            os.environ.pop("KD_PIPELINE_WIRE", None)
         ms[name] = 1e3 * (time.process_time() - t0) / got
     return {
         "what": "CPU milliseconds per batch (medians over shards for read/decode, divided by batches per shard)",

@@ -385,11 +385,12 @@ def _batches(unit: list[Example], cfg: LabelConfig) -> list[list[int]]:
 def _not_finite(row: int, batch: list[int], select: list[tuple[int, torch.Tensor]], index: int) -> TeacherOutputError:
     """A one-line error naming the example and position of the call's row ``row`` whose logits are not finite."""
     where = f"example {batch[row]}" if not select else ""
-    for b_row, pos in select:  # per-token tasks: the rows are each example's selected positions, in turn
-        if row < len(pos):
-            where = f"example {batch[b_row]}, position {int(pos[row])}"
+    rest = row  # per-token tasks: the rows are each example's selected positions, in turn
+    for b_row, pos in select:
+        if rest < len(pos):
+            where = f"example {batch[b_row]}, position {int(pos[rest])}"
             break
-        row -= len(pos)
+        rest -= len(pos)
     return TeacherOutputError(
         row,
         f"the teacher's logits are NaN or infinite at work unit {index} ({where} of the unit): there is no "

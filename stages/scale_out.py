@@ -91,6 +91,7 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
     ranks = [f"{out.rstrip('/')}/.ranks/rank-{r:05d}" for r in range(world)]
     failure: list[str | None] = [None]  # rank 0's error, sent to every rank (a bare barrier left them gloo's
     # "Connection closed by peer" traceback when rank 0 exited with its error)
+    error: Exception | None = None
     try:
         if rank == 0:
             location = Location(out)
@@ -102,10 +103,10 @@ def merge_ranks(out: str, world: int, rank: int, say: Any, replace: bool = False
             location.remove(".ranks")
             say(f"merged {world} ranks into {out}")
     except Exception as e:
-        failure[0] = str(e) or type(e).__name__
-        dist.broadcast_object_list(failure, src=0)
-        raise
+        error, failure[0] = e, str(e) or type(e).__name__
     dist.broadcast_object_list(failure, src=0)
+    if error is not None:  # rank 0: its own error, as before
+        raise error
     if failure[0] is not None:
         raise StoreWriteError(
             f"rank {dist.get_rank()} stops: rank 0 could not merge the ranks' stores into {out}: {failure[0]}"
