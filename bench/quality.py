@@ -94,9 +94,11 @@ def label_store(
     samples: int | None = None,
     method: str | None = None,
     draws: str | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Label the corpus subset at (k, T) (or with ``samples`` draws per position; ``method`` "hybrid": k exact ids
-    and ``samples`` tail draws) with stages.label.run; a finished store with this configuration is reused."""
+    and ``samples`` tail draws; ``seed``: the labeling seed of the draws, pipeline label's default if None) with
+    stages.label.run; a finished store with this configuration is reused."""
     from kd_pipeline.stages import label
 
     cfg = label.LabelConfig(
@@ -105,6 +107,7 @@ def label_store(
         method=method or ("sample" if samples else "topk"),
         samples=samples,  # None: the method's own default (stages.label.METHOD_DEFAULTS)
         **({"draws": draws} if draws else {}),  # None: pipeline label's default
+        **({"seed": seed} if seed is not None else {}),
         temperature=temperature,
         max_length=args.max_length,
         pack=True,

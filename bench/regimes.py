@@ -59,7 +59,11 @@ SPLIT_STORE = "topk32"  # its ids decide the in/out of top-k split; hard labels 
 
 
 def parse_store(name: str) -> dict[str, Any]:
-    """``topk16`` / ``sample50`` / ``sys50`` / ``hybrid8x24`` -> label_store's arguments."""
+    """``topk16`` / ``sample50`` / ``sys50`` / ``hybrid8x24`` -> label_store's arguments; a suffix ``rS`` on a store
+    of draws (``sample50r1``) labels it with seed S (another realisation of the same draws; none: seed 0)."""
+    base, r, seed = name.rpartition("r")
+    if r and seed.isdigit() and base.startswith(("sample", "sys", "hybrid")):
+        return parse_store(base) | {"seed": int(seed)}
     if name.startswith("topk"):
         return {"k": int(name[4:]), "samples": None, "method": "topk"}
     if name.startswith("sample"):
@@ -69,7 +73,7 @@ def parse_store(name: str) -> dict[str, Any]:
     if name.startswith("hybrid"):
         k, n = name[6:].split("x")
         return {"k": int(k), "samples": int(n), "method": "hybrid"}
-    raise SystemExit(f"unknown store {name!r}: expected topkK, sampleN, sysN or hybridKxN")
+    raise SystemExit(f"unknown store {name!r}: expected topkK, sampleN, sysN or hybridKxN (draws: optional rSEED)")
 
 
 def parse_run(text: str) -> dict[str, Any]:
@@ -290,7 +294,7 @@ def main() -> None:
         folder = args.work / f"store-{name}"
         a = parse_store(name)
         stores[name] = {
-            **label_store(folder, a["k"], 1.0, ns, samples=a["samples"], method=a["method"], draws=a.get("draws")),
+            **label_store(folder, a["k"], 1.0, ns, **{k: a.get(k) for k in ("samples", "method", "draws", "seed")}),
             "bytes_per_token_from_store": store_bytes_per_token(folder),
             "spec": a,
         }
