@@ -91,6 +91,8 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     tokenizer = load_tokenizer(
         teacher_path, gguf_file=cfg.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
+    if cfg.task != "seq-cls" and len(tokenizer) > METHOD_DEFAULTS["topk"][0]:  # as many output ids at least
+        cfg.refuse_values_on_counts()  # what resolved() would refuse, before the teacher loads
     say(f"loading teacher {provenance['name_or_path']} on {device} ({dtype})")
     teacher = load_model(
         teacher_path,

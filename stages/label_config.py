@@ -225,11 +225,8 @@ class LabelConfig:
                 why = f"--top-k {top_k} covers all of them"
             say(f"keeping all {width} output ids exactly (--method topk --top-k {width}, the full distribution): {why}")
             method, top_k = "topk", width
-        if self.method is None and method == "sample" and self.value_dtype != "float16":
-            raise LabelConfigError(
-                f"--value-dtype {self.value_dtype} applies to stored log-probs, but without --method or --top-k the "
-                "store is sampled (it holds counts, no log-probs); add --method topk (or --top-k K)"
-            )
+        if self.method is None and method == "sample":
+            self.refuse_values_on_counts()
         if self.task == "seq-cls" and top_k > width:
             say(f"keeping all {width} classes (--top-k {top_k} exceeds the number of classes)")
             top_k = width
@@ -244,6 +241,16 @@ class LabelConfig:
                 f"teacher's {width} output ids; use --top-k < {width}, or --method topk"
             )
         return dataclasses.replace(self, method=method, top_k=top_k, samples=samples)
+
+    def refuse_values_on_counts(self) -> None:
+        """A --value-dtype for log-probs, where the options without --method infer a sampled store (counts only).
+        Called by :meth:`resolved`, and by ``label.run`` before the teacher loads when its tokenizer already says
+        that the teacher has more output ids than would be stored whole."""
+        if self.method is None and self.inferred_method == "sample" and self.value_dtype != "float16":
+            raise LabelConfigError(
+                f"--value-dtype {self.value_dtype} applies to stored log-probs, but without --method or --top-k the "
+                "store is sampled (it holds counts, no log-probs); add --method topk (or --top-k K)"
+            )
 
     @property
     def unit_tokens(self) -> int:

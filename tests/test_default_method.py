@@ -287,6 +287,24 @@ def test_a_value_dtype_on_a_sampled_store_is_refused() -> None:
     assert LabelConfig(out="o", value_dtype="float32").resolved(20, print).method == "topk"  # stored whole
 
 
+def test_a_value_dtype_on_an_inferred_sampled_store_is_refused_before_the_teacher_loads(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """``pipeline label --value-dtype q8`` without --method or --top-k: one line, exit 1, before the teacher loads
+    (its tokenizer already says the store would be sampled), nothing written; with --top-k the same run labels."""
+    args = ["label", "--teacher", str(world["root"] / "teacher"), "--data", str(world["data"]), "--shard-size", "8",
+            "--limit", "8", "--value-dtype", "q8", "--out", str(tmp_path / "q8")]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert "--value-dtype q8 applies to stored log-probs" in line and "add --method topk" in line
+    assert "loading teacher" not in result.output, result.output
+    assert not (tmp_path / "q8").exists()
+    ok = CliRunner().invoke(cli, [*args, "--top-k", "8"], catch_exceptions=False)
+    assert ok.exit_code == 0, ok.output
+    assert open_store(tmp_path / "q8").manifest.targets.value_dtype == "q8"
+
+
 def test_torchrun_against_a_store_of_the_old_default_is_refused_before_labelling(
     world: dict[str, Any], tmp_path: Path
 ) -> None:
