@@ -18,7 +18,11 @@ with 1 and 2 DataLoader workers and with 2 ranks (two StoreDatasets, rank 0 and 
 shard once per job. And loader tokens/s through ``DataLoader(ds, batch_size=None, num_workers=W)`` for W = 1 and
 2, interleaved (1, 2, 2, 1, ...), ``--scale-repeats`` epochs each, medians; each worker is pinned to its own core
 (of those this process may use) with one torch thread; the main process only receives batches. Target: 2 workers
->= 1.7x 1 worker on 2 cores. Worker start-up is inside the timed epoch, as a trainer pays it every epoch.
+>= 1.7x 1 worker on 2 cores. Worker start-up is inside the timed epoch, as a trainer pays it every epoch. Each
+epoch also records the CPU seconds of the main process and of the workers, and how many of the cores they kept
+busy over its wall time; and, interleaved with the epochs, the same shards are decoded by 1 and by 2 plain
+processes (no DataLoader, no batches), each on its own core: the scaling that decoding alone reaches on this
+machine, the ceiling beside which the workers' ratio is read.
 
 Last, where a batch's time goes (``profile``, on the scaling store, one core, CPU seconds per batch, medians):
 reading a shard's files, decoding them (decompression and checks, with the value checks on and off), collating
@@ -223,15 +227,51 @@ def _wire(mode: str | None) -> Iterator[None]:
         os.environ.pop("KD_PIPELINE_WIRE", None)
 
 
+def _decode_share(path: Path, core: int | None, share: int, of: int) -> None:
+    """Decode every ``of``-th shard of the store from the ``share``-th, pinned to ``core``, one torch thread."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    reader = open_store(path)
+    for record in list(reader.manifest.shards)[share::of]:
+        reader.load_shard(record, verify=False)
+
+
+def decode_only_seconds(path: Path, processes: int) -> float:
+    """Wall seconds for ``processes`` forked processes, each on its own core, to decode their share of the shards
+    (no DataLoader, no batches): how far decoding alone scales on this machine."""
+    import multiprocessing
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    procs = [
+        ctx.Process(target=_decode_share, args=(path, cores[i % len(cores)] if cores else None, i, processes))
+        for i in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+        assert proc.exitcode == 0, proc.exitcode
+    return time.perf_counter() - t0
+
+
 def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Epoch tokens/s through a DataLoader with 1 and 2 workers, interleaved; medians and their ratio. Batches
     leave the workers through shared-memory slots (the default; data/wire_slots.py) and, interleaved with those
-    epochs, through the DataLoader's pipe (``KD_PIPELINE_WIRE=inband``, what every batch did before)."""
+    epochs, through the DataLoader's pipe (``KD_PIPELINE_WIRE=inband``, what every batch did before). Each epoch
+    also records the CPU seconds of the main process and of its workers (``os.times``: the workers' are counted
+    when the DataLoader joins them at the epoch's end), and, interleaved with the epochs, the same shards are
+    decoded by 1 and by 2 plain processes (``decode_only``): the scaling that decoding alone reaches here."""
     tokens = open_store(path).manifest.tokens
     wires = ("slots", "inband")
     seconds: dict[str, dict[int, list[float]]] = {w: {1: [], 2: []} for w in wires}
+    cpu: dict[str, dict[int, list[dict[str, float]]]] = {w: {1: [], 2: []} for w in wires}
+    decode_only: dict[int, list[float]] = {1: [], 2: []}
     for rep in range(args.scale_repeats):
         for workers in (1, 2) if rep % 2 == 0 else (2, 1):
+            decode_only[workers].append(decode_only_seconds(path, workers))
             for wire in wires if rep % 2 == 0 else wires[::-1]:
                 ds = StoreDataset(
                     path, batch_size=args.batch_size, seed=0, block_shards=args.block_shards, epoch=rep,
@@ -241,17 +281,40 @@ def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
                     ds, batch_size=None, num_workers=workers, worker_init_fn=_pin_worker
                 )
                 with _wire(None if wire == "slots" else wire):
-                    t0 = time.perf_counter()
+                    before, t0 = os.times(), time.perf_counter()
                     got = sum(int(b["attention_mask"][b["example_weight"] > 0].sum()) for b in loader)
-                    seconds[wire][workers].append(time.perf_counter() - t0)
+                    wall = time.perf_counter() - t0
+                    del loader  # its workers are joined by now (the iterator ran out)
+                    after = os.times()
+                seconds[wire][workers].append(wall)
+                main_cpu = after.user - before.user + after.system - before.system
+                workers_cpu = (
+                    after.children_user - before.children_user + after.children_system - before.children_system
+                )
+                cpu[wire][workers].append(
+                    {"main": main_cpu, "workers": workers_cpu, "busy_cores": (main_cpu + workers_cpu) / wall}
+                )
                 assert got == tokens, (got, tokens)
-    out: dict[str, Any] = {"tokens": tokens}
+    one_d, two_d = float(np.median(decode_only[1])), float(np.median(decode_only[2]))
+    out: dict[str, Any] = {
+        "tokens": tokens,
+        "decode_only": {
+            "seconds": {str(w): s for w, s in decode_only.items()},
+            "tokens_per_s_median": {"1": tokens / one_d, "2": tokens / two_d},
+            "speedup_2_over_1": one_d / two_d,
+        },
+    }
     for wire in wires:
         one, two = float(np.median(seconds[wire][1])), float(np.median(seconds[wire][2]))
         result = {
             "epoch_seconds": {str(w): s for w, s in seconds[wire].items()},
             "tokens_per_s_median": {"1": tokens / one, "2": tokens / two},
             "speedup_2_over_1": one / two,
+            "cpu_seconds": {str(w): c for w, c in cpu[wire].items()},
+            "cpu_median": {
+                str(w): {k: float(np.median([c[k] for c in cs])) for k in ("main", "workers", "busy_cores")}
+                for w, cs in cpu[wire].items()
+            },
         }
         if wire == "slots":  # the default: the figures as before
             out.update(result)
@@ -426,6 +489,19 @@ def main() -> None:
         f"(KD_PIPELINE_WIRE=inband): {inband['tokens_per_s_median']['1']:,.0f}, "
         f"{inband['tokens_per_s_median']['2']:,.0f}, {inband['speedup_2_over_1']:.2f}x; "
         f"load average {scaling['load_average_before']} -> {scaling['load_average_after']}"
+    )
+    for wire, r in (("slots", scaling), ("in-band", inband)):
+        print(
+            f"CPU seconds per epoch, {wire} (median; main, workers, busy cores of the wall time): "
+            + "; ".join(
+                f"{w} worker{'s' * (w != '1')} {c['main']:.2f}, {c['workers']:.2f}, {c['busy_cores']:.2f}"
+                for w, c in r["cpu_median"].items()
+            )
+        )
+    dec = scaling["decode_only"]
+    print(
+        f"decoding alone (1 and 2 plain processes, the same shards): {dec['tokens_per_s_median']['1']:,.0f}, "
+        f"{dec['tokens_per_s_median']['2']:,.0f} tokens/s; 2 / 1 = {dec['speedup_2_over_1']:.2f}x"
     )
     prof = scaling["profile"]
     print(
