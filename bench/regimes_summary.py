@@ -50,9 +50,33 @@ PAIRS = [
     ("hybrid12x32@0.5", "hard"),
     ("sample50@0.5", "hard"),
     ("online@0.5", "hard"),
+    ("sample50r1@0.5", "online@0.5"),
+    ("sample50r2@0.5", "online@0.5"),
+    ("sample50r1@0.5", "sample50@0.5"),
+    ("sample50r2@0.5", "sample50@0.5"),
+    ("sys50r1@0.5", "online@0.5"),
+    ("sys50r1@0.5", "sys50@0.5"),
+    ("sys50r1@0.5", "sample50r1@0.5"),
+    ("hybrid4x12@1", "hybrid4x12@0.5"),
+    ("hybrid4x12@1", "hard"),
+    ("hybrid4x12@1", "sample50@1"),
+    ("hybrid4x12@1", "online@1"),
 ]
 """Paired comparisons printed when both runs are there (item 5: the matched-size stores; item 6: alpha; the
 issue's target: stored targets against online full-logit KD)."""
+
+REALISATIONS = {
+    "sample50@0.5": ["sample50@0.5", "sample50r1@0.5", "sample50r2@0.5"],
+    "sys50@0.5": ["sys50@0.5", "sys50r1@0.5"],
+}
+"""A store of draws labelled with labeling seeds 0, 1, 2 (bench/regimes.py's rS suffix): one method, several stores."""
+POOLED = [
+    ("sample50@0.5", "online@0.5"),
+    ("sys50@0.5", "online@0.5"),
+    ("sys50@0.5", "sample50@0.5"),
+    ("sample50@0.5", "hard"),
+]
+"""Pairs over every realisation of a (and, where b has them too, the same realisation of b), seed by seed."""
 
 MEASURES = [("pydoc", "perplexity"), ("corpus2", "perplexity"), ("pydoc", "kl"), ("pydoc", "top1")]
 
@@ -89,6 +113,29 @@ def paired(runs: list[dict[str, Any]], a: str, b: str, corpus: str = "pydoc") ->
     return {
         "n": len(diffs),
         "seeds": seeds,
+        "per_seed": diffs,
+        "mean": statistics.fmean(diffs),
+        "min": min(diffs),
+        "max": max(diffs),
+        "lower_on_every_seed": all(d < 0 for d in diffs),
+    }
+
+
+def pooled(runs: list[dict[str, Any]], a: str, b: str, corpus: str = "pydoc") -> dict[str, Any]:
+    """:func:`paired` over the store realisations of ``a`` (REALISATIONS), each against the same realisation of
+    ``b`` where b has them, else against b: every (realisation, seed) pair, as one sample."""
+    names = [n for n in REALISATIONS.get(a, [a]) if any(r["run"] == n for r in runs)]
+    others = REALISATIONS.get(b)
+    diffs: list[float] = []
+    for i, name in enumerate(names):
+        other = others[i] if others else b
+        d = paired(runs, name, other, corpus)
+        diffs += d.get("per_seed", [])
+    if not diffs:
+        return {"n": 0}
+    return {
+        "n": len(diffs),
+        "realisations": len(names),
         "per_seed": diffs,
         "mean": statistics.fmean(diffs),
         "min": min(diffs),
@@ -170,3 +217,12 @@ def print_summary(paths: list[Path]) -> None:
         if rows:
             print()
             print(markdown_table(["pair", "pydoc ppl, paired", "corpus2 ppl, paired"], rows))
+        rows = []
+        for a, b in POOLED:
+            d = pooled(runs, a, b)
+            if d.get("realisations", 0) > 1:
+                label = f"{a} vs {b}, {d['realisations']} stores x seeds"
+                rows.append([label, _pct(d), _pct(pooled(runs, a, b, "corpus2"))])
+        if rows:
+            print()
+            print(markdown_table(["pooled over store realisations", "pydoc ppl, paired", "corpus2 ppl, paired"], rows))
