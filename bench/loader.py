@@ -284,8 +284,7 @@ def time_workers(path: Path, args: argparse.Namespace) -> dict[str, Any]:
                     before, t0 = os.times(), time.perf_counter()
                     got = sum(int(b["attention_mask"][b["example_weight"] > 0].sum()) for b in loader)
                     wall = time.perf_counter() - t0
-                    del loader  # its workers are joined by now (the iterator ran out)
-                    after = os.times()
+                    after = os.times()  # the DataLoader joined (reaped) its workers when its iterator ran out
                 seconds[wire][workers].append(wall)
                 main_cpu = after.user - before.user + after.system - before.system
                 workers_cpu = (

@@ -62,7 +62,9 @@ def parse_store(name: str) -> dict[str, Any]:
     """``topk16`` / ``sample50`` / ``sys50`` / ``hybrid8x24`` -> label_store's arguments; a suffix ``rS`` on a store
     of draws (``sample50r1``) labels it with seed S (another realisation of the same draws; none: seed 0)."""
     base, r, seed = name.rpartition("r")
-    if r and seed.isdigit() and base.startswith(("sample", "sys", "hybrid")):
+    if r and seed.isdigit() and base[-1:].isdigit():  # sample50r1, hybrid4x12r2, topk32r1 (refused below)
+        if not base.startswith(("sample", "sys", "hybrid")):
+            raise SystemExit(f"store {name!r}: a labeling seed (rS) applies to stores of draws only")
         return parse_store(base) | {"seed": int(seed)}
     if name.startswith("topk"):
         return {"k": int(name[4:]), "samples": None, "method": "topk"}
@@ -86,6 +88,8 @@ def parse_run(text: str) -> dict[str, Any]:
     if what == "online":
         return {"name": text, "store": SPLIT_STORE, "alpha": float(alpha), "tail": "bin", "online": True}
     if what.startswith("fresh"):  # freshKxN / freshsampleN: a store's targets drawn afresh each step, online loop
+        if "seed" in parse_store(what[5:] if what[5:6].isalpha() else "hybrid" + what[5:]):
+            raise SystemExit(f"--runs {text!r}: fresh draws are drawn by the online loop, not labelled: no rS")
         if what.startswith("freshsample") or what.startswith("freshsys"):
             k, store = "0", what[5:]
             n = str(parse_store(store)["samples"])

@@ -122,22 +122,29 @@ def paired(runs: list[dict[str, Any]], a: str, b: str, corpus: str = "pydoc") ->
 
 
 def pooled(runs: list[dict[str, Any]], a: str, b: str, corpus: str = "pydoc") -> dict[str, Any]:
-    """:func:`paired` over the store realisations of ``a`` (REALISATIONS), each against the same realisation of
-    ``b`` where b has them, else against b: every (realisation, seed) pair, as one sample."""
-    names = [n for n in REALISATIONS.get(a, [a]) if any(r["run"] == n for r in runs)]
-    others = REALISATIONS.get(b)
+    """:func:`paired` over the store realisations of ``a`` (REALISATIONS), each against the realisation of ``b``
+    with the same labeling seed where b has realisations (a realisation that b lacks is left out), else against
+    b: every (realisation, seed) pair, as one sample. The pairs share b's runs, so they are not independent."""
+    present = {r["run"] for r in runs}
+    ours = dict(enumerate(REALISATIONS.get(a, [a])))  # labeling seed -> run name
+    theirs = dict(enumerate(REALISATIONS[b])) if b in REALISATIONS else None
     diffs: list[float] = []
-    for i, name in enumerate(names):
-        other = others[i] if others else b
+    used = 0
+    for seed, name in ours.items():
+        other = theirs.get(seed) if theirs is not None else b
+        if name not in present or other is None or other not in present:
+            continue
         d = paired(runs, name, other, corpus)
         diffs += d.get("per_seed", [])
+        used += bool(d.get("n"))
     if not diffs:
         return {"n": 0}
     return {
         "n": len(diffs),
-        "realisations": len(names),
+        "realisations": used,
         "per_seed": diffs,
         "mean": statistics.fmean(diffs),
+        "median": statistics.median(diffs),
         "min": min(diffs),
         "max": max(diffs),
         "lower_on_every_seed": all(d < 0 for d in diffs),
@@ -222,7 +229,7 @@ def print_summary(paths: list[Path]) -> None:
             d = pooled(runs, a, b)
             if d.get("realisations", 0) > 1:
                 label = f"{a} vs {b}, {d['realisations']} stores x seeds"
-                rows.append([label, _pct(d), _pct(pooled(runs, a, b, "corpus2"))])
+                rows.append([label, f"{_pct(d)}, median {d['median']:+.1%}", _pct(pooled(runs, a, b, "corpus2"))])
         if rows:
             print()
             print(markdown_table(["pooled over store realisations", "pydoc ppl, paired", "corpus2 ppl, paired"], rows))
