@@ -145,15 +145,34 @@ def test_few_classes_keep_every_class_exactly(world: dict[str, Any], tmp_path: P
     assert len(said) == 1 and "hybrid" not in said[0], logs
     store = open_store(tmp_path / "c")
     assert (store.manifest.targets.method, store.manifest.targets.k) == ("topk", 3)
-    model = world["seq-cls"].eval()
+    _assert_class_logprobs(store, world["seq-cls"], atol=2e-3)
+    for ex in store:
+        assert sorted(ex["target_ids"].reshape(-1).tolist()) == [0, 1, 2]
+        assert float(np.asarray(ex["tail_mass"]).reshape(-1)[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def _assert_class_logprobs(store: Any, model: Any, atol: float) -> None:
+    """Every example's stored log-probs equal the seq-cls teacher's own (float64 log-softmax) within ``atol``."""
+    model.eval()
     for ex in store:
         with torch.no_grad():
             logits = model(input_ids=torch.as_tensor(ex["input_ids"], dtype=torch.long)[None]).logits[0].double()
         logp = torch.log_softmax(logits, dim=-1).numpy()
         ids = ex["target_ids"].reshape(-1).astype(np.int64)
-        assert sorted(ids) == [0, 1, 2]
-        np.testing.assert_allclose(ex["target_logprobs"].reshape(-1).astype(np.float64), logp[ids], atol=2e-3)
-        assert float(np.asarray(ex["tail_mass"]).reshape(-1)[0]) == pytest.approx(0.0, abs=1e-6)
+        np.testing.assert_allclose(ex["target_logprobs"].reshape(-1).astype(np.float64), logp[ids], atol=atol)
+
+
+def test_a_value_dtype_with_few_classes_is_kept(world: dict[str, Any], tmp_path: Path) -> None:
+    """A 3-class teacher with --value-dtype q8 and no method: its store keeps every class exactly (top-k, where q8
+    applies), so the early refusal of q8 on an inferred sampled store (which reads the tokenizer, ~100 ids here)
+    must not apply to seq-cls, and the q8 values stay within q8's step of the teacher's log-probs."""
+    assert world["vocab"] > 32  # the tokenizer alone would say "more output ids than a store keeps whole"
+    logs = _label(world, tmp_path / "q", teacher="seq-cls", task="seq-cls", label_field="label", value_dtype="q8")
+    assert any("keeping all 3 output ids exactly" in line for line in logs), logs
+    store = open_store(tmp_path / "q")
+    targets = store.manifest.targets
+    assert (targets.method, targets.k, targets.value_dtype) == ("topk", 3, "q8")
+    _assert_class_logprobs(store, world["seq-cls"], atol=0.1)
 
 
 def test_cli_explicit_hybrid_with_few_classes_is_a_one_line_error(world: dict[str, Any], tmp_path: Path) -> None:
