@@ -88,16 +88,13 @@ def parse_run(text: str) -> dict[str, Any]:
     if what == "online":
         return {"name": text, "store": SPLIT_STORE, "alpha": float(alpha), "tail": "bin", "online": True}
     if what.startswith("fresh"):  # freshKxN / freshsampleN: a store's targets drawn afresh each step, online loop
-        if "seed" in parse_store(what[5:] if what[5:6].isalpha() else "hybrid" + what[5:]):
+        store = what[5:] if what.startswith(("freshsample", "freshsys")) else "hybrid" + what[5:]
+        drawn = parse_store(store)
+        if "seed" in drawn:
             raise SystemExit(f"--runs {text!r}: fresh draws are drawn by the online loop, not labelled: no rS")
-        if what.startswith("freshsample") or what.startswith("freshsys"):
-            k, store = "0", what[5:]
-            n = str(parse_store(store)["samples"])
-        else:
-            k, n = what[5:].split("x")
-            store = "hybrid" + what[5:]
+        k = 0 if drawn["method"] == "sample" else drawn["k"]
         spec = {"name": text, "store": store, "alpha": float(alpha), "tail": "bin", "online": True}
-        return spec | {"fresh": [int(k), int(n), parse_store(store).get("draws", "multinomial")]}
+        return spec | {"fresh": [k, drawn["samples"], drawn.get("draws", "multinomial")]}
     if what.startswith("renorm"):
         return {"name": text, "store": "topk" + what[6:], "alpha": float(alpha), "tail": "renormalise", "online": False}
     parse_store(what)

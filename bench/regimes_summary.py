@@ -107,12 +107,17 @@ def paired(runs: list[dict[str, Any]], a: str, b: str, corpus: str = "pydoc") ->
     """a's perplexity / b's - 1, seed by seed: mean, min, max, seeds, and whether a is lower on every seed."""
     pa, pb = per_seed(runs, a, corpus, "perplexity"), per_seed(runs, b, corpus, "perplexity")
     seeds = sorted(set(pa) & set(pb))
-    diffs = [pa[s] / pb[s] - 1.0 for s in seeds]
+    return _differences([pa[s] / pb[s] - 1.0 for s in seeds], seeds=seeds)
+
+
+def _differences(diffs: list[float], **extra: Any) -> dict[str, Any]:
+    """Relative differences (a / b - 1, one per pair): n, the pairs, mean, min, max, whether a is lower in every
+    pair, and ``extra``; ``{"n": 0}`` when there are none."""
     if not diffs:
         return {"n": 0}
     return {
         "n": len(diffs),
-        "seeds": seeds,
+        **extra,
         "per_seed": diffs,
         "mean": statistics.fmean(diffs),
         "min": min(diffs),
@@ -137,18 +142,7 @@ def pooled(runs: list[dict[str, Any]], a: str, b: str, corpus: str = "pydoc") ->
         d = paired(runs, name, other, corpus)
         diffs += d.get("per_seed", [])
         used += bool(d.get("n"))
-    if not diffs:
-        return {"n": 0}
-    return {
-        "n": len(diffs),
-        "realisations": used,
-        "per_seed": diffs,
-        "mean": statistics.fmean(diffs),
-        "median": statistics.median(diffs),
-        "min": min(diffs),
-        "max": max(diffs),
-        "lower_on_every_seed": all(d < 0 for d in diffs),
-    }
+    return _differences(diffs, realisations=used, median=statistics.median(diffs) if diffs else None)
 
 
 def _pct(d: dict[str, Any]) -> str:
