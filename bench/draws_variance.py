@@ -1,0 +1,158 @@
+"""How noisy are a sampled store's targets? The variance of each kind of stored draws, on the real teacher.
+
+    KD_PIPELINE_CACHE=/tmp/kdcache .venv/bin/python bench/draws_variance.py --sequences 8 --draws 12 25 50 100 200
+
+A sampled store keeps N draws per position and trains on counts / N, an unbiased estimate of the teacher's
+distribution p; what it costs against the full distribution is that estimate's noise. This script computes, per
+position, the summed variance sum_i Var[t_i] of the target t (the noise the student's logit gradient p_student - t
+carries, whatever the student) for N draws of each kind, on the teacher's full T=1 distributions over the first
+``--sequences`` x 256 tokens of the built-in corpus:
+
+* ``multinomial`` (pipeline label's default draws): t_i = count_i / N, count_i ~ Binomial(N, p_i):
+  Var = sum_i p_i (1 - p_i) / N.
+* ``systematic`` (``--draws systematic``): count_i is floor(N p_i) or ceil(N p_i), the latter with probability
+  f_i = frac(N p_i): Var = sum_i f_i (1 - f_i) / N^2.
+* ``ht`` (not a store the pipeline writes: what storing each drawn id's exact probability instead of its count
+  would give): the Horvitz-Thompson weight t_i = p_i / pi_i for a drawn id, pi_i = 1 - (1 - p_i)^N its chance of
+  being drawn at all by multinomial draws: Var = sum_i p_i^2 (1 - pi_i) / pi_i.
+
+Each closed form is checked against ``--realisations`` draws made by the labeler's own sampler
+(``stages.soft_targets._draw``) on ``--check-rows`` positions (the summed empirical variance, with its standard
+error from the realisations). Also recorded: the expected number of unique ids per position (what a store pays
+bytes for: ~1.5 bytes each for id + count after compression, section 2), sum_i pi_i for multinomial draws and
+sum_i min(1, N p_i) for systematic ones.
+
+Results: bench/results/draws_variance.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+from common import RESULTS, code_digests, environment, markdown_table, write_results
+
+LENGTH = 256
+
+
+def teacher_distributions(sequences: int) -> torch.Tensor:
+    """(positions, V) float64: the default teacher's T=1 distribution at each position of the corpus's start."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kd_pipeline.stages.default_teacher import load_default_teacher_dequantised
+    from kd_pipeline.stages.inputs import default_corpus
+
+    folder = str(load_default_teacher_dequantised(log=lambda msg: None))
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    records = [json.loads(line) for line in default_corpus(lambda msg: None).read_text().splitlines()]
+    ids: list[int] = []
+    for r in records:
+        ids += tok(r["text"])["input_ids"] + [tok.eos_token_id]
+        if len(ids) >= sequences * LENGTH:
+            break
+    rows = torch.tensor(ids[: sequences * LENGTH]).view(sequences, LENGTH)
+    out = []
+    with torch.no_grad():
+        for row in rows.split(1):
+            out.append(torch.softmax(model(row).logits[0].double(), dim=-1))
+    return torch.cat(out)
+
+
+def closed_forms(p: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """Per position (P,): each scheme's summed target variance, and the expected unique ids of each draw."""
+    frac = n * p - torch.floor(n * p)
+    pi = -torch.expm1(n * torch.log1p(-p.clamp_max(1 - 1e-16)))  # 1 - (1 - p)^n, accurate for tiny p
+    ht = torch.where(pi > 0, p * p * (1 - pi) / pi.clamp_min(1e-300), torch.zeros_like(p))
+    return {
+        "multinomial": (p * (1 - p)).sum(-1) / n,
+        "systematic": (frac * (1 - frac)).sum(-1) / n**2,
+        "ht": ht.sum(-1),
+        "unique_multinomial": pi.sum(-1),
+        "unique_systematic": torch.clamp(n * p, max=1.0).sum(-1),
+    }
+
+
+def empirical(p: torch.Tensor, n: int, scheme: str, realisations: int) -> tuple[float, float]:
+    """The summed variance of count / N over ``realisations`` draws by the labeler's sampler: mean over the rows,
+    and its standard error over the realisations (half-split)."""
+    from kd_pipeline.stages.soft_targets import _draw
+
+    probs = p.float()
+    sums = torch.zeros(2, 2, *p.shape, dtype=torch.float64)  # [half][sum, sum of squares] per (row, id)
+    for r in range(realisations):
+        ids, counts, unique = _draw(probs, n, [7, n, r], None, scheme)
+        row = torch.repeat_interleave(torch.arange(p.shape[0]), unique)
+        t = torch.zeros(p.shape, dtype=torch.float64).index_put_((row, ids), counts.double() / n, accumulate=True)
+        sums[r % 2, 0] += t
+        sums[r % 2, 1] += t * t
+
+    def summed_var(s1: torch.Tensor, s2: torch.Tensor, m: int) -> float:
+        return float(((s2 - s1 * s1 / m) / (m - 1)).sum(-1).mean())
+
+    halves = [summed_var(sums[h, 0], sums[h, 1], (realisations + 1 - h) // 2) for h in (0, 1)]
+    return summed_var(sums[:, 0].sum(0), sums[:, 1].sum(0), realisations), abs(halves[0] - halves[1]) / 2
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sequences", type=int, default=8, help="256-token sequences of the built-in corpus")
+    p.add_argument("--draws", type=int, nargs="+", default=[12, 25, 50, 100, 200])
+    p.add_argument("--realisations", type=int, default=64)
+    p.add_argument("--check-rows", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    dist = teacher_distributions(args.sequences)
+    report: dict[str, Any] = {
+        "benchmark": "draws_variance",
+        **environment(torch.device("cpu")),
+        "config": vars(args),
+        "positions": dist.shape[0],
+        "vocab": dist.shape[1],
+        "code": code_digests("kd_pipeline.stages.soft_targets"),
+        "rows": [],
+    }
+    check = dist[torch.linspace(0, dist.shape[0] - 1, args.check_rows).long()]
+    for n in args.draws:
+        forms = {k: float(v.mean()) for k, v in closed_forms(dist, n).items()}
+        sub = {k: float(v.mean()) for k, v in closed_forms(check, n).items()}
+        checks = {s: empirical(check, n, s, args.realisations) for s in ("multinomial", "systematic")}
+        report["rows"].append(
+            {
+                "draws": n,
+                **forms,
+                "check": {s: {"closed_form": sub[s], "empirical": e, "stderr": se} for s, (e, se) in checks.items()},
+            }
+        )
+        print(f"N={n}: {forms}  check {report['rows'][-1]['check']}", flush=True)
+    report["wall_seconds"] = time.perf_counter() - t0
+    base = {r["draws"]: r["multinomial"] for r in report["rows"]}
+
+    def equivalent(v: float) -> str:
+        """How many multinomial draws give the same variance (variance ~ 1/N)."""
+        return f"{base[50] * 50 / v:.0f}" if 50 in base else "-"
+
+    table = [
+        [
+            r["draws"],
+            f"{r['multinomial']:.5f}",
+            f"{r['systematic']:.5f} ({r['systematic'] / r['multinomial']:.2f}x; ~{equivalent(r['systematic'])})",
+            f"{r['ht']:.5f} ({r['ht'] / r['multinomial']:.2f}x; ~{equivalent(r['ht'])})",
+            f"{r['unique_multinomial']:.1f}",
+            f"{r['unique_systematic']:.1f}",
+        ]
+        for r in report["rows"]
+    ]
+    header = ["N", "multinomial", "systematic (vs multinomial; ~as many multinomial draws)", "ht (same)"]
+    print(markdown_table([*header, "unique ids, multinomial", "unique ids, systematic"], table))
+    print("written", write_results("draws_variance", report, RESULTS / "draws_variance.json"))
+
+
+if __name__ == "__main__":
+    main()
