@@ -85,14 +85,15 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     files = input_files(source)
     if next(iter_records(files), None) is None:
         raise DataError(f"--data {source} holds no records; nothing to label")
-    fingerprint, estimate = scan_files(files)  # one streamed pass over the bytes
-    provenance = _teacher_provenance(cfg, say)
-    teacher_path = provenance.pop("path")
+    teacher_path = _teacher_path(cfg, say)
     tokenizer = load_tokenizer(
         teacher_path, gguf_file=cfg.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
     if cfg.task != "seq-cls" and len(tokenizer) > METHOD_DEFAULTS["topk"][0]:  # as many output ids at least
-        cfg.refuse_values_on_counts()  # what resolved() would refuse, before the teacher loads
+        # what resolved() would refuse, before the slow steps: the input's scan, the weights' hash, their load
+        cfg.refuse_values_on_counts()
+    fingerprint, estimate = scan_files(files)  # one streamed pass over the bytes
+    provenance = _teacher_provenance(cfg, teacher_path)
     say(f"loading teacher {provenance['name_or_path']} on {device} ({dtype})")
     teacher = load_model(
         teacher_path,
@@ -210,23 +211,30 @@ def run(cfg: LabelConfig, log: Any = None) -> LabelResult:
     return result
 
 
-def _teacher_provenance(cfg: LabelConfig, say: Any) -> dict[str, Any]:
-    """Where the teacher's files are (``path``) and how the manifest names it."""
+def _teacher_path(cfg: LabelConfig, say: Any) -> str:
+    """Where the teacher's files are: ``--teacher``, or the default teacher's de-quantised folder (made once)."""
+    if cfg.teacher:
+        return cfg.teacher
+    from . import default_teacher as default
+
+    return str(default.load_default_teacher_dequantised(log=say))
+
+
+def _teacher_provenance(cfg: LabelConfig, path: str) -> dict[str, Any]:
+    """How the manifest names the teacher at ``path`` (:func:`_teacher_path`); a given teacher's weight files are
+    hashed here."""
     from .models import weights_digest
 
     if cfg.teacher:
         return {
-            "path": cfg.teacher,
             "name_or_path": cfg.teacher,
             "gguf_file": cfg.gguf_file,
             "revision": cfg.revision,
-            "weights_digest": weights_digest(cfg.teacher, cfg.gguf_file),
+            "weights_digest": weights_digest(path, cfg.gguf_file),
         }
     from . import default_teacher as default
 
-    folder = default.load_default_teacher_dequantised(log=say)
     return {
-        "path": str(folder),
         "name_or_path": default.DEFAULT_TEACHER_NAME,
         "gguf_file": default.GGUF_FILE,
         "source": f"{default.WHEEL_REQUIREMENT} (PyPI wheel), de-quantised to float32 by transformers",

@@ -307,13 +307,20 @@ def test_a_value_dtype_on_a_sampled_store_is_refused() -> None:
 
 
 def test_a_value_dtype_on_an_inferred_sampled_store_is_refused_before_the_teacher_loads(
-    world: dict[str, Any], tmp_path: Path
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``pipeline label --value-dtype q8`` without --method or --top-k: one line, exit 1, before the teacher loads
-    (its tokenizer already says the store would be sampled), nothing written; with --top-k the same run labels."""
+    (its tokenizer already says the store would be sampled), and before the slow steps that precede that load (the
+    input's streamed scan, the weight files' hash: minutes for a billion tokens or a 70B teacher), nothing written;
+    with --top-k the same run labels."""
+    from kd_pipeline.stages import inputs, models
+
     args = ["label", "--teacher", str(world["root"] / "teacher"), "--data", str(world["data"]), "--shard-size", "8",
             "--limit", "8", "--value-dtype", "q8", "--out", str(tmp_path / "q8")]  # fmt: skip
-    result = CliRunner().invoke(cli, args)
+    with monkeypatch.context() as probes:  # each slow step fails loudly if the refusal has not come first
+        for module, name in ((inputs, "scan_files"), (models, "weights_digest")):
+            probes.setattr(module, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran before the refusal"))
+        result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
     assert "--value-dtype q8 applies to stored log-probs" in line and "add --method topk" in line
