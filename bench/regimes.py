@@ -30,8 +30,14 @@ skipped with a message when absent): perplexity, KL(teacher || student) and top-
 full T=1 distribution. On pydoc, each position is also split by whether its true next token is among the
 teacher's stored top-32 (the split bench/alpha_why.py made for one seed): cross-entropy inside and outside.
 
-Results: bench/results/regimes-REGIME.json, rewritten after every run (a cut run keeps its numbers; a run
-already there is skipped, so a second invocation extends the grid).
+Longer healing (``--tag hour``, section 11e of BENCHMARKS.md): the long regime's cut and schedule over more of the
+corpus and ~6.7x the steps, each run ~an hour of one core here (two runs side by side on the 2 cores):
+
+    KD_PIPELINE_CACHE=/tmp/kdcache .venv/bin/python bench/regimes.py --regime long --tag hour --work /tmp/regimes-hour \
+        --sequences 432 --steps 400 --batch-size 4 --threads 1 --runs hard sample50@0.5 --seeds 0
+
+Results: bench/results/regimes-REGIME.json (REGIME-TAG.json with a tag), rewritten after every run (a cut run
+keeps its numbers; a run already there is skipped, so a second invocation extends the grid).
 """
 
 from __future__ import annotations
