@@ -317,8 +317,9 @@ def test_a_value_dtype_on_an_inferred_sampled_store_is_refused_before_the_teache
 
     args = ["label", "--teacher", str(world["root"] / "teacher"), "--data", str(world["data"]), "--shard-size", "8",
             "--limit", "8", "--value-dtype", "q8", "--out", str(tmp_path / "q8")]  # fmt: skip
+    slow = ((inputs, "scan_files"), (models, "weights_digest"))
     with monkeypatch.context() as probes:  # each slow step fails loudly if the refusal has not come first
-        for module, name in ((inputs, "scan_files"), (models, "weights_digest")):
+        for module, name in slow:
             probes.setattr(module, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran before the refusal"))
         result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
@@ -326,9 +327,14 @@ def test_a_value_dtype_on_an_inferred_sampled_store_is_refused_before_the_teache
     assert "--value-dtype q8 applies to stored log-probs" in line and "add --method topk" in line
     assert "loading teacher" not in result.output, result.output
     assert not (tmp_path / "q8").exists()
+    called: list[str] = []  # the probes above are where label looks the slow steps up: it calls them there
+    for module, name in slow:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real, **k: called.append(_n) or _f(*a, **k))
     ok = CliRunner().invoke(cli, [*args, "--top-k", "8"], catch_exceptions=False)
     assert ok.exit_code == 0, ok.output
     assert open_store(tmp_path / "q8").manifest.targets.value_dtype == "q8"
+    assert sorted(called) == ["scan_files", "weights_digest"], called
 
 
 def test_torchrun_against_a_store_of_the_old_default_is_refused_before_labelling(
