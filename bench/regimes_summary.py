@@ -148,7 +148,9 @@ def pooled(runs: list[dict[str, Any]], a: str, b: str, corpus: str = "pydoc") ->
 def _pct(d: dict[str, Any]) -> str:
     if not d.get("n"):
         return "-"
-    verdict = "every seed" if d["lower_on_every_seed"] else ("never" if all(x >= 0 for x in d["per_seed"]) else "")
+    every = "every seed" if d["n"] >= 3 else f"{d['n']}/{d['n']} seeds"  # "every seed" reads strongly at n < 3
+    never = "never" if d["n"] >= 3 else f"0/{d['n']} seeds"
+    verdict = every if d["lower_on_every_seed"] else (never if all(x >= 0 for x in d["per_seed"]) else "")
     return f"{d['mean']:+.1%} ({d['min']:+.1%}..{d['max']:+.1%}) n={d['n']} {verdict}".rstrip()
 
 
