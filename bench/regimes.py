@@ -36,6 +36,11 @@ corpus and ~6.7x the steps, each run ~an hour of one core here (two runs side by
     KD_PIPELINE_CACHE=/tmp/kdcache .venv/bin/python bench/regimes.py --regime long --tag hour --work /tmp/regimes-hour \
         --sequences 432 --steps 400 --batch-size 4 --threads 1 --runs hard sample50@0.5 --seeds 0
 
+and online KD at that horizon with the teacher's hidden states kept per training sequence after its first pass
+(``--cache-teacher``: 346 teacher passes instead of 1,600, the same targets up to float rounding):
+
+    ... --runs online@0.5 --cache-teacher --seeds 0
+
 Results: bench/results/regimes-REGIME.json (REGIME-TAG.json with a tag), rewritten after every run (a cut run
 keeps its numbers; a run already there is skipped, so a second invocation extends the grid).
 """
@@ -227,7 +232,7 @@ def train_run(
     t0 = time.perf_counter()
     if spec["online"]:
         fresh = tuple(spec["fresh"]) if spec.get("fresh") else None
-        r = train_online(cfg, teacher_model, 1.0, save=out / "final", fresh=fresh)
+        r = train_online(cfg, teacher_model, 1.0, save=out / "final", fresh=fresh, cache_hidden=args.cache_teacher)
     else:
         r = dict(train.run(cfg, log=lambda msg: None).eval)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -247,6 +252,12 @@ def main() -> None:
     p.add_argument("--corpus2-sequences", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work", type=Path, default=Path("/tmp/regimes-work"))
+    p.add_argument(
+        "--cache-teacher",
+        action="store_true",
+        help="online runs: keep the teacher's hidden states per training sequence after its first pass "
+        "(bench/quality.train_online's cache_hidden; the same targets up to float rounding, ~0.2 GB at 432 sequences)",
+    )
     p.add_argument(
         "--tag",
         default="",
@@ -345,6 +356,7 @@ def main() -> None:
                 "steps": args.steps,
                 "batch_size": args.batch_size,
                 **spec,
+                **({"teacher_cached": True} if spec["online"] and args.cache_teacher else {}),
                 **trained,
                 **measure(final, evals),
             }
