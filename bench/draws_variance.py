@@ -34,10 +34,10 @@ Results: bench/results/draws_variance.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from common import RESULTS, code_digests, environment, markdown_table, pin_threads, write_results
 
@@ -50,18 +50,17 @@ def teacher_distributions(sequences: int) -> torch.Tensor:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kd_pipeline.stages.default_teacher import load_default_teacher_dequantised
-    from kd_pipeline.stages.inputs import default_corpus
+    from kd_pipeline.stages.inputs import default_corpus, load_records, prepare_examples
 
     folder = str(load_default_teacher_dequantised(log=lambda msg: None))
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    records = [json.loads(line) for line in default_corpus(lambda msg: None).read_text().splitlines()]
-    ids: list[int] = []
-    for r in records:
-        ids += tok(r["text"])["input_ids"] + [tok.eos_token_id]
-        if len(ids) >= sequences * LENGTH:
-            break
-    rows = torch.tensor(ids[: sequences * LENGTH]).view(sequences, LENGTH)
+    records, _ = load_records(str(default_corpus(lambda msg: None)))
+    # packed as `pipeline label --pack` packs it (documents joined with EOS, cut every LENGTH tokens)
+    packed = prepare_examples(
+        records, tok, task="causal-lm", text_field="text", label_field=None, max_length=LENGTH, pack=True
+    )
+    rows = torch.as_tensor(np.stack([e.input_ids for e in packed[:sequences]]))
     out = []
     with torch.no_grad():
         for row in rows.split(1):
