@@ -42,7 +42,9 @@ and online KD at that horizon with the teacher's hidden states kept per training
     ... --runs online@0.5 --cache-teacher --seeds 0
 
 Results: bench/results/regimes-REGIME.json (REGIME-TAG.json with a tag), rewritten after every run (a cut run
-keeps its numbers; a run already there is skipped, so a second invocation extends the grid).
+keeps its numbers; a run already there is skipped, so a second invocation extends the grid). Processes running one
+regime side by side merge their rows; the file's ``command`` and ``config`` are those of the last process that saved,
+and each row (from 2026-12-04, session 20) records the ``command`` that ran it and when it ``finished``.
 """
 
 from __future__ import annotations
@@ -359,6 +361,9 @@ def main() -> None:
                 **({"teacher_cached": True} if spec["online"] and args.cache_teacher else {}),
                 **trained,
                 **measure(final, evals),
+                # the report's own command/config are the last saving process's; each row keeps its own
+                "command": report["command"],
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             report["runs"].append(row)
             save()
