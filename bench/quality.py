@@ -187,11 +187,12 @@ def train_online(
     i.e. a hybrid or sampled store whose draws never repeat.
     ``cache_hidden``: keep the teacher's last hidden states of each training sequence (keyed by its ids and mask) the
     first time a batch holding it runs, and from then on build a batch of cached sequences from them instead of
-    running the teacher again. The teacher is deterministic (eval mode, no dropout), so the targets are the same up to
-    float rounding (a sequence's states computed beside other sequences of another batch); the output head and the
-    softmax (and fresh draws) still run every step. It costs (sequences x length x hidden) float32 of memory (~0.2 GB
-    for 346 x 256 x 576) and saves all but the first epoch's teacher passes: what makes online KD affordable at the
-    hour horizon of BENCHMARKS 11e on one core.
+    running the teacher again. The teacher is deterministic in eval mode (no dropout; refused in train mode), so the
+    targets are the same up to float rounding (a sequence's states computed beside other sequences of another
+    batch); the output head and the softmax (and fresh draws) still run every step. It costs (sequences x length x
+    hidden) in the teacher's dtype (~0.2 GB for 346 x 256 x 576 in float32; a teacher whose head does not split off
+    caches (length x vocabulary) logits instead, ~17 GB there) and saves all but the first epoch's teacher passes:
+    what makes online KD affordable at the hour horizon of BENCHMARKS 11e on one core.
 
     Same student initialisation (seeded the same way), the same batches in the same order (stages.train's own
     split and batch stream), the same AdamW groups, schedule and clipping, and stages.train.evaluate.
@@ -244,6 +245,8 @@ def train_online(
     batches = batch_stream(train_set, cfg, 1, {"epoch": 0, "samples_seen": 0})
     model.train()
     loss_value = float("nan")
+    if cache_hidden and teacher.training:
+        raise ValueError("cache_hidden needs the teacher in eval mode: in train mode its dropout would be cached")
     cache: dict[bytes, torch.Tensor] | None = {} if cache_hidden else None
     for step in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)

@@ -44,7 +44,8 @@ and online KD at that horizon with the teacher's hidden states kept per training
 Results: bench/results/regimes-REGIME.json (REGIME-TAG.json with a tag), rewritten after every run (a cut run
 keeps its numbers; a run already there is skipped, so a second invocation extends the grid). Processes running one
 regime side by side merge their rows; the file's ``command`` and ``config`` are those of the last process that saved,
-and each row (from 2026-12-04, session 20) records the ``command`` that ran it and when it ``finished``.
+and each row of a process started after 2026-12-04 22:07 UTC records the ``command`` that ran it and when it
+``finished`` (earlier rows do not).
 """
 
 from __future__ import annotations
@@ -337,9 +338,10 @@ def main() -> None:
     save()
     teacher_model = None
     if any(s["online"] for s in specs):
-        from kd_pipeline.stages.models import load_model
+        from kd_pipeline.stages.models import load_model, resolve_device
 
-        teacher_model = load_model(teacher, "causal-lm", device=torch.device("cpu"), dtype=torch.float32)
+        # on the device the online loop puts the student and the batches on (TrainConfig's device, "auto")
+        teacher_model = load_model(teacher, "causal-lm", device=resolve_device("auto"), dtype=torch.float32)
     for row in report["runs"]:
         if f"{row['run']}:{row['seed']}" in args.remeasure:
             final = args.work / "runs" / f"{args.regime}-{row['run'].replace('@', '-a')}-s{row['seed']}" / "final"
