@@ -54,6 +54,8 @@ PAIRS = [
     ("sample50r2@0.5", "online@0.5"),
     ("sample50r1@0.5", "sample50@0.5"),
     ("sample50r2@0.5", "sample50@0.5"),
+    ("sample50r1@0.5", "freshsample50@0.5"),
+    ("sample50r2@0.5", "freshsample50@0.5"),
     ("sys50r1@0.5", "online@0.5"),
     ("sys50r1@0.5", "sys50@0.5"),
     ("sys50r1@0.5", "sample50r1@0.5"),
