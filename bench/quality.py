@@ -206,6 +206,8 @@ def train_online(
     from kd_pipeline.stages.train_setup import batch_stream, data_split, warmup_cosine
     from kd_pipeline.stages.weighting import selected
 
+    if cache_hidden and teacher.training:
+        raise ValueError("cache_hidden needs the teacher in eval mode: in train mode its dropout would be cached")
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     store = data.open_store(cfg.store)
@@ -245,8 +247,6 @@ def train_online(
     batches = batch_stream(train_set, cfg, 1, {"epoch": 0, "samples_seen": 0})
     model.train()
     loss_value = float("nan")
-    if cache_hidden and teacher.training:
-        raise ValueError("cache_hidden needs the teacher in eval mode: in train mode its dropout would be cached")
     cache: dict[bytes, torch.Tensor] | None = {} if cache_hidden else None
     for step in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)
