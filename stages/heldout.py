@@ -7,15 +7,17 @@ are measured by one code path that shares nothing with the losses. It also times
 per second) and counts the parameters (``parameters()`` counts tied weights once).
 
 Given a reference model's log-probs on the same batches (``reference_logprobs``, e.g. the teacher's full
-distribution), ``score`` also measures how close a model is to it: KL(reference || model) and top-1 agreement per
-scored position. ``score`` takes any batches of ``input_ids`` / ``attention_mask`` / ``labels`` (the store's
-held-out examples, or a second corpus tokenised by the caller).
+distribution; kept as its last hidden states and output head, (positions x hidden) rather than (positions x
+vocabulary) in memory, and expanded one batch at a time), ``score`` also measures how close a model is to it:
+KL(reference || model) and top-1 agreement per scored position. ``score`` takes any batches of ``input_ids`` /
+``attention_mask`` / ``labels`` (the store's held-out examples, or a second corpus tokenised by the caller).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
     import torch
 
-__all__ = ["HeldOut", "heldout", "reference_logprobs", "score"]
+__all__ = ["HeldOut", "ReferenceLogprobs", "heldout", "reference_logprobs", "score"]
 
 
 @dataclass
@@ -64,24 +66,69 @@ def _load(model_dir: str | Path) -> Any:
     return model
 
 
-def reference_logprobs(model_dir: str | Path, batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+class ReferenceLogprobs(Sequence["torch.Tensor"]):
+    """A reference model's full next-token log-probs (float32, T=1), one (positions, V) tensor per batch, computed
+    when a batch is read from what is kept: the model's last hidden states at the batch's scored positions,
+    (positions, H), and its output head; memory in positions x hidden instead of positions x vocabulary. A batch
+    whose logits are not the head applied to the last hidden state (a model that transforms its logits further,
+    e.g. soft-capping) is kept as its log-probs."""
+
+    def __init__(self, head: Any, kept: list[tuple[bool, torch.Tensor]]) -> None:
+        self._head = head
+        self._kept = kept  # per batch: (True, hidden states (N, H)) or (False, log-probs (N, V))
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        import torch
+
+        hidden, kept = self._kept[i]
+        if not hidden:
+            return kept
+        with torch.inference_mode():
+            return torch.log_softmax(self._head(kept).float(), dim=-1)
+
+    @property
+    def compact(self) -> int:
+        """Batches kept as hidden states (the others as log-probs)."""
+        return sum(hidden for hidden, _ in self._kept)
+
+
+def reference_logprobs(model_dir: str | Path, batches: Iterable[dict[str, torch.Tensor]]) -> ReferenceLogprobs:
     """The causal LM in ``model_dir``'s next-token log-probs (float32, T=1, full vocabulary) at each batch's
-    scored positions (``labels != -100``): one (positions, V) tensor per batch, for ``score(reference=...)``."""
+    scored positions (``labels != -100``), for ``score(reference=...)``: a sequence of one (positions, V) tensor
+    per batch, kept compact (``ReferenceLogprobs``). Each batch is kept as hidden states only where the head
+    applied to them gives the model's own logits (checked on that batch, to 1e-4)."""
     import torch
 
     model = _load(model_dir)
-    out = []
+    head = model.get_output_embeddings()
+    kept: list[tuple[bool, torch.Tensor]] = []
     with torch.inference_mode():
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out.append(torch.log_softmax(logits[:, :-1][batch["labels"] != -100].float(), dim=-1))
-    return out
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=head is not None,
+            )
+            scored = batch["labels"] != -100
+            z = out.logits[:, :-1][scored].float()  # (N, V)
+            if head is not None:
+                h = out.hidden_states[-1][:, :-1][scored]  # (N, H)
+                if torch.allclose(head(h).float(), z, rtol=0, atol=1e-4):
+                    kept.append((True, h))  # boolean indexing copied it out of the batch's tensors
+                    continue
+            kept.append((False, torch.log_softmax(z, dim=-1)))
+    return ReferenceLogprobs(head, kept)
 
 
 def score(
     model_dir: str | Path,
     batches: Iterable[dict[str, torch.Tensor]],
-    reference: list[torch.Tensor] | None = None,
+    reference: Sequence[torch.Tensor] | None = None,
     keep_positions: bool = False,
 ) -> HeldOut:
     """Evaluate the causal LM in ``model_dir`` (float32, CPU) on ``batches``: cross-entropy of ``labels``

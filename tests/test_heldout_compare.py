@@ -60,8 +60,36 @@ def test_reference_logprobs_are_the_full_distribution_at_scored_positions(models
     folder, model = models["teacher"]
     batches = _batches()
     got = reference_logprobs(folder, batches)
+    # a Llama's logits are its head on its last hidden state: every batch is kept as (positions, hidden) states
+    assert got.compact == len(got) == len(batches)
     for lp, (want, scored) in zip(got, _float64(model, batches), strict=True):
         assert lp.shape == (int(scored.sum()), VOCAB)
+        torch.testing.assert_close(lp.double(), want[scored], atol=1e-5, rtol=0)
+
+
+def test_a_model_whose_logits_are_not_its_head_on_its_hidden_states_is_kept_as_logprobs(tmp_path: Path) -> None:
+    """Gemma 2 soft-caps its logits after the head: the hidden states alone would give other log-probs, so each
+    batch is kept as the log-probs themselves, which are still the model's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=0.5,  # small, so that capping changes every logit
+        max_position_embeddings=64,
+    )
+    model = Gemma2ForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "gemma")
+    batches = _batches()
+    got = reference_logprobs(tmp_path / "gemma", batches)
+    assert got.compact == 0 and len(got) == len(batches)
+    for lp, (want, scored) in zip(got, _float64(model, batches), strict=True):
         torch.testing.assert_close(lp.double(), want[scored], atol=1e-5, rtol=0)
 
 
