@@ -172,6 +172,7 @@ def teacher_evals(teacher: str, args: argparse.Namespace, store: Path) -> tuple[
         labels = [b["labels"][b["labels"] != -100] for b in e["batches"]]
         nll = torch.cat([-lp.gather(-1, y[:, None])[:, 0] for lp, y in zip(e["reference"], labels, strict=True)])
         figures[name] = {"perplexity": math.exp(float(nll.mean())), "nll": float(nll.mean()), "positions": len(nll)}
+        figures[name]["reference_batches_compact"] = [e["reference"].compact, len(e["reference"])]
         if name == "pydoc":
             e["in_topk"] = torch.cat(
                 [

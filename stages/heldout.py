@@ -69,9 +69,10 @@ def _load(model_dir: str | Path) -> Any:
 class ReferenceLogprobs(Sequence["torch.Tensor"]):
     """A reference model's full next-token log-probs (float32, T=1), one (positions, V) tensor per batch, computed
     when a batch is read from what is kept: the model's last hidden states at the batch's scored positions,
-    (positions, H), and its output head; memory in positions x hidden instead of positions x vocabulary. A batch
-    whose logits are not the head applied to the last hidden state (a model that transforms its logits further,
-    e.g. soft-capping) is kept as its log-probs."""
+    (positions, H), and its output head (one V x H matrix for every batch); memory in positions x hidden plus the
+    head instead of positions x vocabulary. A batch whose logits are not the head applied to the last hidden state
+    (a model that transforms its logits further, e.g. soft-capping, or whose head does not take that state) is kept
+    as its log-probs."""
 
     def __init__(self, head: Any, kept: list[tuple[bool, torch.Tensor]]) -> None:
         self._head = head
@@ -96,6 +97,11 @@ class ReferenceLogprobs(Sequence["torch.Tensor"]):
         """Batches kept as hidden states (the others as log-probs)."""
         return sum(hidden for hidden, _ in self._kept)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the kept tensors (hidden states or log-probs), the head not counted."""
+        return sum(t.nelement() * t.element_size() for _, t in self._kept)
+
 
 def reference_logprobs(model_dir: str | Path, batches: Iterable[dict[str, torch.Tensor]]) -> ReferenceLogprobs:
     """The causal LM in ``model_dir``'s next-token log-probs (float32, T=1, full vocabulary) at each batch's
@@ -118,7 +124,11 @@ def reference_logprobs(model_dir: str | Path, batches: Iterable[dict[str, torch.
             z = out.logits[:, :-1][scored].float()  # (N, V)
             if head is not None:
                 h = out.hidden_states[-1][:, :-1][scored]  # (N, H)
-                if torch.allclose(head(h).float(), z, rtol=0, atol=1e-4):
+                try:
+                    rebuilt = head(h).float()
+                except RuntimeError:  # the head does not take the last hidden state as it is
+                    rebuilt = None
+                if rebuilt is not None and rebuilt.shape == z.shape and torch.allclose(rebuilt, z, rtol=0, atol=1e-4):
                     kept.append((True, h))  # boolean indexing copied it out of the batch's tensors
                     continue
             kept.append((False, torch.log_softmax(z, dim=-1)))
