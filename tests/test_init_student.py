@@ -128,7 +128,9 @@ def test_layers_cut_exactly(world: dict[str, Any], tmp_path: Path) -> None:
         for t in range(ids.shape[1]):
             step = student(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
             cache = step.cache
-            torch.testing.assert_close(step.logits[:, 0], expected[:, t], rtol=1e-5, atol=1e-5)
+            # 1e-4: one-token steps and the full forward take different float paths (2.4e-5 apart on some CPUs);
+            # a cache read from the wrong layer is off by orders of magnitude more
+            torch.testing.assert_close(step.logits[:, 0], expected[:, t], rtol=1e-4, atol=1e-4)
     info = json.loads((out / "init_student.json").read_text())
     assert info["result"]["kept_layers"] == [0, 2, 5]
     assert info["result"]["teacher_layers"] == 6
