@@ -103,6 +103,17 @@ class ReferenceLogprobs(Sequence["torch.Tensor"]):
         return sum(t.nelement() * t.element_size() for _, t in self._kept)
 
 
+def _head_gives(head: Any, h: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether ``head`` applied to the hidden states ``h`` (N, H) gives the logits ``z`` (N, V), to 1e-4."""
+    import torch
+
+    try:
+        rebuilt = head(h).float()
+    except RuntimeError:  # the head does not take the last hidden state as it is
+        return False
+    return rebuilt.shape == z.shape and torch.allclose(rebuilt, z, rtol=0, atol=1e-4)
+
+
 def reference_logprobs(model_dir: str | Path, batches: Iterable[dict[str, torch.Tensor]]) -> ReferenceLogprobs:
     """The causal LM in ``model_dir``'s next-token log-probs (float32, T=1, full vocabulary) at each batch's
     scored positions (``labels != -100``), for ``score(reference=...)``: a sequence of one (positions, V) tensor
@@ -124,11 +135,7 @@ def reference_logprobs(model_dir: str | Path, batches: Iterable[dict[str, torch.
             z = out.logits[:, :-1][scored].float()  # (N, V)
             if head is not None:
                 h = out.hidden_states[-1][:, :-1][scored]  # (N, H)
-                try:
-                    rebuilt = head(h).float()
-                except RuntimeError:  # the head does not take the last hidden state as it is
-                    rebuilt = None
-                if rebuilt is not None and rebuilt.shape == z.shape and torch.allclose(rebuilt, z, rtol=0, atol=1e-4):
+                if _head_gives(head, h, z):
                     kept.append((True, h))  # boolean indexing copied it out of the batch's tensors
                     continue
             kept.append((False, torch.log_softmax(z, dim=-1)))

@@ -42,6 +42,13 @@ def _float64(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[tuple[t
     return out
 
 
+def _assert_the_models_logprobs(got: Any, model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
+    """``got`` (reference_logprobs of ``batches``) is ``model``'s full log-probs at the scored positions."""
+    for lp, (want, scored) in zip(got, _float64(model, batches), strict=True):
+        assert lp.shape == (int(scored.sum()), VOCAB)
+        torch.testing.assert_close(lp.double(), want[scored], atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("heldout")
@@ -64,34 +71,17 @@ def test_reference_logprobs_are_the_full_distribution_at_scored_positions(models
     assert got.compact == len(got) == len(batches)
     positions = sum(int((b["labels"] != -100).sum()) for b in batches)
     assert got.nbytes == positions * model.config.hidden_size * 4
-    for lp, (want, scored) in zip(got, _float64(model, batches), strict=True):
-        assert lp.shape == (int(scored.sum()), VOCAB)
-        torch.testing.assert_close(lp.double(), want[scored], atol=1e-5, rtol=0)
+    _assert_the_models_logprobs(got, model, batches)
 
 
 def test_a_tied_head_is_kept_compact_and_gives_the_models_logprobs(tmp_path: Path) -> None:
     """The real teacher ties its head to its embedding: the kept head must still be the model's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(2)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = make_model(tmp_path / "tied", "causal-lm", vocab_size=VOCAB, seed=2, tied=True).eval()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    model.save_pretrained(tmp_path / "tied")
     batches = _batches()
     got = reference_logprobs(tmp_path / "tied", batches)
     assert got.compact == len(batches)
-    for lp, (want, scored) in zip(got, _float64(model, batches), strict=True):
-        torch.testing.assert_close(lp.double(), want[scored], atol=1e-5, rtol=0)
+    _assert_the_models_logprobs(got, model, batches)
 
 
 def test_a_model_whose_logits_are_not_its_head_on_its_hidden_states_is_kept_as_logprobs(tmp_path: Path) -> None:
@@ -117,8 +107,7 @@ def test_a_model_whose_logits_are_not_its_head_on_its_hidden_states_is_kept_as_l
     got = reference_logprobs(tmp_path / "gemma", batches)
     assert got.compact == 0 and len(got) == len(batches)
     assert got.nbytes == sum(int((b["labels"] != -100).sum()) for b in batches) * VOCAB * 4
-    for lp, (want, scored) in zip(got, _float64(model, batches), strict=True):
-        torch.testing.assert_close(lp.double(), want[scored], atol=1e-5, rtol=0)
+    _assert_the_models_logprobs(got, model, batches)
 
 
 def test_score_matches_a_float64_reference(models: dict[str, Any]) -> None:

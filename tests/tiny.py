@@ -57,8 +57,10 @@ def make_model(
     hidden: int = 32,
     layers: int = 2,
     pad_rows: int = 0,
+    tied: bool = False,
 ) -> Any:
-    """A 2-layer Llama (causal-lm / seq-cls) or BERT (masked-lm) saved to ``folder`` with a tokenizer beside it."""
+    """A 2-layer Llama (causal-lm / seq-cls) or BERT (masked-lm) saved to ``folder`` with a tokenizer beside it;
+    ``tied``: the Llama's head shares its embedding matrix (as SmolLM2's does)."""
     from transformers import (
         BertConfig,
         BertForMaskedLM,
@@ -92,7 +94,7 @@ def make_model(
             max_position_embeddings=128,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
         )
         if task == "seq-cls":
             cfg.num_labels = num_labels
