@@ -45,6 +45,7 @@ PAIRS = [
     ("hybrid12x32@0.5", "topk32@0.5"),
     ("hybrid12x32@0.5", "sample200@0.5"),
     ("sample200@0.5", "sample50@0.5"),
+    ("sample200@0.5", "freshsample50@0.5"),
     ("hybrid12x32@0.5", "hybrid4x12@0.5"),
     ("sample200@0.5", "hard"),
     ("hybrid12x32@0.5", "hard"),
